@@ -1,0 +1,114 @@
+"""Fetch a finished image and prove it is whole before anything is uploaded.
+
+A result URL is provider-controlled input: only http(s) is fetched, private and loopback
+addresses are refused unless they are the configured provider's own host (the simulator),
+bodies are capped, truncation is detected, and the bytes must decode as the expected format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import ipaddress
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpx
+from PIL import Image, UnidentifiedImageError
+
+from jobs.errors import DownloadError, ImageExpired, ImageRefused
+from jobs.providers.base import Artifact
+from jobs.request import CONTENT_TYPES
+
+PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """Verified image bytes and what the result row says about them."""
+
+    data: bytes
+    sha256: str
+    content_type: str
+    extension: str
+    width: int
+    height: int
+
+
+def fetch(
+    client: httpx.Client,
+    artifact: Artifact,
+    *,
+    max_bytes: int,
+    expected_format: str | None = None,
+    trusted_hosts: frozenset[str] = frozenset(),
+) -> Fetched:
+    """The artifact's bytes, verified. Raises ``DownloadError`` (retry) or ``ImageExpired``."""
+    if artifact.data is not None:
+        if len(artifact.data) > max_bytes:
+            raise ImageRefused(f"inline image is {len(artifact.data)} bytes, over the cap")
+        return verify(artifact.data, expected_format)
+    if not artifact.url:
+        raise ImageRefused("the provider returned an image with neither URL nor data")
+    check_url(artifact.url, trusted_hosts)
+    try:
+        with client.stream("GET", artifact.url) as response:
+            if response.status_code in (403, 404, 410):
+                raise ImageExpired(f"image URL answered {response.status_code} (expired)")
+            if response.status_code >= 400:
+                raise DownloadError(f"image URL answered {response.status_code}")
+            declared = response.headers.get("content-length")
+            if declared is not None and int(declared) > max_bytes:
+                raise ImageRefused(f"image is {declared} bytes, over the {max_bytes}-byte cap")
+            body = bytearray()
+            for chunk in response.iter_bytes():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise ImageRefused(f"image is over the {max_bytes}-byte cap")
+    except httpx.HTTPError as exc:
+        raise DownloadError(f"image download failed: {type(exc).__name__}") from None
+    if declared is not None and len(body) != int(declared):
+        raise DownloadError(f"image truncated: {len(body)} of {declared} bytes")
+    return verify(bytes(body), expected_format)
+
+
+def verify(data: bytes, expected_format: str | None = None) -> Fetched:
+    """Decode the bytes fully; a body that is not a whole PNG/JPEG/WebP is a failed download."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            fmt = PIL_FORMATS.get(image.format or "")
+            width, height = image.size
+            image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DownloadError(f"image does not decode: {exc}") from None
+    if fmt is None:
+        raise DownloadError("image is not PNG, JPEG or WebP")
+    if expected_format is not None and fmt != expected_format:
+        raise DownloadError(f"image is {fmt}, but {expected_format} was asked for")
+    return Fetched(
+        data=data,
+        sha256=hashlib.sha256(data).hexdigest(),
+        content_type=CONTENT_TYPES[fmt],
+        extension=fmt,
+        width=width,
+        height=height,
+    )
+
+
+def check_url(url: str, trusted_hosts: frozenset[str]) -> None:
+    """Refuse non-http(s) URLs and internal addresses (SSRF) unless the host is trusted."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ImageRefused(f"refusing to fetch a {parts.scheme or 'schemeless'} URL")
+    host = parts.hostname
+    if host in trusted_hosts:
+        return
+    try:
+        infos = socket.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise DownloadError(f"cannot resolve image host {host}") from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0])
+        if not address.is_global:
+            raise ImageRefused(f"refusing to fetch from internal address of {host}")

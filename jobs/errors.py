@@ -1,0 +1,148 @@
+"""The error taxonomy. Each class knows whether trying again can help, so tasks never guess.
+
+    ImagebatchError
+    ├── ConfigError                 setup is wrong; nothing was submitted (exit 2)
+    ├── ManifestError               a manifest line is unusable (line, field, reason)
+    ├── ProviderError
+    │   ├── TransientProviderError  network, timeout, 5xx, 429, malformed JSON: retry later
+    │   │   └── AmbiguousSubmit     the submit may have been accepted; never blindly re-bought
+    │   ├── PermanentProviderError  4xx, validation, content policy: the line fails
+    │   ├── JobFailed               the provider ran the job and it ended FAILED/CANCELLED
+    │   └── BatchStop               401/403/402: every later submit would fail the same way
+    ├── DownloadError               result image missing, truncated or not an image (retryable)
+    │   ├── ImageExpired            the URL is gone for good; only a new job can help
+    │   └── ImageRefused            unsafe URL or over the size cap: the line fails
+    └── StorageError
+        └── ObjectExists            the key exists with other bytes; we never overwrite
+
+``type`` is the short reason that ends up in result rows (``error.type``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ImagebatchError(Exception):
+    """Root of every error imagebatch raises on purpose."""
+
+    retryable: bool = False
+    type: str = "error"
+
+    def __init__(self, message: str, *, type: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if type is not None:
+            self.type = type
+
+    def as_row_error(self) -> dict[str, Any]:
+        """The ``error`` object of a result row."""
+        return {"type": self.type, "message": self.message, "retryable": self.retryable}
+
+
+class ConfigError(ImagebatchError):
+    """A setting is missing or wrong; the message names it and how to fix it."""
+
+    type = "config"
+
+
+class ManifestError(ImagebatchError):
+    """One manifest line cannot be used; it becomes a ``rejected`` row, others go on."""
+
+    type = "rejected"
+
+    def __init__(self, line: int, reason: str, field: str | None = None) -> None:
+        super().__init__(reason)
+        self.line = line
+        self.field = field
+
+
+class ProviderError(ImagebatchError):
+    """The provider's API said no, or could not be reached."""
+
+    type = "provider_error"
+
+    def __init__(self, message: str, *, type: str | None = None, status: int | None = None) -> None:
+        super().__init__(message, type=type)
+        self.status = status
+
+
+class TransientProviderError(ProviderError):
+    """Trying the same request again later can succeed (network, timeout, 5xx, 429)."""
+
+    retryable = True
+    type = "provider_unreachable"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        type: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message, type=type, status=status)
+        self.retry_after = retry_after
+
+
+class AmbiguousSubmit(TransientProviderError):
+    """The connection broke after the request was sent: the job may exist and may be billed."""
+
+    type = "ambiguous_submit"
+
+
+class PermanentProviderError(ProviderError):
+    """The request itself is wrong or refused (4xx, content policy); retrying buys nothing."""
+
+    type = "provider_rejected"
+
+
+class JobFailed(ProviderError):
+    """The job ran and ended FAILED or CANCELLED; ``retryable`` says whether a new job may help."""
+
+    type = "job_failed"
+
+    def __init__(self, message: str, *, retryable: bool, type: str | None = None) -> None:
+        super().__init__(message, type=type)
+        self.retryable = retryable
+
+
+class BatchStop(ProviderError):
+    """Auth or credit trouble: no later submit of this batch can succeed, so stop them all."""
+
+    type = "insufficient_credits"
+
+
+class DownloadError(ImagebatchError):
+    """A finished image could not be fetched intact; fetching again may work."""
+
+    retryable = True
+    type = "download_failed"
+
+
+class ImageExpired(DownloadError):
+    """The result URL is gone (404/expired): the job must be run again to get the image."""
+
+    retryable = False
+    type = "image_expired"
+
+
+class ImageRefused(DownloadError):
+    """The result points somewhere we will not fetch from, or is too large to keep."""
+
+    retryable = False
+    type = "image_refused"
+
+
+class StorageError(ImagebatchError):
+    """The output store refused or failed a write."""
+
+    retryable = True
+    type = "storage_failed"
+
+
+class ObjectExists(StorageError):
+    """The key already holds different bytes; imagebatch never overwrites an image."""
+
+    retryable = False
+    type = "object_exists"

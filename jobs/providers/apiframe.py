@@ -1,0 +1,157 @@
+"""APIFrame v2: asynchronous jobs. ``POST /v2/images/generate`` → job id, ``GET /v2/jobs/:id``.
+
+Submits carry an ``Idempotency-Key``: a POST repeated after a lost connection returns the
+original job instead of buying a second one.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import httpx
+
+from jobs.errors import JobFailed, TransientProviderError
+from jobs.pricing import PRICES
+from jobs.providers.base import Artifact, Finished, Pending, PollOutcome, SubmitOutcome, Submitted
+from jobs.providers.http import check, json_object, make_client, send
+from jobs.request import ImageRequest
+from jobs.settings import ProviderConfig
+
+log = logging.getLogger(__name__)
+
+ASPECT_RATIOS = {"1024x1024": "1:1", "1536x1024": "3:2", "1024x1536": "2:3"}
+PARAMS_BLOCK = {"gpt-image-1.5": "gptImageParams", "gpt-image-2": "gptImage2Params"}
+MAX_PROMPT = 2000
+PENDING = {"QUEUED", "PROCESSING"}
+POLICY_WORDS = ("policy", "moderation", "safety", "nsfw", "inappropriate", "blocked")
+
+
+class APIFrame:
+    """The APIFrame adapter (also used, with the simulator's URL, for ``--provider simulator``)."""
+
+    idempotent_submit: ClassVar[bool] = True
+    max_images_per_request: ClassVar[int] = 10
+    credit_unit: ClassVar[str] = "credits"
+
+    def __init__(self, config: ProviderConfig, client: httpx.Client | None = None) -> None:
+        self.name = config.name
+        self.config = config
+        self.base_url = config.base_url.rstrip("/")
+        self.client = client or make_client(config)
+        self.prices = PRICES["apiframe"]
+
+    def validate(self, request: ImageRequest) -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        if len(request.prompt) > MAX_PROMPT:
+            problems.append(("prompt", f"APIFrame accepts prompts up to {MAX_PROMPT} characters"))
+        if request.model not in PARAMS_BLOCK:
+            models = ", ".join(PARAMS_BLOCK)
+            problems.append(("model", f"model {request.model!r} is not one of {models}"))
+        if request.input_fidelity == "auto":
+            problems.append(("input_fidelity", "APIFrame accepts input_fidelity low or high"))
+        if request.output_compression is not None:
+            problems.append(("output_compression", "APIFrame has no output_compression"))
+        if request.model == "gpt-image-1.5" and request.moderation is not None:
+            problems.append(("moderation", "gpt-image-1.5 on APIFrame has no moderation setting"))
+        if request.model == "gpt-image-2":
+            if request.background == "transparent":
+                problems.append(("background", "gpt-image-2 has no transparent background"))
+            if request.input_fidelity is not None:
+                problems.append(("input_fidelity", "gpt-image-2 has no input_fidelity"))
+        return problems
+
+    def estimate(self, request: ImageRequest) -> float:
+        return self.prices.cost(request)
+
+    def body(self, request: ImageRequest) -> dict[str, Any]:
+        """The request in APIFrame's terms: common fields move into the model's params block."""
+        params: dict[str, Any] = {"number_of_images": request.n}
+        if request.size and request.size != "auto":
+            params["aspect_ratio"] = ASPECT_RATIOS[request.size]
+        for field in ("quality", "output_format", "background", "input_fidelity", "moderation"):
+            value = getattr(request, field)
+            if value is not None:
+                params[field] = value
+        if request.input_images:
+            params["input_images"] = list(request.input_images)
+        params.update(request.provider_params or {})
+        block = PARAMS_BLOCK.get(request.model, "gptImageParams")
+        return {"model": request.model, "prompt": request.prompt, block: params}
+
+    def headers(self, **extra: str) -> dict[str, str]:
+        key = self.config.api_key.get_secret_value() if self.config.api_key else ""
+        return {"X-API-Key": key, **extra}
+
+    def submit(self, request: ImageRequest, idempotency_key: str) -> SubmitOutcome:
+        response = send(
+            self.client,
+            "POST",
+            f"{self.base_url}/v2/images/generate",
+            submit=True,
+            json=self.body(request),
+            headers=self.headers(**{"Idempotency-Key": idempotency_key}),
+        )
+        check(response, self.name, submit=True)
+        body = json_object(response, self.name, submit=True)
+        job_id = body.get("jobId")
+        if not isinstance(job_id, str) or not job_id:
+            raise TransientProviderError(f"{self.name} accepted the job but sent no jobId")
+        return Submitted(job_id)
+
+    def poll(self, job_id: str) -> PollOutcome:
+        response = send(
+            self.client, "GET", f"{self.base_url}/v2/jobs/{job_id}", headers=self.headers()
+        )
+        if response.status_code == 404:
+            raise JobFailed(
+                f"{self.name} does not know job {job_id}", retryable=True, type="job_lost"
+            )
+        check(response, self.name)
+        job = json_object(response, self.name)
+        status = str(job.get("status", ""))
+        if status == "COMPLETED":
+            urls = result_urls(job.get("result"))
+            if not urls:
+                raise TransientProviderError(
+                    f"{self.name} job completed with no image URL", type="malformed_response"
+                )
+            cost = job.get("creditCost")
+            credits = float(cost) if isinstance(cost, int | float) else None
+            return Finished([Artifact(url=url) for url in urls], credits=credits, job_id=job_id)
+        if status == "FAILED":
+            reason = str(job.get("error") or "job failed")
+            if any(word in reason.lower() for word in POLICY_WORDS):
+                raise JobFailed(reason, retryable=False, type="content_policy")
+            raise JobFailed(reason, retryable=True, type="job_failed")
+        if status == "CANCELLED":
+            raise JobFailed(
+                "the job was cancelled at the provider", retryable=False, type="cancelled"
+            )
+        if status not in PENDING:
+            log.warning("%s job %s has unknown status %r; still waiting", self.name, job_id, status)
+        progress = job.get("progress")
+        return Pending(status, progress if isinstance(progress, int) else None)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def result_urls(result: object) -> list[str]:
+    """Both documented shapes: a URL string, or ``{"images": [url | {"url": ...}, ...]}``."""
+    if isinstance(result, str):
+        return [result]
+    if isinstance(result, dict):
+        images = result.get("images")
+        if isinstance(images, str):
+            return [images]
+        if isinstance(images, list):
+            urls = [
+                item if isinstance(item, str) else item.get("url")
+                for item in images
+                if isinstance(item, str | dict)
+            ]
+            return [url for url in urls if isinstance(url, str) and url]
+        url = result.get("url")
+        return [url] if isinstance(url, str) else []
+    return []

@@ -1,0 +1,125 @@
+"""HTTP plumbing shared by the adapters: one place turns transport and status errors into
+the error taxonomy, so every provider classifies the same failure the same way."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from typing import Any
+
+import httpx
+
+from jobs.errors import (
+    AmbiguousSubmit,
+    BatchStop,
+    PermanentProviderError,
+    TransientProviderError,
+)
+from jobs.settings import ProviderConfig
+
+USER_AGENT = "imagebatch/0.1 (+https://github.com/imagebatch/imagebatch)"
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+"""Transport errors raised before the request left: retrying cannot buy a second image."""
+
+
+def make_client(config: ProviderConfig) -> httpx.Client:
+    """A pooled client with explicit timeouts; the read timeout is the provider's own."""
+    timeout = httpx.Timeout(config.timeout_s, connect=10.0, pool=30.0)
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+    return httpx.Client(
+        timeout=timeout, limits=limits, headers={"User-Agent": USER_AGENT}, follow_redirects=False
+    )
+
+
+def send(
+    client: httpx.Client,
+    method: str,
+    url: str,
+    *,
+    submit: bool = False,
+    **kwargs: Any,
+) -> httpx.Response:
+    """Send one request; transport failures become retryable (or ambiguous, for submits)."""
+    try:
+        return client.request(method, url, **kwargs)
+    except NOT_SENT as exc:
+        raise TransientProviderError(f"cannot reach provider: {type(exc).__name__}") from None
+    except httpx.TransportError as exc:
+        if submit:
+            raise AmbiguousSubmit(
+                f"connection lost after the submit was sent ({type(exc).__name__})"
+            ) from None
+        raise TransientProviderError(f"provider connection failed: {type(exc).__name__}") from None
+
+
+def retry_after(response: httpx.Response) -> float | None:
+    """Seconds to wait from ``Retry-After`` (seconds or an HTTP date), if the provider said."""
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value)
+        return max(0.0, parsed.timestamp() - time.time())
+
+
+def error_text(response: httpx.Response) -> str:
+    """The provider's own error message, whichever envelope it uses, kept short."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:300] or response.reason_phrase
+    if isinstance(body, dict):
+        error = body.get("error", body.get("detail", body.get("message")))
+        if isinstance(error, dict):
+            error = error.get("message", error)
+        if error is not None:
+            return str(error)[:300]
+    return str(body)[:300]
+
+
+def error_code(response: httpx.Response) -> str | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return str(code) if code is not None else None
+
+
+def check(response: httpx.Response, provider: str, *, submit: bool = False) -> None:
+    """Raise the taxonomy error a non-2xx response means; return quietly on success."""
+    status = response.status_code
+    if status < 400:
+        return
+    text = f"{provider} answered {status}: {error_text(response)}"
+    code = error_code(response)
+    if status == 402 or code in ("insufficient_quota", "insufficient_balance"):
+        raise BatchStop(text, type="insufficient_credits", status=status)
+    if status in (401, 403):
+        raise BatchStop(text, type="auth", status=status)
+    if status == 429 or status >= 500:
+        raise TransientProviderError(
+            text, retry_after=retry_after(response), type="provider_unavailable", status=status
+        )
+    if status == 409 and submit:
+        raise PermanentProviderError(text, type="idempotency_conflict", status=status)
+    if code == "moderation_blocked" or "safety" in text.lower() or "policy" in text.lower():
+        raise PermanentProviderError(text, type="content_policy", status=status)
+    raise PermanentProviderError(text, type="provider_rejected", status=status)
+
+
+def json_object(response: httpx.Response, provider: str, *, submit: bool = False) -> dict[str, Any]:
+    """The body as a JSON object; garbage is retryable (and ambiguous for an accepted submit)."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        return body
+    message = f"{provider} sent a malformed response body (HTTP {response.status_code})"
+    if submit:
+        raise AmbiguousSubmit(message, type="malformed_response")
+    raise TransientProviderError(message, type="malformed_response")

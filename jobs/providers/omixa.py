@@ -1,0 +1,43 @@
+"""Omixa: a resale gateway, ``POST /api/v1/images/generations``, base64 images, and the
+money actually charged in ``usage.billed_amount`` (a decimal string, in USD)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from jobs.providers.openai_style import SyncImageAPI, common_fields
+from jobs.request import ImageRequest
+
+
+class Omixa(SyncImageAPI):
+    path: ClassVar[str] = "/api/v1/images/generations"
+    unsupported: ClassVar[tuple[str, ...]] = ("output_compression",)
+
+    def body(self, request: ImageRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": request.model,
+            "prompt": request.prompt,
+            "n": request.n,
+            **common_fields(
+                request,
+                "size",
+                "quality",
+                "background",
+                "output_format",
+                "moderation",
+                "input_fidelity",
+            ),
+        }
+        if request.input_images:
+            body["input_images"] = [
+                {"type": "image_url", "image_url": {"url": url}} for url in request.input_images
+            ]
+        return {**body, **(request.provider_params or {})}
+
+    def billed(self, body: dict[str, Any]) -> float | None:
+        usage = body.get("usage")
+        amount = usage.get("billed_amount") if isinstance(usage, dict) else None
+        try:
+            return float(amount) if amount is not None else None
+        except (TypeError, ValueError):
+            return None

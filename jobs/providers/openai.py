@@ -1,0 +1,33 @@
+"""OpenAI's own Images API: ``POST /v1/images/generations``, images inline as base64.
+
+OpenAI reports tokens, not money, so the row's cost is the price-table estimate.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from jobs.providers.openai_style import SyncImageAPI, common_fields
+from jobs.request import ImageRequest
+
+
+class OpenAI(SyncImageAPI):
+    unsupported: ClassVar[tuple[str, ...]] = ("input_images", "input_fidelity")
+    """Reference images go to /v1/images/edits (multipart), which this adapter does not use."""
+
+    def body(self, request: ImageRequest) -> dict[str, Any]:
+        return {
+            "model": request.model,
+            "prompt": request.prompt,
+            "n": request.n,
+            **common_fields(
+                request,
+                "size",
+                "quality",
+                "background",
+                "output_format",
+                "output_compression",
+                "moderation",
+            ),
+            **(request.provider_params or {}),
+        }

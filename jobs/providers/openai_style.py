@@ -1,0 +1,134 @@
+"""The shared shape of synchronous, OpenAI-style image APIs: one POST returns the images.
+
+Each provider module subclasses ``SyncImageAPI`` with its path, its field mapping and
+where it reports cost; the HTTP, the error classification and the reading of ``data[]``
+(or Oxen's ``images[]``) as URLs or base64 live here once.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any, ClassVar
+
+import httpx
+
+from jobs.errors import AmbiguousSubmit, JobFailed, TransientProviderError
+from jobs.pricing import CREDIT_UNITS, PRICES
+from jobs.providers.base import Artifact, Finished, PollOutcome, SubmitOutcome
+from jobs.providers.http import check, json_object, make_client, send
+from jobs.request import ImageRequest
+from jobs.settings import ProviderConfig
+
+SIZES = ("1024x1024", "1536x1024", "1024x1536")
+
+
+class SyncImageAPI:
+    """Base of the synchronous adapters. Submits are not idempotent at these providers."""
+
+    idempotent_submit: ClassVar[bool] = False
+    max_images_per_request: ClassVar[int] = 10
+    credit_unit: ClassVar[str] = "USD"
+    path: ClassVar[str] = "/v1/images/generations"
+    unsupported: ClassVar[tuple[str, ...]] = ()
+    """Manifest fields this provider has no equivalent for: a line using one is rejected."""
+
+    def __init__(self, config: ProviderConfig, client: httpx.Client | None = None) -> None:
+        self.name = config.name
+        self.config = config
+        self.base_url = config.base_url.rstrip("/")
+        self.client = client or make_client(config)
+        self.prices = PRICES[self.price_key]
+        self.credit_unit = CREDIT_UNITS[self.price_key]  # type: ignore[misc]
+
+    @property
+    def price_key(self) -> str:
+        return self.name
+
+    # -- what subclasses describe -------------------------------------------------------------
+
+    def body(self, request: ImageRequest) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def billed(self, body: dict[str, Any]) -> float | None:
+        """What the provider says this call cost, if it says."""
+        return None
+
+    def extra_problems(self, request: ImageRequest) -> list[tuple[str, str]]:
+        return []
+
+    # -- the adapter interface ----------------------------------------------------------------
+
+    def validate(self, request: ImageRequest) -> list[tuple[str, str]]:
+        problems = [
+            (field, f"{self.name} has no {field} setting")
+            for field in self.unsupported
+            if getattr(request, field) is not None
+        ]
+        if request.model != "gpt-image-1.5":
+            problems.append(("model", f"{self.name} is set up for gpt-image-1.5 only"))
+        if request.background == "transparent" and request.output_format == "jpeg":
+            problems.append(("background", "a transparent background needs png or webp"))
+        return problems + self.extra_problems(request)
+
+    def estimate(self, request: ImageRequest) -> float:
+        return self.prices.cost(request)
+
+    def submit(self, request: ImageRequest, idempotency_key: str) -> SubmitOutcome:
+        key = self.config.api_key.get_secret_value() if self.config.api_key else ""
+        response = send(
+            self.client,
+            "POST",
+            f"{self.base_url}{self.path}",
+            submit=True,
+            json=self.body(request),
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        check(response, self.name, submit=True)
+        body = json_object(response, self.name, submit=True)
+        artifacts = self.artifacts(body)
+        if len(artifacts) != request.n:
+            # Billed, but not what was asked for: say so rather than store a short line.
+            raise AmbiguousSubmit(
+                f"{self.name} returned {len(artifacts)} images for n={request.n}",
+                type="malformed_response",
+            )
+        return Finished(artifacts, credits=self.billed(body), job_id=self.job_id(body))
+
+    def poll(self, job_id: str) -> PollOutcome:
+        raise JobFailed(f"{self.name} has no jobs to poll", retryable=True, type="job_lost")
+
+    def close(self) -> None:
+        self.client.close()
+
+    # -- reading responses --------------------------------------------------------------------
+
+    def items(self, body: dict[str, Any]) -> list[Any]:
+        items = body.get("data")
+        return items if isinstance(items, list) else []
+
+    def job_id(self, body: dict[str, Any]) -> str | None:
+        value = body.get("id")
+        return value if isinstance(value, str) else None
+
+    def artifacts(self, body: dict[str, Any]) -> list[Artifact]:
+        found: list[Artifact] = []
+        for item in self.items(body):
+            if not isinstance(item, dict):
+                continue
+            if isinstance(item.get("b64_json"), str) and item["b64_json"]:
+                try:
+                    data = base64.b64decode(item["b64_json"], validate=True)
+                except (binascii.Error, ValueError):
+                    raise TransientProviderError(
+                        f"{self.name} sent invalid base64 image data", type="malformed_response"
+                    ) from None
+                found.append(Artifact(data=data))
+            elif isinstance(item.get("url"), str) and item["url"]:
+                found.append(Artifact(url=item["url"]))
+        return found
+
+
+def common_fields(request: ImageRequest, *names: str) -> dict[str, Any]:
+    """The named manifest fields that are set, under the same names."""
+    return {name: getattr(request, name) for name in names if getattr(request, name) is not None}

@@ -1,0 +1,11 @@
+"""A local, faithful simulator of the image APIs imagebatch talks to, over real HTTP.
+
+``Simulator`` serves APIFrame v2 (async jobs) at its root and OpenAI, AI/ML API, Omixa and
+Oxen (synchronous) under ``/{provider}``, with the same fields, errors and billing as the
+real services, plus configurable latency, limits and injected ``Faults``.
+"""
+
+from jobs.simulator.config import Faults, SimulatorConfig
+from jobs.simulator.server import Simulator
+
+__all__ = ["Faults", "Simulator", "SimulatorConfig"]

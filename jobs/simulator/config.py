@@ -1,0 +1,126 @@
+"""Simulator settings: frozen dataclasses that can be changed at runtime from plain JSON.
+
+``from_mapping`` merges a partial mapping onto a base config and type-checks every value, so a
+``POST /_sim/config`` with a typo fails loudly instead of silently doing nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Self, TypeVar, Union, get_args, get_origin, get_type_hints
+
+ResultShape = Literal["images", "string"]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Faults:
+    """Probabilities (0..1) of injected faults, drawn from one RNG seeded with ``seed``."""
+
+    seed: int = 0
+    error_5xx: float = 0
+    error_429: float = 0
+    drop_after_accept: float = 0
+    job_failed_transient: float = 0
+    job_failed_policy: float = 0
+    invalid_json: float = 0
+    cdn_truncated: float = 0
+    cdn_expired: float = 0
+    slow: float = 0
+    slow_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "slow_s":
+                _require(value >= 0, "faults.slow_s must be >= 0")
+            elif f.name != "seed":
+                _require(0 <= value <= 1, f"faults.{f.name} must be between 0 and 1")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], base: Self | None = None) -> Self:
+        """``base`` (or the defaults) with the keys of ``data`` replaced; unknown keys raise."""
+        return _merge(cls, base or cls(), data, "faults.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class SimulatorConfig:
+    """How the simulated providers behave. Times are seconds; ``credits`` is per provider."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    latency_s: float = 1.0
+    latency_jitter_s: float = 0.0
+    sync_latency_s: float = 0.2
+    max_in_flight: int | None = None
+    rate_limit_rps: float | None = None
+    rate_limit_burst: int = 10
+    result_shape: ResultShape = "images"
+    credits: float | None = None
+    cdn_ttl_s: float | None = None
+    faults: Faults = field(default_factory=Faults)
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.port <= 65535, "port must be 0..65535")
+        for name in ("latency_s", "latency_jitter_s", "sync_latency_s"):
+            _require(getattr(self, name) >= 0, f"{name} must be >= 0")
+        _require(self.max_in_flight is None or self.max_in_flight >= 1, "max_in_flight >= 1")
+        _require(self.rate_limit_rps is None or self.rate_limit_rps > 0, "rate_limit_rps > 0")
+        _require(self.rate_limit_burst >= 1, "rate_limit_burst must be >= 1")
+        _require(self.result_shape in get_args(ResultShape), "result_shape: images or string")
+        _require(self.credits is None or self.credits >= 0, "credits must be >= 0")
+        _require(self.cdn_ttl_s is None or self.cdn_ttl_s >= 0, "cdn_ttl_s must be >= 0")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], base: Self | None = None) -> Self:
+        """``base`` (or the defaults) with ``data`` applied; ``faults`` may be a partial dict."""
+        return _merge(cls, base or cls(), data, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _merge(cls: type[T], base: T, data: Mapping[str, Any], prefix: str) -> T:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{prefix or 'config'} must be an object")
+    hints = get_type_hints(cls)
+    changes: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in hints:
+            raise ValueError(f"unknown setting {prefix}{name!r}")
+        changes[name] = _coerce(hints[name], value, getattr(base, name), prefix + name)
+    return dataclasses.replace(base, **changes)  # type: ignore[type-var]
+
+
+def _coerce(hint: Any, value: Any, current: Any, name: str) -> Any:
+    """Accept ``value`` when it fits ``hint`` (ints count as floats, booleans never as numbers)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = (a for a in args if a is not type(None))
+        origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ValueError(f"{name} must be one of {', '.join(map(str, args))}")
+    if hint is Faults:
+        return value if isinstance(value, Faults) else Faults.from_mapping(value, current)
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if math.isfinite(value):
+            return float(value)
+    elif hint in (int, str) and type(value) is hint:
+        return value
+    raise ValueError(f"{name} must be {getattr(hint, '__name__', hint)}, got {value!r}")

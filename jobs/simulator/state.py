@@ -1,0 +1,228 @@
+"""Everything the simulated providers remember: jobs, billing, idempotency, limits, fault RNG.
+
+Job progress is a pure function of time since creation, so no background thread is needed;
+refunds and in-flight counts are settled lazily from a heap of job end times.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from jobs.pricing import PRICES
+from jobs.request import ImageRequest
+from jobs.simulator.config import SimulatorConfig
+from jobs.simulator.core import number
+
+POLICY = "[[policy]]"
+FAIL_ONCE = "[[fail-once]]"
+NEVER_FINISH = "[[never-finish]]"
+CORRUPT = "[[corrupt]]"
+SLOW = "[[slow]]"
+SLOW_FACTOR = 5
+POLICY_ERROR = "Content policy violation: the request was flagged by the safety system"
+TRANSIENT_ERROR = "Upstream provider timeout"
+IDEMPOTENCY_WINDOW_S = 24 * 3600
+
+
+def price(provider: str, quality: str | None, n: int) -> float:
+    """The charge for ``n`` images, computed exactly as ``plan`` estimates it."""
+    request = ImageRequest(prompt="x", quality=quality, n=n)  # type: ignore[arg-type]
+    return PRICES[provider].cost(request)
+
+
+@dataclass
+class Job:
+    """One accepted, billed generation: an APIFrame job or a synchronous call."""
+
+    id: str
+    provider: str
+    model: str
+    prompt: str
+    api_key: str
+    width: int
+    height: int
+    fmt: str
+    n: int
+    cost: float
+    base_url: str
+    created: float
+    created_wall: float
+    duration: float
+    transparent: bool = False
+    failure: str | None = None
+    never_finish: bool = False
+    corrupt: bool = False
+    idempotency_key: str | None = None
+    input: dict[str, Any] | None = None
+    dropped: bool = False
+    purged: bool = False
+
+    @property
+    def ends(self) -> float:
+        return math.inf if self.never_finish else self.created + self.duration
+
+    def status(self, now: float) -> str:
+        elapsed = now - self.created
+        if now >= self.ends:
+            return "FAILED" if self.failure else "COMPLETED"
+        return "QUEUED" if elapsed < 0.2 * self.duration else "PROCESSING"
+
+    def progress(self, now: float) -> int:
+        status = self.status(now)
+        if status != "PROCESSING":
+            return 100 if status == "COMPLETED" else 0
+        share = (now - self.created - 0.2 * self.duration) / (0.8 * self.duration)
+        return max(0, min(99, int(share * 100)))
+
+    def credit_cost(self, now: float) -> float:
+        return 0 if self.status(now) == "FAILED" else self.cost
+
+    def expired(self, now: float, ttl: float | None) -> bool:
+        if self.status(now) != "COMPLETED":
+            return False
+        return self.purged or (ttl is not None and now >= self.ends + ttl)
+
+    def image_urls(self) -> list[str]:
+        return [
+            f"{self.base_url}/cdn/images/{self.id}-{k}.{self.fmt}" for k in range(1, self.n + 1)
+        ]
+
+
+class State:
+    """Shared, lock-guarded simulator memory. Call methods with ``lock`` held where noted."""
+
+    def __init__(self, config: SimulatorConfig) -> None:
+        self.lock = threading.RLock()
+        self.stopping = threading.Event()
+        self.config = config
+        self.reset()
+
+    def reset(self) -> None:
+        with self.lock:
+            self.rng = random.Random(self.config.faults.seed)
+            self.jobs: dict[str, Job] = {}
+            self.idempotency: dict[tuple[str, str], tuple[str, str, float]] = {}
+            self.fail_once_seen: set[tuple[str, str]] = set()
+            self.requests: Counter[str] = Counter()
+            self.charged: defaultdict[str, float] = defaultdict(float)
+            self.refunded: defaultdict[str, float] = defaultdict(float)
+            self.replays = 0
+            self._active: list[tuple[float, str]] = []
+            self._active_count: Counter[str] = Counter()
+            self._buckets: dict[str, tuple[float, float]] = {}
+
+    def update(self, changes: Mapping[str, Any]) -> SimulatorConfig:
+        with self.lock:
+            new = SimulatorConfig.from_mapping(changes, self.config)
+            if new.faults.seed != self.config.faults.seed:
+                self.rng = random.Random(new.faults.seed)
+            self.config = new
+            return new
+
+    def fault(self, name: str) -> bool:
+        """Draw the named fault from the seeded RNG (no draw at all when its probability is 0)."""
+        p: float = getattr(self.config.faults, name)
+        with self.lock:
+            return p > 0 and self.rng.random() < p
+
+    def duration(self, prompt: str, base: float, jitter: float) -> float:
+        with self.lock:
+            value = base + (self.rng.uniform(0, jitter) if jitter > 0 else 0.0)
+        return value * (SLOW_FACTOR if SLOW in prompt else 1)
+
+    def first_failure(self, provider: str, prompt: str) -> bool:
+        """True for the first job of a ``[[fail-once]]`` prompt at this provider."""
+        with self.lock:
+            key = (provider, prompt)
+            if FAIL_ONCE not in prompt or key in self.fail_once_seen:
+                return False
+            self.fail_once_seen.add(key)
+            return True
+
+    def take_token(self, provider: str) -> float | None:
+        """Spend one request token; returns seconds to wait when the bucket is empty."""
+        rps, burst = self.config.rate_limit_rps, self.config.rate_limit_burst
+        if rps is None:
+            return None
+        with self.lock:
+            now = time.monotonic()
+            tokens, last = self._buckets.get(provider, (float(burst), now))
+            tokens = min(float(burst), tokens + (now - last) * rps)
+            if tokens < 1:
+                self._buckets[provider] = (tokens, now)
+                return (1 - tokens) / rps
+            self._buckets[provider] = (tokens - 1, now)
+            return None
+
+    def settle(self, now: float) -> None:
+        """Retire jobs that have ended: free their slot and refund the failed ones."""
+        with self.lock:
+            while self._active and self._active[0][0] <= now:
+                _, job_id = heapq.heappop(self._active)
+                job = self.jobs[job_id]
+                self._active_count[job.provider] -= 1
+                if job.failure:
+                    self.refunded[job.provider] += job.cost
+
+    def in_flight(self, provider: str, now: float) -> tuple[int, float]:
+        """Non-terminal jobs of ``provider`` and the seconds until the first of them ends."""
+        with self.lock:
+            self.settle(now)
+            ends = [end for end, jid in self._active if self.jobs[jid].provider == provider]
+            wait = min(ends, default=now + 1) - now
+            return self._active_count[provider], wait if math.isfinite(wait) else 1.0
+
+    def remaining(self, provider: str) -> float | None:
+        if self.config.credits is None:
+            return None
+        with self.lock:
+            self.settle(time.monotonic())
+            spent = self.charged.get(provider, 0.0) - self.refunded.get(provider, 0.0)
+            left = self.config.credits - spent
+            return round(left, 6)
+
+    def add(self, job: Job) -> None:
+        """Record an accepted job and charge for it."""
+        with self.lock:
+            self.jobs[job.id] = job
+            self.charged[job.provider] += job.cost
+            self._active_count[job.provider] += 1
+            heapq.heappush(self._active, (job.ends, job.id))
+
+    def record(self, key: str) -> None:
+        with self.lock:
+            self.requests[key] += 1
+
+    def ledger(self) -> dict[str, Any]:
+        now = time.monotonic()
+        with self.lock:
+            self.settle(now)
+            return {
+                "submits": len(self.jobs),
+                "replays": self.replays,
+                "requests": dict(sorted(self.requests.items())),
+                "credits_charged": {p: number(round(v, 6)) for p, v in self.charged.items()},
+                "credits_refunded": {p: number(round(v, 6)) for p, v in self.refunded.items()},
+                "credits_remaining": {p: self.remaining(p) for p in self.charged},
+                "jobs": [
+                    {
+                        "id": job.id,
+                        "provider": job.provider,
+                        "prompt": job.prompt,
+                        "idempotency_key": job.idempotency_key,
+                        "status": job.status(now),
+                        "credit_cost": number(job.credit_cost(now)),
+                        "images": job.n,
+                        "dropped": job.dropped,
+                    }
+                    for job in self.jobs.values()
+                ],
+            }
