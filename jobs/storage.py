@@ -92,7 +92,7 @@ class LocalStore:
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         path = self._path(key)
-        os.replace(self._temp(path, data), path)
+        Path(self._temp(path, data)).replace(path)
 
     def put_file(self, key: str, path: str, content_type: str) -> None:
         target = self._path(key)
@@ -101,7 +101,7 @@ class LocalStore:
         with os.fdopen(handle, "wb") as out, open(path, "rb") as source:
             while chunk := source.read(1024 * 1024):
                 out.write(chunk)
-        os.replace(temp, target)
+        Path(temp).replace(target)
 
     def get(self, key: str) -> bytes | None:
         try:

@@ -12,14 +12,13 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from jobs.storage import Store
-
 from jobs import manifest, results
 from jobs.errors import ConfigError, ManifestError
 from jobs.manifest import Line
 from jobs.pricing import CREDIT_UNITS
 from jobs.providers.base import Provider
 from jobs.request import ImageRequest, ResultRow
+from jobs.storage import Store
 from worker.pipeline import STEP_FOR_STATUS, Next, Send, now_iso
 from worker.runtime import Runtime
 from worker.state import TERMINAL
