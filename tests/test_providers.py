@@ -95,15 +95,6 @@ EXTRA = [
     ImageRequest.model_validate({"id": f"extra-{name}", "prompt": "a paper boat", **fields})
     for name, fields in EXTRA_FIELDS.items()
 ]
-KNOWN_DEVIATIONS = {
-    ("openai", "extra-compression-default-format"): (
-        "openai validate() accepts output_compression < 100 with png output (explicit or "
-        "the default), which design/providers.md §2.1 lists as jpeg/webp only"
-    ),
-    ("omixa", "extra-input-https-url"): (
-        "omixa forwards http(s) reference images; seed 002 says input_images carry inline data URLs"
-    ),
-}
 
 
 class BuildsBodies(Provider, Protocol):
@@ -205,9 +196,7 @@ def test_request_schema_rejects_what_the_docs_rule_out(provider: str, body: dict
 def body_cases() -> Iterator[Any]:
     for provider in PROVIDERS:
         for line in [*CATALOG, *EXTRA]:
-            reason = KNOWN_DEVIATIONS.get((provider, line.line_id))
-            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-            yield pytest.param(provider, line, id=f"{provider}-{line.line_id}", marks=marks)
+            yield pytest.param(provider, line, id=f"{provider}-{line.line_id}")
 
 
 @pytest.mark.parametrize(("provider", "line"), list(body_cases()))
@@ -240,13 +229,10 @@ def test_every_catalog_line_is_accepted(offline: dict[str, Provider], provider: 
     assert {k: v for k, v in rejected.items() if v} == {}
 
 
-def reject(
-    provider: str, fields: dict[str, Any], field: str, source: str, deviation: str | None = None
-) -> Any:
-    marks = [pytest.mark.xfail(strict=True, reason=deviation)] if deviation else []
+def reject(provider: str, fields: dict[str, Any], field: str, source: str) -> Any:
     shown = [str(v) if len(str(v)) <= 16 else type(v).__name__ for v in fields.values()]
     name = "-".join([provider, field, *shown])
-    return pytest.param(provider, fields, field, source, marks=marks, id=name)
+    return pytest.param(provider, fields, field, source, id=name)
 
 
 REJECTS = [
@@ -269,7 +255,6 @@ REJECTS = [
         {"output_compression": 50, "output_format": "png"},
         "output_compression",
         "§2.1: output_compression is jpeg/webp only",
-        deviation=KNOWN_DEVIATIONS["openai", "extra-compression-default-format"],
     ),
     reject("aimlapi", {"quality": "auto"}, "quality", "OpenAPI enum: low, high, medium"),
     reject("aimlapi", {"size": "auto"}, "size", "OpenAPI enum: three fixed sizes"),
@@ -287,7 +272,6 @@ REJECTS = [
         {"input_images": ["https://x.example/a.png"]},
         "input_images",
         "seed 002: inline data URLs",
-        deviation=KNOWN_DEVIATIONS["omixa", "extra-input-https-url"],
     ),
     reject("oxen", {"quality": "high"}, "quality", "seed 000 table"),
     reject("oxen", {"background": "opaque"}, "background", "seed 000 table"),

@@ -31,7 +31,7 @@ class AIMLAPI(SyncImageAPI):
         return {
             "model": MODEL_IDS.get(request.model, request.model),
             "prompt": request.prompt,
-            "n": 1,
+            "n": request.n,
             "response_format": "url",
             **common_fields(
                 request,

@@ -13,6 +13,11 @@ class Omixa(SyncImageAPI):
     path: ClassVar[str] = "/api/v1/images/generations"
     unsupported: ClassVar[tuple[str, ...]] = ("output_compression",)
 
+    def extra_problems(self, request: ImageRequest) -> list[tuple[str, str]]:
+        if any(not url.startswith("data:image/") for url in request.input_images or []):
+            return [("input_images", "Omixa takes reference images as inline data: URLs")]
+        return []
+
     def body(self, request: ImageRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": request.model,

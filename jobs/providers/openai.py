@@ -15,6 +15,11 @@ class OpenAI(SyncImageAPI):
     unsupported: ClassVar[tuple[str, ...]] = ("input_images", "input_fidelity")
     """Reference images go to /v1/images/edits (multipart), which this adapter does not use."""
 
+    def extra_problems(self, request: ImageRequest) -> list[tuple[str, str]]:
+        if request.output_compression is not None and (request.output_format or "png") == "png":
+            return [("output_compression", "output_compression needs output_format jpeg or webp")]
+        return []
+
     def body(self, request: ImageRequest) -> dict[str, Any]:
         return {
             "model": request.model,
