@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=16, ge=1)
     step_lease_s: float = Field(default=300.0, gt=0)
     """How long one task may own a line; a redelivered copy waits until the lease ends."""
+    sweep_interval_s: float = Field(default=10.0, gt=0)
+    sweep_grace_s: float = Field(default=60.0, ge=0)
+    """A line whose next step is this late (and unleased) has its step queued again."""
     result_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
     """How long a finished batch's summary stays in Redis for ``imagebatch status``."""
     embedded_simulator_latency_s: float = Field(default=1.5, ge=0)

@@ -1,30 +1,57 @@
 """Where images and results go: an S3 bucket (any S3-compatible server) or a local directory.
 
-Images are written with ``put_new``: never overwritten, never visible half-written, and
-checked end to end (S3 verifies ``x-amz-checksum-sha256``; ``If-None-Match: *`` refuses a
-second write). Writing the same bytes again is a success, so a redelivered task is harmless.
+Images are written with ``put_new``: never overwritten, never visible half-written, and checked
+end to end (S3 verifies ``x-amz-checksum-sha256``; ``If-None-Match: *`` refuses a second write).
+Writing the same bytes again is a success, so a redelivered task is harmless (reliability I3).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import contextlib
 import hashlib
 import os
-import tempfile
-from collections.abc import Iterator
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    NoCredentialsError,
+    ParamValidationError,
+    PartialCredentialsError,
+)
+from botocore.response import StreamingBody
 
 from jobs.errors import ObjectExists, StorageError
 from jobs.settings import Settings
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
+
+CHUNK = 1024 * 1024
+
+S3_CONFIG = Config(
+    retries={"mode": "standard", "max_attempts": 5},
+    connect_timeout=10,
+    read_timeout=60,
+    max_pool_connections=64,  # every worker thread shares one client
+)
+
+_MISSING = {"NoSuchKey", "NotFound", "404"}
+_CONDITION_FAILED = {"PreconditionFailed", "412"}
+_BAD_CHECKSUM = {"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"}
+"""The body does not match its checksum (so does InvalidRequest when it mentions a checksum)."""
+_THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout"}
+_TRANSIENT = {*_THROTTLED, "RequestTimeTooSkewed", "ConditionalRequestConflict", "OperationAborted"}
 
 
 class Store(Protocol):
@@ -48,188 +75,326 @@ class Store(Protocol):
 
 
 def open_store(out: str, settings: Settings) -> Store:
-    """``s3://bucket[/prefix]`` → S3, anything else → a local directory."""
-    if out.startswith("s3://"):
+    """``s3://bucket[/prefix]`` is S3 (``settings.s3_endpoint_url`` for MinIO/SeaweedFS...);
+    anything else is a local directory."""
+    if out[:5].lower() == "s3://":
         return S3Store(out, settings)
     return LocalStore(out)
 
 
+def _check_key(key: str) -> str:
+    """Keys come from our own code; a malformed one is a bug, refused before touching storage."""
+    parts = key.split("/")
+    if not key or "\\" in key or "\0" in key or any(p in ("", ".", "..") for p in parts):
+        raise _invalid(f"invalid storage key {key!r}")
+    return key
+
+
+def _check_prefix(prefix: str) -> str:
+    """A listing prefix: a key, or a key's beginning (it may end with '/' or be empty)."""
+    if prefix:
+        _check_key(prefix.removesuffix("/"))
+    return prefix
+
+
+def _invalid(message: str) -> StorageError:
+    """A request that can never succeed as asked: not worth a retry."""
+    error = StorageError(message)
+    error.retryable = False
+    return error
+
+
+def _check_digest(data: bytes, sha256_hex: str, where: str) -> None:
+    if hashlib.sha256(data).hexdigest() != sha256_hex.lower():
+        raise StorageError(f"refusing to write {where}: the bytes do not match their sha256")
+
+
 class LocalStore:
-    """A directory; ``os.link`` publishes a finished temp file only if the name is free."""
+    """A directory; a finished temp file is published with ``os.link``, which fails if taken."""
 
     def __init__(self, root: str) -> None:
         self.root = root
-        self.base = Path(root).resolve()
+        self.base = Path(root).expanduser().resolve()
 
     def uri(self, key: str) -> str:
-        return str(self.base / key)
-
-    def _path(self, key: str) -> Path:
-        path = (self.base / key).resolve()
-        if self.base not in path.parents:
-            raise StorageError(f"key {key!r} escapes the output directory")
-        return path
-
-    def _temp(self, path: Path, data: bytes) -> str:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        return temp
+        return str(self.base / _check_key(key))
 
     def put_new(self, key: str, data: bytes, content_type: str, sha256_hex: str) -> None:
         path = self._path(key)
-        temp = self._temp(path, data)
+        _check_digest(data, sha256_hex, str(path))  # S3 checks this server-side; we do it here
+        temp = self._write_temp(path, lambda out: out.write(data))
         try:
             os.link(temp, path)
         except FileExistsError:
-            if self.sha256_of(key) != sha256_hex:
-                raise ObjectExists(f"{self.uri(key)} exists with other bytes") from None
+            if self.sha256_of(key) != sha256_hex.lower():
+                raise ObjectExists(f"{path} already exists with other bytes") from None
+        except OSError as exc:
+            raise _os_error(exc, path) from exc
         finally:
-            os.unlink(temp)
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+        _fsync_dir(path.parent)
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         path = self._path(key)
-        Path(self._temp(path, data)).replace(path)
+        self._replace(path, self._write_temp(path, lambda out: out.write(data)))
 
     def put_file(self, key: str, path: str, content_type: str) -> None:
         target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(dir=target.parent, prefix=".part-")
-        with os.fdopen(handle, "wb") as out, open(path, "rb") as source:
-            while chunk := source.read(1024 * 1024):
-                out.write(chunk)
-        Path(temp).replace(target)
+        try:
+            with open(path, "rb") as source:
+                temp = self._write_temp(target, lambda out: shutil.copyfileobj(source, out, CHUNK))
+        except OSError as exc:
+            raise _os_error(exc, Path(path)) from exc
+        self._replace(target, temp)
 
     def get(self, key: str) -> bytes | None:
+        path = self._path(key)
         try:
-            return self._path(key).read_bytes()
+            return path.read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise _os_error(exc, path) from exc
 
     def sha256_of(self, key: str) -> str | None:
+        path = self._path(key)
         digest = hashlib.sha256()
         try:
-            with open(self._path(key), "rb") as source:
-                while chunk := source.read(1024 * 1024):
+            with open(path, "rb") as source:
+                while chunk := source.read(CHUNK):
                     digest.update(chunk)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise _os_error(exc, path) from exc
         return digest.hexdigest()
 
     def list_keys(self, prefix: str) -> Iterator[str]:
-        start = self.base / prefix
-        folder = start if prefix.endswith("/") else start.parent
+        """Like S3: every file whose key starts with ``prefix``, in key order; temp files hidden."""
+        folder = self.base.joinpath(*_check_prefix(prefix).split("/")[:-1])
         if not folder.is_dir():
             return
-        for path in sorted(folder.rglob("*")):
-            key = path.relative_to(self.base).as_posix()
-            if path.is_file() and key.startswith(prefix) and not path.name.startswith(".part-"):
-                yield key
+        keys: list[str] = []
+        for directory, _dirs, files in os.walk(folder):
+            for name in files:
+                if name.startswith(".") and name.endswith(".part"):
+                    continue
+                key = Path(directory, name).relative_to(self.base).as_posix()
+                if key.startswith(prefix):
+                    keys.append(key)
+        yield from sorted(keys)
+
+    def _path(self, key: str) -> Path:
+        path = self.base.joinpath(*_check_key(key).split("/"))
+        if self.base not in path.parents:
+            raise StorageError(f"key {key!r} escapes {self.base}")
+        return path
+
+    def _write_temp(self, path: Path, write: Callable[[BinaryIO], object]) -> Path:
+        """Write, flush and fsync a hidden temp file next to ``path`` (same filesystem)."""
+        temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # os.open with 0o666 honours the umask (mkstemp would force 0600).
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "wb") as out:
+                write(out)
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise _os_error(exc, path) from exc
+        return temp
+
+    def _replace(self, path: Path, temp: Path) -> None:
+        try:
+            temp.replace(path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise _os_error(exc, path) from exc
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the new directory entry durable; best effort (not every OS/filesystem allows it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _os_error(exc: OSError, path: Path) -> StorageError:
+    return StorageError(f"writing or reading {path} failed: {exc.strerror or exc}")
 
 
 class S3Store:
-    """A bucket and prefix. One boto3 client, shared by every worker thread (it is safe)."""
+    """A bucket and prefix. One boto3 client per store, shared by every worker thread."""
 
     def __init__(self, root: str, settings: Settings) -> None:
         parts = urlsplit(root)
-        if not parts.netloc:
-            raise StorageError(f"{root!r}: expected s3://bucket[/prefix]")
-        self.root = root.rstrip("/")
+        if parts.scheme.lower() != "s3" or not parts.netloc:
+            raise _invalid(f"{root!r} is not an S3 location: expected s3://bucket[/prefix]")
+        self.root = root
         self.bucket = parts.netloc
         self.prefix = parts.path.strip("/")
-        config = Config(
-            retries={"max_attempts": 5, "mode": "standard"},
-            connect_timeout=10,
-            read_timeout=60,
-            max_pool_connections=64,
-            request_checksum_calculation="when_required",
-        )
+        config = S3_CONFIG
+        if settings.s3_endpoint_url:
+            # S3-compatible servers (MinIO, SeaweedFS) rarely do virtual-hosted buckets.
+            config = config.merge(Config(s3={"addressing_style": "path"}))
+        # A session per store: sessions are not thread-safe, the client made from one is.
         self.client: S3Client = boto3.session.Session().client(
             "s3", endpoint_url=settings.s3_endpoint_url, config=config
         )
-
-    def _key(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
 
     def put_new(self, key: str, data: bytes, content_type: str, sha256_hex: str) -> None:
-        checksum = base64.b64encode(bytes.fromhex(sha256_hex)).decode()
-        try:
-            self.client.put_object(
-                Bucket=self.bucket,
-                Key=self._key(key),
-                Body=data,
-                ContentType=content_type,
-                ChecksumSHA256=checksum,
-                IfNoneMatch="*",
-                Metadata={"sha256": sha256_hex},
-            )
-        except ClientError as exc:
-            if _code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
-                if self.sha256_of(key) != sha256_hex:
-                    raise ObjectExists(f"{self.uri(key)} exists with other bytes") from None
-                return
-            raise _storage_error(exc, self.uri(key)) from None
-        except BotoCoreError as exc:
-            raise StorageError(f"writing {self.uri(key)} failed: {type(exc).__name__}") from None
+        sha256_hex = sha256_hex.lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", sha256_hex):
+            raise _invalid(f"refusing to write {self.uri(key)}: {sha256_hex!r} is no sha256")
+        with _s3_errors("writing", self.uri(key)):
+            try:
+                self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=self._key(key),
+                    Body=data,
+                    ContentType=content_type,
+                    ChecksumSHA256=base64.b64encode(bytes.fromhex(sha256_hex)).decode(),
+                    IfNoneMatch="*",
+                    Metadata={"sha256": sha256_hex},
+                )
+            except ClientError as exc:
+                code = _code(exc)
+                if code not in _CONDITION_FAILED and code != "ConditionalRequestConflict":
+                    raise
+                if self.sha256_of(key) == sha256_hex:
+                    return  # the same bytes are already there: a redelivery, not a conflict
+                if code in _CONDITION_FAILED:
+                    raise ObjectExists(f"{self.uri(key)} already exists with other bytes") from None
+                raise  # a concurrent write is still in flight: retry later
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
-        try:
+        with _s3_errors("writing", self.uri(key)):
             self.client.put_object(
                 Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type
             )
-        except (ClientError, BotoCoreError) as exc:
-            raise _storage_error(exc, self.uri(key)) from None
 
     def put_file(self, key: str, path: str, content_type: str) -> None:
-        try:
-            self.client.upload_file(
-                path, self.bucket, self._key(key), ExtraArgs={"ContentType": content_type}
-            )
-        except (ClientError, BotoCoreError) as exc:
-            raise _storage_error(exc, self.uri(key)) from None
+        """Streams from disk (multipart above 8 MiB); a failed upload is aborted, never shown."""
+        with _s3_errors("writing", self.uri(key)):
+            try:
+                self.client.upload_file(
+                    path, self.bucket, self._key(key), ExtraArgs={"ContentType": content_type}
+                )
+            except OSError as exc:
+                raise _os_error(exc, Path(path)) from exc
 
     def get(self, key: str) -> bytes | None:
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
-        except ClientError as exc:
-            if _code(exc) in ("NoSuchKey", "404"):
+        with _s3_errors("reading", self.uri(key)):
+            body = self._open(key)
+            if body is None:
                 return None
-            raise _storage_error(exc, self.uri(key)) from None
-        except BotoCoreError as exc:
-            raise _storage_error(exc, self.uri(key)) from None
+            with contextlib.closing(body):
+                return body.read()
 
     def sha256_of(self, key: str) -> str | None:
-        try:
-            head = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-        except ClientError as exc:
-            if _code(exc) in ("NoSuchKey", "404", "NotFound"):
+        """The stored object's sha256: our metadata, else S3's full-object checksum, else hash."""
+        with _s3_errors("reading", self.uri(key)):
+            try:
+                head = self.client.head_object(
+                    Bucket=self.bucket, Key=self._key(key), ChecksumMode="ENABLED"
+                )
+            except ClientError as exc:
+                if _code(exc) in _MISSING:
+                    return None
+                raise
+            recorded = head.get("Metadata", {}).get("sha256", "")
+            if re.fullmatch(r"[0-9a-f]{64}", recorded):
+                return recorded
+            checksum = head.get("ChecksumSHA256", "")
+            # A multipart upload's checksum is composite ("...-3"): a hash of part hashes.
+            full = head.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT" and "-" not in checksum
+            with contextlib.suppress(binascii.Error, ValueError):
+                digest = base64.b64decode(checksum, validate=True)
+                if full and len(digest) == 32:
+                    return digest.hex()
+            body = self._open(key)
+            if body is None:
                 return None
-            raise _storage_error(exc, self.uri(key)) from None
-        recorded = head.get("Metadata", {}).get("sha256")
-        if recorded:
-            return recorded
-        data = self.get(key)
-        return hashlib.sha256(data).hexdigest() if data is not None else None
+            hasher = hashlib.sha256()
+            with contextlib.closing(body):
+                while chunk := body.read(CHUNK):
+                    hasher.update(chunk)
+            return hasher.hexdigest()
 
     def list_keys(self, prefix: str) -> Iterator[str]:
-        paginator = self.client.get_paginator("list_objects_v2")
+        """Keys relative to the store's prefix, page by page (in the server's order)."""
         strip = len(self.prefix) + 1 if self.prefix else 0
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
-            for item in page.get("Contents", []):
-                yield item["Key"][strip:]
+        full = f"{self.prefix}/{_check_prefix(prefix)}" if self.prefix else _check_prefix(prefix)
+        paginator = self.client.get_paginator("list_objects_v2")
+        with _s3_errors("listing", f"s3://{self.bucket}/{full}"):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
+                for item in page.get("Contents", []):
+                    yield item["Key"][strip:]
+
+    def _key(self, key: str) -> str:
+        _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _open(self, key: str) -> StreamingBody | None:
+        """The object's body stream, or None if it does not exist (S3 errors pass through)."""
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+        except ClientError as exc:
+            if _code(exc) in _MISSING:
+                return None
+            raise
+
+
+@contextlib.contextmanager
+def _s3_errors(doing: str, uri: str) -> Iterator[None]:
+    """Turn boto's exceptions into StorageError with a clear, secret-free message."""
+    try:
+        yield
+    except ClientError as exc:
+        raise _client_error(exc, doing, uri) from exc
+    except BotoCoreError as exc:
+        raise _boto_error(exc, doing, uri) from exc
 
 
 def _code(exc: ClientError) -> str:
-    error: Any = exc.response.get("Error", {})
-    return str(error.get("Code", ""))
+    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
-def _storage_error(exc: Exception, uri: str) -> StorageError:
-    detail = _code(exc) if isinstance(exc, ClientError) else type(exc).__name__
-    return StorageError(f"S3 request for {uri} failed: {detail}")
+def _client_error(exc: ClientError, doing: str, uri: str) -> StorageError:
+    """Only the code, status and S3's own message: never the signing details S3 may echo back."""
+    code = _code(exc)
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    message = str(exc.response.get("Error", {}).get("Message", "")).strip()
+    bad_checksum = code in _BAD_CHECKSUM or (
+        code == "InvalidRequest" and "checksum" in message.lower()
+    )
+    if bad_checksum:
+        text = f"{doing} {uri} failed: S3 rejected the body's checksum ({code}: {message})"
+    else:
+        text = f"{doing} {uri} failed: {code or status} {message}".rstrip()
+    error = StorageError(text)
+    error.retryable = bad_checksum or status >= 500 or status == 429 or code in _TRANSIENT
+    return error
+
+
+def _boto_error(exc: BotoCoreError, doing: str, uri: str) -> StorageError:
+    """Connection trouble is worth retrying; missing credentials or bad parameters are not."""
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError):
+        hint = "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+        return _invalid(f"{doing} {uri} failed: no usable AWS credentials ({hint})")
+    detail = re.sub(r"//[^/@\s]+@", "//", str(exc))  # drop user:password from any URL
+    error = StorageError(f"{doing} {uri} failed: {type(exc).__name__}: {detail}")
+    error.retryable = not isinstance(exc, ParamValidationError)
+    return error

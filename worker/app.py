@@ -12,6 +12,7 @@ from celery import Celery
 from jobs.settings import Settings
 
 QUEUE = "imagebatch"
+SUBMIT_QUEUE = "imagebatch.submit"
 
 app = Celery("imagebatch", set_as_current=False)
 app.conf.update(
@@ -37,10 +38,6 @@ def configure(settings: Settings, broker_url: str) -> Celery:
         broker_url=broker_url,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_s,
-            "socket_timeout": 30,
-            "socket_connect_timeout": 10,
-            "retry_on_timeout": True,
-            "health_check_interval": 30,
         },
         worker_concurrency=settings.worker_concurrency,
     )

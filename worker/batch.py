@@ -128,6 +128,7 @@ def finalize(rt: Runtime, batch: str) -> dict[str, Any] | None:
     results.write_summary(store, batch, summary)
     state.set_meta(batch, status="finished", summary=summary, finished_at=summary["finished_at"])
     state.purge(batch)
+    state.deactivate(batch)
     state.r.expire(state.meta_key(batch), rt.settings.result_ttl_s)
     return summary
 

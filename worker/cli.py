@@ -28,12 +28,12 @@ from jobs.settings import PROVIDER_NAMES, Settings
 from jobs.sources import read_chunks
 from worker import batch as batches
 from worker import runtime, submission
-from worker.app import QUEUE, configure
+from worker.app import QUEUE, SUBMIT_QUEUE, configure
 from worker.runtime import Runtime
 
 BATCH_ID = re.compile(r"[A-Za-z0-9_.-]{1,100}")
-out_console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+out_console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def fail(message: str) -> NoReturn:
@@ -125,7 +125,21 @@ def environment(
         stack.callback(runtime.reset)
         if is_embedded:
             stack.enter_context(embedded.in_process_worker(app, settings.worker_concurrency))
+            stack.enter_context(sweeping(rt))
         yield rt, is_embedded
+
+
+@contextmanager
+def sweeping(rt: Runtime) -> Iterator[None]:
+    from worker import tasks
+    from worker.sweeper import Sweeper
+
+    sweeper = Sweeper(rt, tasks.send_step, tasks.send_finalize)
+    sweeper.start()
+    try:
+        yield
+    finally:
+        sweeper.stop()
 
 
 def start_batch(
@@ -176,7 +190,7 @@ def start_batch(
                 markup=False,
             )
         if report.complete:
-            tasks.finalize.delay(batch)
+            tasks.send_finalize(batch)
     finally:
         Path(path).unlink(missing_ok=True)
 
@@ -346,19 +360,19 @@ def worker(ctx: click.Context) -> None:
         if settings.broker_url is None:
             raise ConfigError("no broker: set IMAGEBATCH_BROKER_URL (redis://...)")
         app = configure(settings, settings.broker_url)
-        runtime.configure(settings)
-    app.worker_main(
-        [
-            "worker",
-            "--pool=threads",
-            f"--concurrency={settings.worker_concurrency}",
-            f"--queues={QUEUE}",
-            "--loglevel=INFO",
-            "--without-gossip",
-            "--without-mingle",
-            *ctx.args,
-        ]
-    )
+        rt = runtime.configure(settings)
+    argv = [
+        "worker",
+        "--pool=threads",
+        f"--concurrency={settings.worker_concurrency}",
+        f"--queues={QUEUE},{SUBMIT_QUEUE}",
+        "--loglevel=INFO",
+        "--without-gossip",
+        "--without-mingle",
+        *ctx.args,
+    ]
+    with sweeping(rt):
+        app.worker_main(argv)
 
 
 @main.command()
@@ -449,7 +463,7 @@ def retry(batch_id: str, provider: str | None, out: str | None) -> None:
             if report.complete:
                 from worker import tasks
 
-                tasks.finalize.delay(batch_id)
+                tasks.send_finalize(batch_id)
             snap = wait(rt, batch_id, show_progress=out_console.is_terminal)
     sys.exit(print_summary(snap))
 

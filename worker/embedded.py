@@ -17,6 +17,8 @@ from celery import Celery
 from celery.worker import WorkController
 from celery.worker import state as worker_state
 
+from worker.app import QUEUE, SUBMIT_QUEUE
+
 
 @contextmanager
 def embedded_redis() -> Iterator[str]:
@@ -44,6 +46,7 @@ def in_process_worker(app: Celery, concurrency: int) -> Iterator[WorkController]
         without_mingle=True,
         without_gossip=True,
         loglevel="WARNING",
+        queues=[QUEUE, SUBMIT_QUEUE],
     )
     thread = threading.Thread(target=worker.start, name="imagebatch-worker", daemon=True)
     thread.start()

@@ -103,57 +103,57 @@ class Pipeline:
         self.rt = runtime
         self.state = runtime.state
         self.settings = runtime.settings
+        self.woken: list[tuple[str, int, int]] = []
 
     # -- the entry point ---------------------------------------------------------------------
 
     def run(self, batch: str, idx: int, seq: int, send: Send) -> bool:
         """Do the line's missing step. Returns True when the batch's last line just finished."""
         item = self.state.item(batch, idx)
-        if not item or item.get("status") in TERMINAL:
-            return False
-        if int(item.get("seq", 0)) != seq and not self._lost_handoff(item, seq):
+        if not item or item.get("status") in TERMINAL or int(item.get("seq", 0)) != seq:
             return False
         if not self.state.lease(batch, idx, self.settings.step_lease_s):
-            send(
-                batch,
-                idx,
-                Next(STEP_FOR_STATUS[item["status"]], self.state.lease_left(batch, idx) + 0.5, seq),
-            )
+            # Another copy of this message is at work (or died holding the lease): look again
+            # shortly; once the line moves on, this copy's seq is stale and it is dropped.
+            wait = min(self.state.lease_left(batch, idx), 2.0) + 0.1
+            send(batch, idx, Next(STEP_FOR_STATUS[item["status"]], wait, seq))
             return False
         try:
             item = self.state.item(batch, idx)
-            if not item or item.get("status") in TERMINAL:
+            if not item or item.get("status") in TERMINAL or int(item.get("seq", 0)) != seq:
                 return False
-            current = int(item.get("seq", 0))
-            if current != seq:
-                if not self._lost_handoff(item, seq):
-                    return False
-                next_ = Next(STEP_FOR_STATUS[item["status"]], 0, current)
+            self.state.schedule(batch, idx, self.settings.step_lease_s)
+            request = ImageRequest.model_validate_json(item["request"])
+            outcome = self._step(Line(batch, idx, item, self.state.meta(batch), request))
+            if outcome is None or isinstance(outcome, bool):
+                return bool(outcome)
+            step, countdown = outcome
+            next_ = Next(step, countdown, self.state.next_seq(batch, idx))
+            if step == "park":
+                # No slot: wait in line without a message; a freed slot wakes the line, and
+                # the sweeper does if that wake-up is ever missed.
+                self.state.park(item["provider"], batch, idx, next_.seq)
+                self.state.schedule(batch, idx, self.settings.poll_max_s * 3)
             else:
-                line = Line(
-                    batch,
-                    idx,
-                    item,
-                    self.state.meta(batch),
-                    ImageRequest.model_validate_json(item["request"]),
-                )
-                outcome = self._step(line)
-                if outcome is None or isinstance(outcome, bool):
-                    return bool(outcome)
-                step, countdown = outcome
-                next_ = Next(step, countdown, self.state.next_seq(batch, idx))
-            send(batch, idx, next_)
-            self.state.update(batch, idx, handed=next_.seq)
-            return False
+                self.state.schedule(batch, idx, countdown)
         finally:
             self.state.release(batch, idx)
+            self._wake(send)
+        # Queued after the lease is released, so the next step never finds it taken. Should
+        # this process die right here, the sweeper re-sends the step once it is overdue.
+        if next_.step != "park":
+            send(batch, idx, next_)
+        return False
 
-    @staticmethod
-    def _lost_handoff(item: dict[str, str], seq: int) -> bool:
-        # The previous step moved seq on but died before queueing its successor: this copy
-        # of the previous message is the only one left, so it re-sends the current step.
-        current = int(item.get("seq", 0))
-        return seq == current - 1 and item.get("handed") != str(current)
+    def free_slot(self, line: Line) -> None:
+        woken = self.state.free_slot(line.provider_name, line.slot)
+        if woken is not None:
+            self.woken.append(woken)
+
+    def _wake(self, send: Send) -> None:
+        for batch, idx, seq in self.woken:
+            send(batch, idx, Next("submit", 0.0, seq))
+        self.woken.clear()
 
     def _step(self, line: Line) -> tuple[str, float] | bool | None:
         starts = self.state.count_start(line.batch, line.idx)
@@ -211,7 +211,7 @@ class Pipeline:
         if not self.state.take_slot(
             line.provider_name, line.slot, config.max_in_flight, self.settings.line_deadline_s
         ):
-            return "submit", self.settings.poll_initial_s * random.uniform(0.5, 1.5)
+            return "park", 0.0
         attempt = line.int("attempt", 1)
         if line.item["status"] == "submitting" and not provider.idempotent_submit:
             # The last try of this attempt may have been billed; trying again may buy twice.
@@ -236,13 +236,13 @@ class Pipeline:
             return self.transient(line, exc, "submit")
         except TransientProviderError as exc:
             self.state.update(batch, idx, status="pending")
-            self.state.free_slot(line.provider_name, line.slot)
+            self.free_slot(line)
             return self.transient(line, exc, "submit")
         except ProviderError as exc:
-            self.state.free_slot(line.provider_name, line.slot)
+            self.free_slot(line)
             return self.fail(line, exc)
         if isinstance(outcome, Finished):
-            self.state.free_slot(line.provider_name, line.slot)
+            self.free_slot(line)
             return self.fetched(line, outcome, collected)
         self.state.update(batch, idx, status="submitted", job_id=outcome.job_id, polls=0, tries=0)
         return "poll", self.settings.poll_initial_s
@@ -257,7 +257,7 @@ class Pipeline:
             self.state.pause(line.provider_name, retry_after)
         polling = step == "poll" and time.time() < line.float("deadline", float("inf"))
         if tries > self.settings.http_retries and not polling:
-            self.state.free_slot(line.provider_name, line.slot)
+            self.free_slot(line)
             return self.fail(line, exc)
         delay = retry_after if retry_after is not None else self.backoff(tries)
         log.info("line %s: %s; retrying %s in %.1fs", line.item["id"], exc.message, step, delay)
@@ -271,7 +271,7 @@ class Pipeline:
 
     def poll(self, line: Line) -> tuple[str, float] | bool | None:
         if time.time() > line.float("deadline", float("inf")):
-            self.state.free_slot(line.provider_name, line.slot)
+            self.free_slot(line)
             return self.fail(
                 line,
                 ImagebatchError(
@@ -291,10 +291,10 @@ class Pipeline:
         except TransientProviderError as exc:
             return self.transient(line, exc, "poll")
         except JobFailed as exc:
-            self.state.free_slot(line.provider_name, line.slot)
+            self.free_slot(line)
             return self.regenerate(line, exc)
         except ProviderError as exc:
-            self.state.free_slot(line.provider_name, line.slot)
+            self.free_slot(line)
             return self.fail(line, exc)
         if isinstance(outcome, Pending):
             polls = line.int("polls") + 1
@@ -303,7 +303,7 @@ class Pipeline:
             )
             delay = self.settings.poll_initial_s * 1.5 ** min(polls, 20)
             return "poll", min(self.settings.poll_max_s, delay)
-        self.state.free_slot(line.provider_name, line.slot)
+        self.free_slot(line)
         return self.fetched(line, outcome)
 
     def regenerate(self, line: Line, exc: ImagebatchError) -> tuple[str, float] | bool | None:

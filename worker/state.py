@@ -6,8 +6,11 @@ Keys (``B`` = batch id, ``I`` = the line's index among counted lines):
     ib:B:i:I        hash  one line: status, seq, attempt, job_id, artifacts, row, ...
     ib:B:l:I        str   a lease: the task currently working on the line
     ib:B:blob:I:K   bytes image K of line I when the provider sent it inline (until stored)
+    ib:B:due        zset  lines by the time their next step should have started (sweeper)
+    ib:active       set   batches not yet finalized
     ib:rate:P       hash  provider P's shared token bucket (and pause after a 429)
     ib:slots:P      zset  provider P's in-flight jobs, scored by lease expiry
+    ib:parked:P     list  lines waiting for one of P's slots ("batch idx seq"), oldest first
 
 Every transition that must not happen twice (a line finishing, a budget reservation, a slot)
 is one Lua script, so concurrent workers and redelivered tasks cannot double count.
@@ -16,6 +19,7 @@ is one Lua script, so concurrent workers and redelivered tasks cannot double cou
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,6 +35,7 @@ if s == 'succeeded' or s == 'failed' or s == 'rejected' then return {-1, -1} end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'row', ARGV[2])
 redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
 redis.call('HINCRBYFLOAT', KEYS[2], 'credits', ARGV[3])
+redis.call('ZREM', KEYS[4], ARGV[4])
 local done = redis.call('HINCRBY', KEYS[2], 'done', 1)
 local total = tonumber(redis.call('HGET', KEYS[3], 'total') or '-1')
 return {done, total}
@@ -168,6 +173,23 @@ class State:
         pipe.hset(key, "starts", 0)
         return int(pipe.execute()[0])
 
+    def schedule(self, batch: str, idx: int, in_s: float) -> None:
+        """The line's next step should start within ``in_s``; the sweeper checks it did."""
+        self.r.zadd(f"ib:{batch}:due", {str(idx): time.time() + in_s})
+
+    def overdue(self, batch: str, grace_s: float, limit: int = 1000) -> list[int]:
+        due = self.r.zrangebyscore(f"ib:{batch}:due", "-inf", time.time() - grace_s, 0, limit)
+        return [int(idx) for idx in due]
+
+    def activate(self, batch: str) -> None:
+        self.r.sadd("ib:active", batch)
+
+    def active(self) -> list[str]:
+        return sorted(self.r.smembers("ib:active"))
+
+    def deactivate(self, batch: str) -> None:
+        self.r.srem("ib:active", batch)
+
     def count_start(self, batch: str, idx: int) -> int:
         return int(self.r.hincrby(self.item_key(batch, idx), "starts", 1))
 
@@ -185,8 +207,13 @@ class State:
     ) -> tuple[int, int]:
         """Mark the line terminal once; returns (done, total), done < 0 if it already was."""
         done, total = self._finish(
-            keys=[self.item_key(batch, idx), f"ib:{batch}:n", self.meta_key(batch)],
-            args=[status, row, repr(float(credits))],
+            keys=[
+                self.item_key(batch, idx),
+                f"ib:{batch}:n",
+                self.meta_key(batch),
+                f"ib:{batch}:due",
+            ],
+            args=[status, row, repr(float(credits)), idx],
         )
         return int(done), int(total)
 
@@ -240,8 +267,18 @@ class State:
     def take_slot(self, provider: str, member: str, limit: int, lease_s: float) -> bool:
         return bool(self._slot(keys=[f"ib:slots:{provider}"], args=[member, limit, lease_s]))
 
-    def free_slot(self, provider: str, member: str) -> None:
-        self.r.zrem(f"ib:slots:{provider}", member)
+    def free_slot(self, provider: str, member: str) -> tuple[str, int, int] | None:
+        """Give the slot back; returns the longest-parked line, which should now try again."""
+        if not self.r.zrem(f"ib:slots:{provider}", member):
+            return None
+        parked = self.r.rpop(f"ib:parked:{provider}")
+        if parked is None:
+            return None
+        batch, idx, seq = parked.rsplit(" ", 2)
+        return batch, int(idx), int(seq)
+
+    def park(self, provider: str, batch: str, idx: int, seq: int) -> None:
+        self.r.lpush(f"ib:parked:{provider}", f"{batch} {idx} {seq}")
 
 
 def _str(value: Any) -> str:

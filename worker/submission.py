@@ -153,6 +153,7 @@ def enqueue(
         max_credits="" if max_credits is None else max_credits,
         **({"started_at": now_iso()} if fresh else {}),
     )
+    state.activate(batch)
     records = results.read_records(store, batch)
     report = Enqueued(Plan())
     check = Checker(rt.provider, default_provider)
@@ -221,8 +222,8 @@ def _queue(
         if existing.get("status") in TERMINAL:
             return
         seq = state.next_seq(batch, idx)
+        state.schedule(batch, idx, 0)
         send(batch, idx, Next(STEP_FOR_STATUS[existing["status"]], 0, seq))
-        state.update(batch, idx, handed=seq)
         report.resumed += 1
         return
     record = records.get(line_id)
@@ -247,5 +248,4 @@ def _queue(
         fields["attempt"] = fields["first_attempt"] = record.attempts + 1
     state.add_item(batch, idx, fields)
     send(batch, idx, Next("submit", 0, 0))
-    state.update(batch, idx, handed=0)
     report.queued += 1

@@ -1,0 +1,5 @@
+"""``python -m worker`` is ``imagebatch``."""
+
+from worker.cli import main
+
+main()
