@@ -36,7 +36,7 @@ def redis_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+def redis_client(redis_url: str) -> Iterator[redis.Redis[bytes]]:
     """A client on an empty Redis: FLUSHALL before each test."""
     client = redis.Redis.from_url(redis_url)
     client.flushall()

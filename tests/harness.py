@@ -55,13 +55,13 @@ def start_worker(
     env: Mapping[str, str], name: str, log: Path, concurrency: int = 4
 ) -> subprocess.Popen[bytes]:
     """A real ``imagebatch worker`` process, logging to a file."""
-    handle = open(log, "wb")  # noqa: SIM115 - the process owns it until it exits
-    return subprocess.Popen(
-        [*CLI, "worker", f"--concurrency={concurrency}", f"--hostname={name}@%h"],
-        env=cli_env(env),
-        stdout=handle,
-        stderr=subprocess.STDOUT,
-    )
+    with open(log, "wb") as handle:
+        return subprocess.Popen(
+            [*CLI, "worker", f"--concurrency={concurrency}", f"--hostname={name}@%h"],
+            env=cli_env(env),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def stop(process: subprocess.Popen[bytes], timeout: float = 20) -> None:
@@ -150,7 +150,7 @@ def check_invariants(
     manifest: Path,
     outcome: Outcome,
     ledger: Mapping[str, Any] | None = None,
-    redis_client: redis.Redis[str] | None = None,
+    redis_client: redis.Redis[Any] | None = None,
     idempotent: bool = True,
 ) -> None:
     """I1 no loss, I2 no double spend, I3 no orphans or overwrites, I4 counts add up."""
@@ -185,7 +185,11 @@ def check_invariants(
         assert summary[status] == statuses[status], status
     assert abs(summary["credits"] - sum(row.credits for row in rows)) < 1e-6
     if redis_client is not None:
-        assert sorted(redis_client.scan_iter(match=f"ib:{batch}*")) == [f"ib:{batch}"]
+        left = sorted(
+            k.decode() if isinstance(k, bytes) else k
+            for k in redis_client.scan_iter(match=f"ib:{batch}*")
+        )
+        assert left == [f"ib:{batch}"], left
     # I2: at most one billed (not refunded) provider job per line.
     if ledger is not None:
         check_no_double_spend(rows, ledger["jobs"], summary, idempotent)

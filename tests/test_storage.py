@@ -24,6 +24,11 @@ PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
 JPEG = b"\xff\xd8\xff\xe0" + bytes(range(255, -1, -1)) * 8
 
 
+def env_settings() -> Settings:
+    """Settings from the environment only (a developer's .env must not leak in)."""
+    return Settings(_env_file=None)  # type: ignore[call-arg]  # pydantic-settings init kwarg
+
+
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -38,10 +43,10 @@ def module_bucket(s3: S3Server) -> str:
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     """The same tests run on a local directory and on an S3 bucket under a fresh prefix."""
     if request.param == "local":
-        return open_store(str(tmp_path / "out"), Settings(_env_file=None))
+        return open_store(str(tmp_path / "out"), env_settings())
     request.getfixturevalue("aws_env")  # credentials + endpoint from the environment, as in use
     bucket = request.getfixturevalue("module_bucket")
-    return open_store(f"s3://{bucket}/{uuid.uuid4().hex[:8]}/out", Settings(_env_file=None))
+    return open_store(f"s3://{bucket}/{uuid.uuid4().hex[:8]}/out", env_settings())
 
 
 def content_type_of(store: Store, key: str) -> str | None:
@@ -53,14 +58,14 @@ def content_type_of(store: Store, key: str) -> str | None:
 
 
 def test_open_store_picks_the_backend(tmp_path: Path, aws_env: S3Server) -> None:
-    settings = Settings(_env_file=None)
+    settings = env_settings()
     assert isinstance(open_store(str(tmp_path), settings), LocalStore)
     assert isinstance(open_store("s3://bucket/prefix", settings), S3Store)
     assert isinstance(open_store("S3://bucket", settings), S3Store)
 
 
 def test_uri_format(tmp_path: Path, aws_env: S3Server) -> None:
-    settings = Settings(_env_file=None)
+    settings = env_settings()
     with_prefix = open_store("s3://bucket/a/b/", settings)
     assert with_prefix.root == "s3://bucket/a/b/"
     assert with_prefix.uri("b1/images/x/0.png") == "s3://bucket/a/b/b1/images/x/0.png"
@@ -218,7 +223,7 @@ def test_local_writes_leave_no_temp_files(tmp_path: Path) -> None:
 
 
 def test_s3_errors_are_clear_and_keep_secrets_out(aws_env: S3Server) -> None:
-    missing = open_store("s3://no-such-bucket-imagebatch/x", Settings(_env_file=None))
+    missing = open_store("s3://no-such-bucket-imagebatch/x", env_settings())
     with pytest.raises(StorageError) as caught:
         missing.put("k", b"x", "text/plain")
 
@@ -233,7 +238,7 @@ def test_s3_wrong_secret_is_not_retryable(
     aws_env: S3Server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
-    store = open_store(f"s3://{s3_bucket}", Settings(_env_file=None))
+    store = open_store(f"s3://{s3_bucket}", env_settings())
     with pytest.raises(StorageError) as caught:
         store.put_new("k.png", PNG, "image/png", sha(PNG))
 
