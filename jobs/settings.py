@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     """A line whose next step is this late (and unleased) has its step queued again."""
     result_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
     """How long a finished batch's summary stays in Redis for ``imagebatch status``."""
+    crash_at: str | None = None
+    """Test-only: a crash point of ``worker.faults`` at which to SIGKILL the worker once."""
+    crash_marker: str | None = None
     embedded_simulator_latency_s: float = Field(default=1.5, ge=0)
 
     def provider_config(self, name: str) -> ProviderConfig:

@@ -43,6 +43,10 @@ WEED_STOP_GRACE_S = 3.0
 metadata stream open), and the data dir is thrown away, so a longer wait only slows the run."""
 
 
+WEED_SERVICES = ("master", "volume", "filer", "s3")
+"""The parts of ``weed server -s3``; each gets an HTTP and a gRPC port of its own."""
+
+
 class ServiceUnavailable(RuntimeError):
     """A server binary is missing or would not start."""
 
@@ -278,21 +282,20 @@ class WeedServer:
 
     def stop(self) -> None:
         self.process.stop(grace=WEED_STOP_GRACE_S)
-        if self.startup_s:  # these ports were ours: remove the gRPC sockets weed leaves in /tmp
-            for kind in ("master", "volume", "filer", "s3"):
-                with contextlib.suppress(OSError):
-                    Path(f"/tmp/seaweedfs-{kind}-grpc-{self.ports[kind + '.grpc']}.sock").unlink()
+        if self.startup_s:  # the ports were ours: remove the gRPC sockets weed leaves in /tmp
+            for folder in {"/tmp", tempfile.gettempdir()}:
+                for kind in WEED_SERVICES:
+                    sock = Path(folder, f"seaweedfs-{kind}-grpc-{self.ports[kind + '.grpc']}.sock")
+                    with contextlib.suppress(OSError):
+                        sock.unlink()
         shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-WEED_SERVICES = ("master", "volume", "filer", "s3")
 
 
 def _weed_ports() -> dict[str, int]:
     """Every port explicit: the gRPC ones would default to port+10000 and could collide."""
     numbers = free_ports(2 * len(WEED_SERVICES))
-    ports = dict(zip(WEED_SERVICES, numbers, strict=False))
-    grpc = numbers[len(WEED_SERVICES) :]
+    http, grpc = numbers[: len(WEED_SERVICES)], numbers[len(WEED_SERVICES) :]
+    ports = dict(zip(WEED_SERVICES, http, strict=True))
     ports.update({f"{name}.grpc": port for name, port in zip(WEED_SERVICES, grpc, strict=True)})
     return ports
 

@@ -33,6 +33,7 @@ from jobs.errors import (
 )
 from jobs.providers.base import Artifact, Finished, Pending
 from jobs.request import ImageRef, ImageRequest, ResultRow
+from worker.faults import crash_point
 from worker.runtime import Runtime
 from worker.state import TERMINAL
 
@@ -232,6 +233,7 @@ class Pipeline:
         self.state.bump(batch, "submit_requests")
         try:
             outcome = provider.submit(request, key)
+            crash_point(self.settings, "after_submit")
         except AmbiguousSubmit as exc:
             return self.transient(line, exc, "submit")
         except TransientProviderError as exc:
@@ -286,6 +288,7 @@ class Pipeline:
         if wait > 0:
             return "poll", wait
         provider = self.rt.provider(line.provider_name)
+        crash_point(self.settings, "during_poll")
         try:
             outcome = provider.poll(line.item["job_id"])
         except TransientProviderError as exc:
@@ -384,10 +387,12 @@ class Pipeline:
                 return self.fail(line, exc)
             return self.transient(line, exc, "store")
         images: list[ImageRef] = []
+        crash_point(self.settings, "before_upload")
         try:
             for k, image in enumerate(fetched):
                 key = results.image_key(batch, line_id, k, image.extension)
                 store.put_new(key, image.data, image.content_type, image.sha256)
+                crash_point(self.settings, "mid_upload")
                 images.append(
                     ImageRef(
                         uri=store.uri(key),

@@ -12,11 +12,11 @@ from urllib.parse import urlsplit
 
 import httpx
 import redis
-from jobs.storage import Store, open_store
 
 from jobs import providers
 from jobs.providers.base import Provider
 from jobs.settings import Settings
+from jobs.storage import Store, open_store
 from worker.state import State
 
 
