@@ -151,6 +151,11 @@ class Pipeline:
         if woken is not None:
             self.woken.append(woken)
 
+    def wake_next(self, provider: str) -> None:
+        woken = self.state.unpark(provider)
+        if woken is not None:
+            self.woken.append(woken)
+
     def _wake(self, send: Send) -> None:
         for batch, idx, seq in self.woken:
             send(batch, idx, Next("submit", 0.0, seq))
@@ -178,15 +183,14 @@ class Pipeline:
 
     def submit(self, line: Line) -> tuple[str, float] | bool | None:
         batch, idx, meta = line.batch, line.idx, line.meta
-        if meta.get("status") == "cancelled":
-            return self.fail(line, ImagebatchError("the batch was cancelled", type="cancelled"))
-        if meta.get("stop_reason"):
-            return self.fail(
-                line,
-                ImagebatchError(
-                    meta.get("stop_message", "batch stopped"), type=meta["stop_reason"]
-                ),
-            )
+        if meta.get("status") == "cancelled" or meta.get("stop_reason"):
+            # Lines parked behind this one would otherwise wait for a slot that, with no
+            # new submits, may never free: each line that stops wakes the next.
+            self.wake_next(line.provider_name)
+            if meta.get("status") == "cancelled":
+                return self.fail(line, ImagebatchError("the batch was cancelled", type="cancelled"))
+            message = meta.get("stop_message", "batch stopped")
+            return self.fail(line, ImagebatchError(message, type=meta["stop_reason"]))
         if line.float("deadline") and time.time() > line.float("deadline"):
             return self.fail(line, ImagebatchError("the line's deadline passed", type="timeout"))
         provider = self.rt.provider(line.provider_name)

@@ -271,6 +271,10 @@ class State:
         """Give the slot back; returns the longest-parked line, which should now try again."""
         if not self.r.zrem(f"ib:slots:{provider}", member):
             return None
+        return self.unpark(provider)
+
+    def unpark(self, provider: str) -> tuple[str, int, int] | None:
+        """The longest-parked line of this provider, taken off the list."""
         parked = self.r.rpop(f"ib:parked:{provider}")
         if parked is None:
             return None
