@@ -58,7 +58,7 @@ def main() -> None:
                 f"{count:>9} lines  {size / 1e6:8.1f} MB file  peak {peak / 1e6:7.2f} MB  "
                 f"{elapsed:6.2f} s  ({count / elapsed:,.0f} lines/s)"
             )
-    (c1, t1, p1, s1), (c2, t2, p2, s2) = results
+    (_, t1, p1, s1), (c2, t2, p2, s2) = results
     print(
         f"file size ratio {s2 / s1:.1f} · peak memory ratio {p2 / p1:.2f} · "
         f"time ratio {t2 / t1:.2f} · peak/file at {c2} lines {p2 / s2:.3f}"
