@@ -22,6 +22,7 @@ from jobs.providers.base import Artifact
 from jobs.request import CONTENT_TYPES
 
 PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
+MAX_REDIRECTS = 5
 
 
 @dataclass(frozen=True)
@@ -51,23 +52,35 @@ def fetch(
         return verify(artifact.data, expected_format)
     if not artifact.url:
         raise ImageRefused("the provider returned an image with neither URL nor data")
-    check_url(artifact.url, trusted_hosts)
-    try:
-        with client.stream("GET", artifact.url) as response:
-            if response.status_code in (403, 404, 410):
-                raise ImageExpired(f"image URL answered {response.status_code} (expired)")
-            if response.status_code >= 400:
-                raise DownloadError(f"image URL answered {response.status_code}")
-            declared = response.headers.get("content-length")
-            if declared is not None and int(declared) > max_bytes:
-                raise ImageRefused(f"image is {declared} bytes, over the {max_bytes}-byte cap")
-            body = bytearray()
-            for chunk in response.iter_bytes():
-                body += chunk
-                if len(body) > max_bytes:
-                    raise ImageRefused(f"image is over the {max_bytes}-byte cap")
-    except httpx.HTTPError as exc:
-        raise DownloadError(f"image download failed: {type(exc).__name__}") from None
+    url = artifact.url
+    for _ in range(MAX_REDIRECTS + 1):
+        # Redirects are followed by hand so that every hop passes the same address check.
+        check_url(url, trusted_hosts)
+        try:
+            with client.stream("GET", url, follow_redirects=False) as response:
+                if response.is_redirect and "location" in response.headers:
+                    url = str(response.url.join(response.headers["location"]))
+                    continue
+                return read_image(response, max_bytes, expected_format)
+        except httpx.HTTPError as exc:
+            raise DownloadError(f"image download failed: {type(exc).__name__}") from None
+    raise DownloadError(f"image URL redirected more than {MAX_REDIRECTS} times")
+
+
+def read_image(response: httpx.Response, max_bytes: int, expected_format: str | None) -> Fetched:
+    """The response's body, capped, checked against Content-Length, and verified."""
+    if response.status_code in (403, 404, 410):
+        raise ImageExpired(f"image URL answered {response.status_code} (expired)")
+    if response.status_code >= 400:
+        raise DownloadError(f"image URL answered {response.status_code}")
+    declared = response.headers.get("content-length")
+    if declared is not None and int(declared) > max_bytes:
+        raise ImageRefused(f"image is {declared} bytes, over the {max_bytes}-byte cap")
+    body = bytearray()
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) > max_bytes:
+            raise ImageRefused(f"image is over the {max_bytes}-byte cap")
     if declared is not None and len(body) != int(declared):
         raise DownloadError(f"image truncated: {len(body)} of {declared} bytes")
     return verify(bytes(body), expected_format)

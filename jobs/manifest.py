@@ -105,6 +105,15 @@ def parse_line(number: int, data: bytes, check_provider: ProviderCheck | None) -
         return Line(number, None, ManifestError(number, f"not valid JSON: {exc.msg}"))
     if not isinstance(raw, dict):
         return Line(number, None, ManifestError(number, "not a JSON object"))
+    for key, value in raw.items():
+        # Valid JSON may still escape a lone surrogate (\ud800), which no UTF-8 output holds.
+        try:
+            json.dumps({key: value}, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = exc.object[exc.start : exc.end].encode("unicode_escape").decode("ascii")
+            name = key if key.isprintable() else ascii(key)[1:-1]
+            reason = f"{name}: not valid Unicode text (lone surrogate {bad})"
+            return Line(number, None, ManifestError(number, reason, name))
     try:
         request = ImageRequest.model_validate(raw)
     except ValidationError as exc:
@@ -128,7 +137,8 @@ def describe(exc: ValidationError, raw: dict[str, Any]) -> tuple[str | None, str
     if kind == "extra_forbidden":
         guess = difflib.get_close_matches(str(field), FIELDS, n=1)
         hint = f" (did you mean '{guess[0]}'?)" if guess else ""
-        return field, f"unknown field '{field}'{hint}"
+        shown = str(field) if str(field).isprintable() else ascii(field)[1:-1]
+        return field, f"unknown field '{shown}'{hint}"
     if kind == "missing":
         return field, f"{where} is required"
     if kind == "literal_error":
@@ -146,14 +156,21 @@ def rejected_row_fields(line: Line) -> dict[str, Any]:
     """What a rejected line's result row can still say about it."""
     raw = line.raw or {}
 
+    def usable(value: Any) -> bool:
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except (UnicodeEncodeError, TypeError, ValueError):
+            return False
+        return True
+
     def text(name: str) -> Any:
         value = raw.get(name)
-        return value if isinstance(value, str) else None
+        return value if isinstance(value, str) and usable(value) else None
 
     metadata = raw.get("metadata")
     return {
         "prompt": text("prompt"),
         "model": text("model"),
         "provider": text("provider"),
-        "metadata": metadata if isinstance(metadata, dict) else None,
+        "metadata": metadata if isinstance(metadata, dict) and usable(metadata) else None,
     }

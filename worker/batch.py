@@ -120,6 +120,7 @@ def finalize(rt: Runtime, batch: str) -> dict[str, Any] | None:
         "estimated_credits": float(meta.get("estimate", 0)),
         "submit_requests": int(counts.get("submit_requests", 0)),
         "ambiguous_submits": int(counts.get("ambiguous_submits", 0)),
+        "rebought_after_expiry": int(counts.get("rebought_after_expiry", 0)),
         "stop_reason": meta.get("stop_reason") or None,
         "started_at": meta.get("started_at"),
         "finished_at": now_iso(),

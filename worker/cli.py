@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import click
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -48,6 +49,10 @@ def config_errors() -> Iterator[None]:
         yield
     except ConfigError as exc:
         fail(exc.message)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        name = "IMAGEBATCH_" + "_".join(str(part) for part in error["loc"]).upper()
+        fail(f"invalid setting {name}: {error['msg']}")
 
 
 def choose_provider(settings: Settings, option: str | None) -> str:
@@ -88,9 +93,8 @@ def check_batch_id(batch_id: str) -> str:
 def print_rejection(source: str) -> Callable[[Line], None]:
     def show(line: Line) -> None:
         if line.rejection is not None:
-            err_console.print(
-                f"{source}:{line.number}: rejected: {line.rejection.message}", markup=False
-            )
+            reason = line.rejection.message.encode("unicode_escape").decode("ascii")
+            err_console.print(f"{source}:{line.number}: rejected: {reason}", markup=False)
 
     return show
 

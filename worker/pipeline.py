@@ -319,6 +319,9 @@ class Pipeline:
         tried = attempt - line.int("first_attempt", 1) + 1
         if not exc.retryable or tried >= self.settings.max_attempts:
             return self.fail(line, exc)
+        if exc.type == "image_expired":
+            # The expired job was paid for; buying it again is spend the summary owns up to.
+            self.state.bump(line.batch, "rebought_after_expiry")
         log.info("line %s: %s; new job (attempt %d)", line.item["id"], exc.message, attempt + 1)
         self.state.update(
             line.batch,

@@ -79,6 +79,25 @@ def error_text(response: httpx.Response) -> str:
     return str(body)[:300]
 
 
+SECRET_HEADERS = ("x-api-key", "authorization", "api-key")
+
+
+def redact(text: str, response: httpx.Response) -> str:
+    """Remove the credentials we sent from a message built out of the provider's answer."""
+    try:
+        headers = response.request.headers
+    except RuntimeError:
+        return text
+    for name in SECRET_HEADERS:
+        value = headers.get(name)
+        if not value:
+            continue
+        for secret in (value, value.removeprefix("Bearer ")):
+            if len(secret) >= 8:
+                text = text.replace(secret, "[redacted]")
+    return text
+
+
 def error_code(response: httpx.Response) -> str | None:
     try:
         body = response.json()
@@ -94,7 +113,7 @@ def check(response: httpx.Response, provider: str, *, submit: bool = False) -> N
     status = response.status_code
     if status < 400:
         return
-    text = f"{provider} answered {status}: {error_text(response)}"
+    text = redact(f"{provider} answered {status}: {error_text(response)}", response)
     code = error_code(response)
     if status == 402 or code in ("insufficient_quota", "insufficient_balance"):
         raise BatchStop(text, type="insufficient_credits", status=status)
