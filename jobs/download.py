@@ -23,6 +23,8 @@ from jobs.request import CONTENT_TYPES
 
 PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
 MAX_REDIRECTS = 5
+END_MARKERS = {"png": b"IEND\xaeB`\x82", "jpeg": b"\xff\xd9"}
+"""A body cut off at a clean chunk boundary still decodes; its missing end marker shows it."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,8 @@ def verify(data: bytes, expected_format: str | None = None) -> Fetched:
         raise DownloadError(f"image does not decode: {exc}") from None
     if fmt is None:
         raise DownloadError("image is not PNG, JPEG or WebP")
+    if not data.rstrip(b"\x00").endswith(END_MARKERS.get(fmt, b"")):
+        raise DownloadError(f"{fmt} image is cut short (no end marker)")
     if expected_format is not None and fmt != expected_format:
         raise DownloadError(f"image is {fmt}, but {expected_format} was asked for")
     return Fetched(
