@@ -20,8 +20,9 @@ def manifest(tmp_path: Path, count: int, special: dict[int, str] | None = None) 
     lines = []
     for i in range(count):
         prompt = f"a ceramic bowl number {i}" + (special or {}).get(i, "")
-        lines.append({"id": f"bowl-{i}", "prompt": prompt, "size": "1024x1024",
-                      "output_format": "png"})
+        lines.append(
+            {"id": f"bowl-{i}", "prompt": prompt, "size": "1024x1024", "output_format": "png"}
+        )
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
 
@@ -30,10 +31,22 @@ def test_retry_resubmits_only_the_failed_lines(tmp_path: Path) -> None:
     source = manifest(tmp_path, 6, {2: " [[fail-once]]"})
     out = tmp_path / "out"
     with Simulator(SimulatorConfig(latency_s=0.3)) as sim:
-        env = {"IMAGEBATCH_APIFRAME_BASE_URL": sim.base_url, "IMAGEBATCH_APIFRAME_API_KEY": KEY,
-               "IMAGEBATCH_MAX_ATTEMPTS": "1"}
-        first = run_cli("run", str(source), "--provider", "apiframe", "--out", str(out),
-                        "--batch-id", "bowls", env=env)
+        env = {
+            "IMAGEBATCH_APIFRAME_BASE_URL": sim.base_url,
+            "IMAGEBATCH_APIFRAME_API_KEY": KEY,
+            "IMAGEBATCH_MAX_ATTEMPTS": "1",
+        }
+        first = run_cli(
+            "run",
+            str(source),
+            "--provider",
+            "apiframe",
+            "--out",
+            str(out),
+            "--batch-id",
+            "bowls",
+            env=env,
+        )
         assert first.returncode == 1, first.stdout + first.stderr
         rows = read_local(out, "bowls").rows
         assert [row.status for row in rows].count("failed") == 1
@@ -56,14 +69,20 @@ def test_cancel_stops_new_submits_and_every_line_still_gets_a_row(
     source = manifest(tmp_path, 24)
     out = tmp_path / "out"
     with Simulator(SimulatorConfig(latency_s=1.5)) as sim:
-        env = {"IMAGEBATCH_BROKER_URL": redis_url, "IMAGEBATCH_APIFRAME_BASE_URL": sim.base_url,
-               "IMAGEBATCH_APIFRAME_API_KEY": KEY, "IMAGEBATCH_APIFRAME_MAX_IN_FLIGHT": "2",
-               "IMAGEBATCH_OUT": str(out)}
-        submitted = run_cli("submit", str(source), "--provider", "apiframe", "--batch-id",
-                            "cancel-me", env=env)
+        env = {
+            "IMAGEBATCH_BROKER_URL": redis_url,
+            "IMAGEBATCH_APIFRAME_BASE_URL": sim.base_url,
+            "IMAGEBATCH_APIFRAME_API_KEY": KEY,
+            "IMAGEBATCH_APIFRAME_MAX_IN_FLIGHT": "2",
+            "IMAGEBATCH_OUT": str(out),
+        }
+        submitted = run_cli(
+            "submit", str(source), "--provider", "apiframe", "--batch-id", "cancel-me", env=env
+        )
         assert submitted.returncode == 0, submitted.stderr
         worker = start_worker(env, "solo", tmp_path / "worker.log", concurrency=2)
         try:
+
             def some_done() -> bool:
                 status = run_cli("status", "cancel-me", env=env).stdout
                 return " 0/" not in status and "succeeded" in status
@@ -71,8 +90,12 @@ def test_cancel_stops_new_submits_and_every_line_still_gets_a_row(
             wait_for(some_done, 60, "the first lines to finish", interval=0.5)
             cancelled = run_cli("cancel", "cancel-me", env=env)
             assert cancelled.returncode == 0, cancelled.stderr
-            wait_for(lambda: "finished" in run_cli("status", "cancel-me", env=env).stdout, 60,
-                     "the cancelled batch to finalize", interval=0.5)
+            wait_for(
+                lambda: "finished" in run_cli("status", "cancel-me", env=env).stdout,
+                60,
+                "the cancelled batch to finalize",
+                interval=0.5,
+            )
         finally:
             stop(worker)
         ledger = sim.ledger()
@@ -82,5 +105,6 @@ def test_cancel_stops_new_submits_and_every_line_still_gets_a_row(
     assert 0 < statuses.count("succeeded") < 24
     cancelled_rows = [row for row in outcome.rows if row.status == "failed"]
     assert cancelled_rows and all(
-        row.error is not None and row.error.type == "cancelled" for row in cancelled_rows)
+        row.error is not None and row.error.type == "cancelled" for row in cancelled_rows
+    )
     assert ledger["submits"] == statuses.count("succeeded")
