@@ -51,6 +51,21 @@ def run_cli(
     )
 
 
+def run_batch(
+    manifest: Path | str,
+    provider: str,
+    out: Path,
+    batch: str,
+    *extra: str,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 180,
+) -> subprocess.CompletedProcess[str]:
+    """``imagebatch run MANIFEST --provider P --out OUT --batch-id B [extra...]``."""
+    args = ["run", str(manifest), "--provider", provider, "--out", str(out), "--batch-id", batch]
+    return run_cli(*args, *extra, env=env, cwd=cwd, timeout=timeout)
+
+
 def start_worker(
     env: Mapping[str, str], name: str, log: Path, concurrency: int = 4
 ) -> subprocess.Popen[bytes]:

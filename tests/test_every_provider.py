@@ -13,7 +13,7 @@ import pytest
 
 from jobs.request import ResultRow
 from jobs.simulator import Simulator, SimulatorConfig
-from tests.harness import check_invariants, read_local, run_cli
+from tests.harness import check_invariants, read_local, run_batch, run_cli
 
 CATALOG = Path(__file__).resolve().parent.parent / "examples" / "catalog.jsonl"
 PROVIDERS = ["apiframe", "openai", "aimlapi", "omixa", "oxen"]
@@ -57,14 +57,10 @@ def test_the_catalog_gives_the_same_rows_through_every_provider(
     for provider in PROVIDERS:
         sim.reset()
         out = tmp_path / provider
-        result = run_cli(
-            "run",
-            str(CATALOG),
-            "--provider",
+        result = run_batch(
+            CATALOG,
             provider,
-            "--out",
             str(out),
-            "--batch-id",
             "catalog",
             env=provider_env(sim, provider),
         )
@@ -82,7 +78,7 @@ def test_the_catalog_gives_the_same_rows_through_every_provider(
 
 def test_plan_prices_each_provider_in_its_own_unit(sim: Simulator) -> None:
     for provider, unit in [("apiframe", "credits"), ("openai", "USD"), ("omixa", "USD")]:
-        result = run_cli("plan", str(CATALOG), "--provider", provider)
+        result = run_cli("plan", CATALOG, "--provider", provider)
         assert result.returncode == 0, result.stderr
         assert f" {unit} · " in result.stdout
 
@@ -92,14 +88,10 @@ def test_max_credits_stops_submitting_at_the_budget_and_a_rerun_finishes_the_res
 ) -> None:
     sim.reset()
     env = provider_env(sim, "apiframe")
-    first = run_cli(
-        "run",
-        str(CATALOG),
-        "--provider",
+    first = run_batch(
+        CATALOG,
         "apiframe",
-        "--out",
         str(tmp_path),
-        "--batch-id",
         "budget",
         "--max-credits",
         "200",
@@ -117,14 +109,10 @@ def test_max_credits_stops_submitting_at_the_budget_and_a_rerun_finishes_the_res
             assert row.credits == 0
     billed_first = sim.ledger()["submits"]
 
-    again = run_cli(
-        "run",
-        str(CATALOG),
-        "--provider",
+    again = run_batch(
+        CATALOG,
         "apiframe",
-        "--out",
         str(tmp_path),
-        "--batch-id",
         "budget",
         env=env,
     )
@@ -166,14 +154,10 @@ def test_slow_synchronous_calls_do_not_stop_async_lines_from_finishing(tmp_path:
             IMAGEBATCH_WORKER_CONCURRENCY="4",
             IMAGEBATCH_OPENAI_MAX_IN_FLIGHT="2",
         )
-        result = run_cli(
-            "run",
-            str(manifest),
-            "--provider",
+        result = run_batch(
+            manifest,
             "apiframe",
-            "--out",
             str(tmp_path / "out"),
-            "--batch-id",
             "mixed",
             env=env,
         )

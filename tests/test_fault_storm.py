@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from jobs.simulator import Faults, Simulator, SimulatorConfig
-from tests.harness import check_invariants, read_local, run_cli
+from tests.harness import check_invariants, read_local, run_batch
 
 pytestmark = pytest.mark.fault
 
@@ -83,14 +83,10 @@ def test_every_line_ends_with_a_reason_and_the_ledger_reconciles_under_a_fault_s
     with Simulator(config) as sim:
         # When the batch runs on the embedded default against it
         started = time.monotonic()
-        result = run_cli(
-            "run",
-            str(manifest),
-            "--provider",
+        result = run_batch(
+            manifest,
             "apiframe",
-            "--out",
             str(out),
-            "--batch-id",
             "storm",
             env={**ENV, "IMAGEBATCH_APIFRAME_BASE_URL": sim.base_url},
             timeout=240,

@@ -10,7 +10,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.harness import check_invariants, counted_lines, read_local, run_cli
+from tests.harness import check_invariants, counted_lines, read_local, run_batch
 
 BATCH = "hostile"
 BOM = b"\xef\xbb\xbf"
@@ -123,14 +123,10 @@ def test_every_hostile_line_is_rejected_with_its_line_and_reason_and_good_lines_
     cwd.mkdir()
 
     # When it runs
-    result = run_cli(
-        "run",
-        str(manifest),
-        "--provider",
+    result = run_batch(
+        manifest,
         "simulator",
-        "--out",
         str(out),
-        "--batch-id",
         BATCH,
         cwd=cwd,
         timeout=90,
@@ -205,14 +201,10 @@ def test_every_hostile_line_is_rejected_with_its_line_and_reason_and_good_lines_
 def run_small(tmp_path: Path, lines: list[bytes]) -> tuple[Path, object]:
     manifest = tmp_path / "small.jsonl"
     manifest.write_bytes(b"\n".join(lines) + b"\n")
-    result = run_cli(
-        "run",
-        str(manifest),
-        "--provider",
+    result = run_batch(
+        manifest,
         "simulator",
-        "--out",
         str(tmp_path / "out"),
-        "--batch-id",
         "small",
         timeout=60,
     )

@@ -10,7 +10,15 @@ from typing import Any
 import redis
 
 from jobs.simulator import Simulator, SimulatorConfig
-from tests.harness import check_invariants, read_local, run_cli, start_worker, stop, wait_for
+from tests.harness import (
+    check_invariants,
+    read_local,
+    run_batch,
+    run_cli,
+    start_worker,
+    stop,
+    wait_for,
+)
 
 KEY = "afk_lifecycle_test_key"
 
@@ -36,14 +44,10 @@ def test_retry_resubmits_only_the_failed_lines(tmp_path: Path) -> None:
             "IMAGEBATCH_APIFRAME_API_KEY": KEY,
             "IMAGEBATCH_MAX_ATTEMPTS": "1",
         }
-        first = run_cli(
-            "run",
+        first = run_batch(
             str(source),
-            "--provider",
             "apiframe",
-            "--out",
             str(out),
-            "--batch-id",
             "bowls",
             env=env,
         )

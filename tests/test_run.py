@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from tests.harness import check_invariants, read_local, run_cli
+from tests.harness import check_invariants, read_local, run_batch, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 CATALOG = ROOT / "examples" / "catalog.jsonl"
@@ -16,14 +16,10 @@ BAD = ROOT / "examples" / "bad.jsonl"
 
 
 def test_catalog_runs_on_the_embedded_default_and_writes_every_output(tmp_path: Path) -> None:
-    result = run_cli(
-        "run",
-        str(CATALOG),
-        "--provider",
+    result = run_batch(
+        CATALOG,
         "simulator",
-        "--out",
         str(tmp_path),
-        "--batch-id",
         "catalog-test",
     )
     assert result.returncode == 0, result.stdout + result.stderr
@@ -45,21 +41,17 @@ def test_catalog_runs_on_the_embedded_default_and_writes_every_output(tmp_path: 
 
 
 def test_plan_estimate_equals_the_credits_a_clean_run_spends(tmp_path: Path) -> None:
-    plan = run_cli("plan", str(CATALOG), "--provider", "simulator")
+    plan = run_cli("plan", CATALOG, "--provider", "simulator")
     assert plan.returncode == 0, plan.stderr
     estimate = float(re.search(r"est\. ([\d.]+) credits", plan.stdout).group(1))  # type: ignore[union-attr]
-    run_cli(
-        "run", str(CATALOG), "--provider", "simulator", "--out", str(tmp_path), "--batch-id", "b1"
-    )
+    run_batch(CATALOG, "simulator", str(tmp_path), "b1")
     assert read_local(tmp_path, "b1").summary["credits"] == estimate == 552
 
 
 def test_bad_lines_are_rejected_with_line_and_reason_and_good_lines_still_run(
     tmp_path: Path,
 ) -> None:
-    result = run_cli(
-        "run", str(BAD), "--provider", "simulator", "--out", str(tmp_path), "--batch-id", "bad"
-    )
+    result = run_batch(str(BAD), "simulator", str(tmp_path), "bad")
     assert result.returncode == 1, result.stdout + result.stderr
     outcome = read_local(tmp_path, "bad")
     check_invariants(BAD, outcome)
@@ -100,7 +92,7 @@ def test_strict_refuses_the_whole_manifest_and_submits_nothing(tmp_path: Path) -
 
 
 def test_no_provider_and_no_key_exits_2_and_says_how_to_pick_one(tmp_path: Path) -> None:
-    result = run_cli("run", str(CATALOG), "--out", str(tmp_path))
+    result = run_cli("run", CATALOG, "--out", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "error: no provider key: set IMAGEBATCH_APIFRAME_API_KEY, or use --provider "
