@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -121,6 +122,9 @@ def environment(
                     "no broker: set IMAGEBATCH_BROKER_URL (redis://...) so remote "
                     "workers can reach the batch"
                 )
+            # A SIGTERM (kill, timeout, systemd) unwinds like Ctrl-C, so the private Redis
+            # and the worker thread are stopped rather than left behind.
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
             url = stack.enter_context(embedded.embedded_redis())
             settings = settings.model_copy(update={"broker_url": url})
         assert settings.broker_url is not None
