@@ -247,5 +247,8 @@ def _queue(
         # Numbering continues past the earlier run's attempts, so new jobs get new keys.
         fields["attempt"] = fields["first_attempt"] = record.attempts + 1
     state.add_item(batch, idx, fields)
+    # Due only after a visibility timeout: a long backlog in the submit queue is normal, a
+    # first submit that was lost with its worker or broker is not.
+    state.schedule(batch, idx, rt.settings.visibility_timeout_s)
     send(batch, idx, Next("submit", 0, 0))
     report.queued += 1

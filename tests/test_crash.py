@@ -1,0 +1,547 @@
+"""Fault tests (design/reliability.md scenarios 1-5, 8, 9): kill, duplicate, wipe and starve
+a real fleet, then check that nothing was lost and nothing was bought twice.
+
+Every test runs the production code paths against real servers (redis-server, SeaweedFS,
+the provider simulator over HTTP) and ends with the one oracle, ``check_invariants``.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from pydantic import SecretStr
+
+from jobs import results
+from jobs.settings import Settings
+from jobs.simulator import Simulator, SimulatorConfig
+from tests.harness import (
+    Outcome,
+    check_invariants,
+    read_local,
+    read_s3,
+    run_cli,
+    start_worker,
+    stop,
+    wait_for,
+)
+from tests.servers import S3Server
+from worker.app import SUBMIT_QUEUE
+from worker.faults import POINTS
+
+KEY = "afk_crash_test_key_0123456789abcdef"
+LINES = 30
+FAULT = {
+    # A dead worker's unacked task comes back after 10 s, its line lease ends after 5 s, and
+    # the sweeper re-sends a step that is 3 s overdue: recovery takes seconds, not an hour.
+    "IMAGEBATCH_VISIBILITY_TIMEOUT_S": "10",
+    "IMAGEBATCH_STEP_LEASE_S": "5",
+    "IMAGEBATCH_SWEEP_INTERVAL_S": "1",
+    "IMAGEBATCH_SWEEP_GRACE_S": "3",
+}
+GENERATE = "POST /v2/images/generate"
+
+pytestmark = pytest.mark.fault
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def write_manifest(path: Path, count: int, marked: dict[int, str] | None = None) -> Path:
+    """``count`` lines with unique prompts; ``marked`` adds a simulator marker to some lines."""
+    lines = []
+    for i in range(count):
+        prompt = f"Studio photo of product number {i:03d} on a grey seamless background"
+        if marked and i in marked:
+            prompt += f" {marked[i]}"
+        line = {"id": f"line-{i:03d}", "prompt": prompt, "size": "1024x1024"}
+        lines.append(json.dumps({**line, "output_format": "png"}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def fleet_env(
+    redis_url: str, s3: S3Server, bucket: str, sim: Simulator, **extra: str
+) -> dict[str, str]:
+    return {
+        "IMAGEBATCH_BROKER_URL": redis_url,
+        "IMAGEBATCH_APIFRAME_API_KEY": KEY,
+        "IMAGEBATCH_APIFRAME_BASE_URL": sim.base_url,
+        "IMAGEBATCH_OUT": f"s3://{bucket}/runs",
+        **FAULT,
+        **s3.env(),
+        **extra,
+    }
+
+
+def submit(manifest: Path, batch: str, env: dict[str, str]) -> None:
+    done = run_cli("submit", str(manifest), "--provider", "apiframe", "--batch-id", batch, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == batch
+
+
+class Fleet:
+    """Worker processes of one test; every one it starts is stopped by ``stop_all``."""
+
+    def __init__(self, env: dict[str, str], logs: Path, concurrency: int = 4) -> None:
+        self.env, self.logs, self.concurrency = env, logs, concurrency
+        self.workers: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> subprocess.Popen[bytes]:
+        name = f"w{len(self.workers) + 1}"
+        worker = start_worker(self.env, name, self.logs / f"{name}.log", self.concurrency)
+        self.workers.append(worker)
+        return worker
+
+    def running(self) -> list[subprocess.Popen[bytes]]:
+        return [w for w in self.workers if w.poll() is None]
+
+    def stop_all(self) -> None:
+        for worker in self.workers:
+            stop(worker)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-chars:]}"
+            for p in sorted(self.logs.glob("w*.log"))
+        )
+
+
+@contextmanager
+def fleet(env: dict[str, str], logs: Path, size: int = 2) -> Iterator[Fleet]:
+    workers = Fleet(env, logs)
+    try:
+        for _ in range(size):
+            workers.start()
+        yield workers
+    finally:
+        workers.stop_all()
+
+
+def done_count(client: redis.Redis[Any], batch: str) -> int:
+    if client.hget(f"ib:{batch}", "summary"):
+        return LINES
+    return int(client.hget(f"ib:{batch}:n", "done") or 0)
+
+
+def stuck_lines(client: redis.Redis[Any], batch: str) -> str:
+    """What Redis knows about the lines not yet finished (for a timeout's message)."""
+    now = time.time()
+    report = [f"active={client.smembers('ib:active')} meta={client.hgetall(f'ib:{batch}')}"]
+    for key in sorted(client.scan_iter(match=f"ib:{batch}:i:*")):
+        item = {k.decode(): v.decode()[:80] for k, v in client.hgetall(key).items()}
+        if item.get("status") in ("succeeded", "failed", "rejected"):
+            continue
+        idx = key.decode().rsplit(":", 1)[1]
+        due = client.zscore(f"ib:{batch}:due", idx)
+        lease = client.pttl(f"ib:{batch}:l:{idx}")
+        item.pop("request", None)
+        report.append(f"{idx}: due_in={None if due is None else due - now} lease={lease} {item}")
+    report.append(f"slots={client.zrange('ib:slots:apiframe', 0, -1, withscores=True)}")
+    report.append(f"parked={client.lrange('ib:parked:apiframe', 0, -1)}")
+    queues = {k.decode(): client.llen(k) for k in client.scan_iter(match="imagebatch*")}
+    report.append(f"queues={queues} unacked={client.hlen('unacked')}")
+    return "\n".join(report)
+
+
+def finished(client: redis.Redis[Any], batch: str) -> bool:
+    return bool(client.hget(f"ib:{batch}", "summary"))
+
+
+def billed(ledger: dict[str, Any]) -> Counter[str]:
+    """Billed (not refunded) provider jobs per prompt."""
+    return Counter(
+        job["prompt"] for job in ledger["jobs"] if job["credit_cost"] and job["status"] != "FAILED"
+    )
+
+
+def submit_requests(ledger: dict[str, Any]) -> int:
+    """Every POST to the generate endpoint the simulator answered, whatever the status."""
+    return sum(n for label, n in ledger["requests"].items() if label.startswith(GENERATE))
+
+
+def durable_ids(s3: S3Server, bucket: str, batch: str) -> set[str]:
+    """Line ids that have a durable record (``runs/BATCH/.state/lines/ID.json``) in S3."""
+    prefix = f"runs/{results.record_key(batch, 'x').rsplit('/', 1)[0]}/"
+    ids = set()
+    for page in s3.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            ids.add(item["Key"].removeprefix(prefix).removesuffix(".json"))
+    return ids
+
+
+def assert_all_succeeded(outcome: Outcome) -> None:
+    assert [row.status for row in outcome.rows] == ["succeeded"] * LINES, [
+        (row.id, row.status, row.error) for row in outcome.rows if row.status != "succeeded"
+    ]
+
+
+# --- 1, 2, 3: SIGKILL at every crash point -----------------------------------------------------
+
+
+@pytest.mark.parametrize("point", POINTS)
+def test_sigkill_at_crash_point_loses_no_line_and_buys_nothing_twice(
+    point: str,
+    tmp_path: Path,
+    redis_url: str,
+    redis_client: redis.Redis[Any],
+    s3: S3Server,
+    s3_bucket: str,
+) -> None:
+    # Given a 30-line batch on two workers, one of which will SIGKILL itself at `point`
+    manifest = write_manifest(tmp_path / "manifest.jsonl", LINES)
+    marker = tmp_path / "crashed"
+    batch = f"kill-{point.replace('_', '-')}"
+    exited: dict[int, int | None] = {}
+    with Simulator(SimulatorConfig(latency_s=0.8, latency_jitter_s=0.4)) as sim:
+        env = fleet_env(
+            redis_url,
+            s3,
+            s3_bucket,
+            sim,
+            IMAGEBATCH_CRASH_AT=point,
+            IMAGEBATCH_CRASH_MARKER=str(marker),
+        )
+        submit(manifest, batch, env)
+        with fleet(env, tmp_path) as workers:
+            # When a worker dies, a replacement is started (as a supervisor would)
+            def progress() -> bool:
+                for worker in list(workers.workers):
+                    if worker.poll() is not None and worker.pid not in exited:
+                        exited[worker.pid] = worker.returncode
+                        workers.start()
+                return finished(redis_client, batch)
+
+            try:
+                wait_for(progress, 60, f"batch {batch} to finish", interval=0.3)
+            except AssertionError:
+                raise AssertionError(
+                    f"{done_count(redis_client, batch)}/{LINES} done\n"
+                    f"{stuck_lines(redis_client, batch)}\n{workers.log_tail()}"
+                ) from None
+        ledger = sim.ledger()
+
+    # Then the crash really happened, once, and the batch still finished cleanly
+    assert marker.exists(), f"no worker reached the {point} crash point"
+    assert list(exited.values()) == [-signal.SIGKILL], exited
+    outcome = read_s3(s3.client, s3_bucket, "runs", batch)
+    check_invariants(manifest, outcome, ledger, redis_client, idempotent=True)
+    assert_all_succeeded(outcome)
+    # ...and every line was bought exactly once (a re-POST only replayed its own job)
+    assert ledger["submits"] == LINES, ledger["submits"]
+    assert set(billed(ledger).values()) == {1}
+    if point == "after_submit":
+        assert ledger["replays"] >= 1, "the killed submit was not retried with the same key"
+    assert len({row.job_id for row in outcome.rows}) == LINES
+
+
+def test_a_first_submit_message_lost_by_the_broker_is_resent_by_the_sweeper(
+    tmp_path: Path,
+    redis_url: str,
+    redis_client: redis.Redis[Any],
+    s3: S3Server,
+    s3_bucket: str,
+) -> None:
+    """The sweeper heals lost messages (worker/sweeper.py names 'a broker restart without
+    persistence'). A line whose first submit message is lost must be healed the same way:
+    this is also what a worker killed while holding prefetched first submits leaves behind
+    (the flaky case of the SIGKILL tests above)."""
+    # Given a submitted batch whose queued first-submit messages the broker then loses
+    manifest = write_manifest(tmp_path / "manifest.jsonl", 6)
+    batch = "lost-first"
+    with Simulator(SimulatorConfig(latency_s=0.5)) as sim:
+        env = fleet_env(redis_url, s3, s3_bucket, sim)
+        submit(manifest, batch, env)
+        assert redis_client.llen(SUBMIT_QUEUE) == 6
+        redis_client.delete(SUBMIT_QUEUE)
+        # When workers run
+        with fleet(env, tmp_path, size=1) as workers:
+            try:
+                # (sweep interval 1 s + grace 3 s: lost steps come back within seconds)
+                wait_for(lambda: finished(redis_client, batch), 30, "the batch to finish")
+            except AssertionError:
+                raise AssertionError(
+                    f"{done_count(redis_client, batch)}/6 done\n"
+                    f"{stuck_lines(redis_client, batch)}\n{workers.log_tail()}"
+                ) from None
+        ledger = sim.ledger()
+
+    # Then every line was submitted once and finished
+    outcome = read_s3(s3.client, s3_bucket, "runs", batch)
+    check_invariants(manifest, outcome, ledger, redis_client, idempotent=True)
+    assert [row.status for row in outcome.rows] == ["succeeded"] * 6
+
+
+# --- 4: duplicate delivery ---------------------------------------------------------------------
+
+
+def test_duplicate_delivery_changes_nothing(
+    tmp_path: Path,
+    redis_url: str,
+    redis_client: redis.Redis[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from worker import app as celery_app
+    from worker import batch as batches
+    from worker import runtime, submission, tasks
+    from worker.embedded import in_process_worker
+
+    # Given an in-process worker whose every queued step is sent twice
+    manifest = write_manifest(tmp_path / "manifest.jsonl", 20)
+    batch = "dup"
+    original = tasks.send_step
+    sent: Counter[str] = Counter()
+
+    def twice(batch: str, idx: int, next_: Any) -> None:
+        sent[next_.step] += 1
+        original(batch, idx, next_)
+        original(batch, idx, next_)
+
+    with Simulator(SimulatorConfig(latency_s=0.8, latency_jitter_s=0.4)) as sim:
+        settings = Settings(
+            broker_url=redis_url,
+            apiframe_base_url=sim.base_url,
+            apiframe_api_key=SecretStr(KEY),
+            out=str(tmp_path / "doubled"),
+            poll_initial_s=0.2,
+            poll_max_s=0.5,
+            retry_base_s=0.05,
+            retry_max_s=0.5,
+            visibility_timeout_s=10,
+            step_lease_s=5,
+        )
+        rt = runtime.configure(settings)
+        app = celery_app.configure(settings, redis_url)
+
+        def run_batch(out: Path, send: Any) -> Outcome:
+            path = submission.spool([manifest.read_bytes()])
+            try:
+                report = submission.enqueue(
+                    rt, send, path, batch=batch, out=str(out), default_provider="apiframe"
+                )
+            finally:
+                Path(path).unlink(missing_ok=True)
+            assert report.queued == 20, report
+            wait_for(
+                lambda: (snap := batches.snapshot(rt, batch)) is not None and snap.finished,
+                60,
+                "the batch to finish",
+            )
+            return read_local(out, batch)
+
+        try:
+            with in_process_worker(app, 8):
+                # When every task is delivered twice (enqueue and every next step)
+                monkeypatch.setattr(tasks, "send_step", twice)
+                doubled = run_batch(tmp_path / "doubled", twice)
+                after_doubled = sim.ledger()
+                # ...and the same batch is run again cleanly into another store, as the reference
+                monkeypatch.setattr(tasks, "send_step", original)
+                clean = run_batch(tmp_path / "clean", original)
+                after_clean = sim.ledger()
+        finally:
+            runtime.reset()
+
+    # Then every step really was sent twice...
+    assert sent["submit"] >= 20 and sent["poll"] >= 20 and sent["store"] >= 20, sent
+    # ...yet each line was POSTed once and bought once: no second copy reached the provider
+    check_invariants(manifest, doubled, after_doubled, redis_client, idempotent=True)
+    assert after_doubled["submits"] == 20 and after_doubled["replays"] == 0, after_doubled
+    assert submit_requests(after_doubled) == 20
+    assert doubled.summary["submit_requests"] == 20
+    # ...and the results are those of a clean run: statuses, ids, jobs and image checksums
+    check_invariants(manifest, clean, after_clean, redis_client, idempotent=True)
+    assert after_clean["submits"] == 20 and after_clean["replays"] == 20
+    assert_same_results(doubled, clean)
+
+
+def assert_same_results(got: Outcome, want: Outcome) -> None:
+    def shape(outcome: Outcome) -> list[tuple[Any, ...]]:
+        return [
+            (row.line, row.id, row.status, row.job_id, row.credits, [i.sha256 for i in row.images])
+            for row in outcome.rows
+        ]
+
+    assert shape(got) == shape(want)
+    assert all(row.status == "succeeded" for row in got.rows)
+    assert got.objects == want.objects
+    for key in ("total", "succeeded", "failed", "rejected", "credits"):
+        assert got.summary[key] == want.summary[key], key
+
+
+# --- 5: Redis wiped mid-run --------------------------------------------------------------------
+
+
+def test_redis_wiped_mid_run_then_same_command_again_resubmits_no_stored_line(
+    tmp_path: Path,
+    redis_url: str,
+    redis_client: redis.Redis[Any],
+    s3: S3Server,
+    s3_bucket: str,
+) -> None:
+    # Given a batch half done on a fleet (few provider slots, so lines finish in waves)
+    manifest = write_manifest(tmp_path / "manifest.jsonl", LINES)
+    batch = "wiped"
+    with Simulator(SimulatorConfig(latency_s=1.0, latency_jitter_s=0.5)) as sim:
+        env = fleet_env(redis_url, s3, s3_bucket, sim, IMAGEBATCH_APIFRAME_MAX_IN_FLIGHT="6")
+        submit(manifest, batch, env)
+        (tmp_path / "before").mkdir()
+        with fleet(env, tmp_path / "before") as workers:
+
+            def half_done() -> bool:
+                status = run_cli("status", batch, env=env)
+                assert status.returncode == 0, status.stderr
+                done = int(status.stdout.split(" · ")[1].split("/")[0])
+                return done >= LINES * 2 // 5  # the stop drains a few more: about half
+
+            wait_for(half_done, 60, "about half of the lines to finish", interval=0.5)
+            # When the workers stop and Redis (broker and state) is wiped
+            workers.stop_all()
+        stored_before = durable_ids(s3, s3_bucket, batch)
+        ledger_before = sim.ledger()
+        assert 0 < len(stored_before) < LINES, "the wipe must come mid-run"
+        redis_client.flushall()
+
+        # ...and the same submit command is run again on a fresh fleet
+        (tmp_path / "after").mkdir()
+        with fleet(env, tmp_path / "after") as workers:
+            submit(manifest, batch, env)
+            try:
+                wait_for(lambda: finished(redis_client, batch), 90, "the resumed batch")
+            except AssertionError:
+                raise AssertionError(
+                    f"{done_count(redis_client, batch)}/{LINES} done\n"
+                    f"{stuck_lines(redis_client, batch)}\n{workers.log_tail()}"
+                ) from None
+            final = run_cli("status", batch, env=env)
+        ledger = sim.ledger()
+
+    # Then it finishes with every line, and Redis holds nothing of it but its summary
+    assert f"{LINES}/{LINES} done · {LINES} succeeded" in final.stdout, final.stdout
+    outcome = read_s3(s3.client, s3_bucket, "runs", batch)
+    check_invariants(manifest, outcome, ledger, redis_client, idempotent=True)
+    assert_all_succeeded(outcome)
+    # ...no line was bought twice (lines in flight at the wipe got their own job back)...
+    assert set(billed(ledger).values()) == {1}
+    assert ledger["submits"] == LINES
+    # ...and no line with a durable record was submitted again at all
+    prompts = {row.id: row.prompt or "" for row in outcome.rows}
+    before, after = billed(ledger_before), billed(ledger)
+    for line_id in stored_before:
+        assert after[prompts[line_id]] == before[prompts[line_id]] == 1, line_id
+    # ...while each line bought before the wipe but not yet stored got its own job back
+    bought_before = {job["prompt"] for job in ledger_before["jobs"]}
+    in_flight = bought_before - {prompts[line_id] for line_id in stored_before}
+    assert in_flight, "the wipe must catch lines in flight"
+    assert ledger["replays"] == len(in_flight), (ledger["replays"], len(in_flight))
+    resubmitted = submit_requests(ledger) - submit_requests(ledger_before)
+    assert resubmitted == LINES - len(stored_before), (resubmitted, len(stored_before))
+    assert outcome.summary["submit_requests"] == LINES - len(stored_before)
+    carried = {row.id: row for row in outcome.rows if row.id in stored_before}
+    assert all(row.job_id for row in carried.values())
+
+
+# --- 9: warm shutdown ---------------------------------------------------------------------------
+
+
+def test_warm_shutdown_then_restart_finishes_without_rerunning_finished_work(
+    tmp_path: Path,
+    redis_url: str,
+    redis_client: redis.Redis[Any],
+    s3: S3Server,
+    s3_bucket: str,
+) -> None:
+    # Given a batch running on two workers
+    manifest = write_manifest(tmp_path / "manifest.jsonl", LINES)
+    batch = "warm"
+    with Simulator(SimulatorConfig(latency_s=1.0, latency_jitter_s=0.5)) as sim:
+        env = fleet_env(redis_url, s3, s3_bucket, sim, IMAGEBATCH_APIFRAME_MAX_IN_FLIGHT="6")
+        submit(manifest, batch, env)
+        with fleet(env, tmp_path) as workers:
+            wait_for(lambda: done_count(redis_client, batch) >= 8, 60, "8 lines to finish")
+            # When one worker gets SIGTERM (Celery's warm shutdown) mid-run
+            first = workers.workers[0]
+            first.send_signal(signal.SIGTERM)
+            first.wait(30)
+            assert not finished(redis_client, batch), "the shutdown must come mid-run"
+            # ...and a replacement starts
+            workers.start()
+            try:
+                wait_for(lambda: finished(redis_client, batch), 90, "the batch to finish")
+            except AssertionError:
+                raise AssertionError(
+                    f"{done_count(redis_client, batch)}/{LINES} done\n"
+                    f"{stuck_lines(redis_client, batch)}\n{workers.log_tail()}"
+                ) from None
+        ledger = sim.ledger()
+
+    # Then the drained worker exited cleanly and nothing it finished was run again
+    assert first.returncode == 0, first.returncode
+    outcome = read_s3(s3.client, s3_bucket, "runs", batch)
+    check_invariants(manifest, outcome, ledger, redis_client, idempotent=True)
+    assert_all_succeeded(outcome)
+    assert ledger["submits"] == LINES
+    assert ledger["replays"] == 0, "a finished submit was run again"
+    assert submit_requests(ledger) == LINES
+    assert outcome.summary["submit_requests"] == LINES
+
+
+# --- 8: a job that never finishes ---------------------------------------------------------------
+
+
+def test_a_line_whose_job_never_finishes_fails_by_deadline_and_the_rest_finish(
+    tmp_path: Path,
+) -> None:
+    # Given a manifest where one line's provider job never finishes, and a 6 s line deadline
+    manifest = write_manifest(tmp_path / "manifest.jsonl", 6, marked={2: "[[never-finish]]"})
+    out = tmp_path / "out"
+    with Simulator(SimulatorConfig(latency_s=0.5)) as sim:
+        env = {
+            "IMAGEBATCH_APIFRAME_API_KEY": KEY,
+            "IMAGEBATCH_APIFRAME_BASE_URL": sim.base_url,
+            "IMAGEBATCH_LINE_DEADLINE_S": "6",
+        }
+        # When the batch runs (embedded Redis and worker)
+        started = time.monotonic()
+        result = run_cli(
+            "run",
+            str(manifest),
+            "--provider",
+            "apiframe",
+            "--out",
+            str(out),
+            "--batch-id",
+            "deadline",
+            env=env,
+            timeout=60,
+        )
+        elapsed = time.monotonic() - started
+        ledger = sim.ledger()
+
+    # Then the run ends (exit 1: a line failed) soon after the deadline, not never
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "5 succeeded · 1 failed" in result.stdout, result.stdout
+    assert elapsed < 30, elapsed
+    outcome = read_local(out, "deadline")
+    # The stuck job is paid (its credits are held while it runs) but can never store an image;
+    # the oracle counts billed images beyond stored ones as double spend, so it gets the
+    # settled jobs, and the stuck one is checked on its own below: bought once, never again.
+    settled = [job for job in ledger["jobs"] if "[[never-finish]]" not in job["prompt"]]
+    check_invariants(manifest, outcome, {**ledger, "jobs": settled}, idempotent=True)
+    stuck = outcome.rows[2]
+    assert stuck.status == "failed" and stuck.error is not None, stuck
+    assert stuck.error.type == "timeout", stuck.error
+    assert stuck.job_id, "the row names the job that never finished"
+    assert [row.status for i, row in enumerate(outcome.rows) if i != 2] == ["succeeded"] * 5
+    # ...and the stuck line was bought once, never resubmitted
+    assert billed(ledger)[stuck.prompt or ""] == 1
+    assert ledger["submits"] == 6
