@@ -138,7 +138,15 @@ def check_storm(
         "cdn_requests": cdn,
         "fault_rates": FAULTS.to_dict(),
         "requests": ledger["requests"],
-        "summary": {k: summary.get(k) for k in ("submit_requests", "ambiguous_submits")},
+        "summary": {
+            k: summary.get(k)
+            for k in (
+                "submit_requests",
+                "jobs_accepted",
+                "ambiguous_submits",
+                "rebought_after_expiry",
+            )
+        },
     }
     print("fault storm:", json.dumps(report, indent=1, sort_keys=True))
     for name, value in report.items():
@@ -182,8 +190,13 @@ def check_storm(
     paid_once = {**ledger, "jobs": [j for j in ledger["jobs"] if j["id"] not in rebought]}
     check_invariants(manifest, outcome, paid_once, idempotent=True)
 
-    # The provider's ledger reconciles with what the batch reports it spent
+    # The provider's ledger reconciles with what the batch reports it spent and bought:
+    # every accepted submit answer we read is a new job or a replay, except new jobs whose
+    # answer the dropped connection swallowed (each came back later as a replay)
     assert abs((charged - refunded) - summary["credits"]) < 1e-6, report
+    dropped = report["ledger_dropped"]
+    assert summary["jobs_accepted"] == ledger["submits"] - dropped + ledger["replays"], report
+    assert summary["rebought_after_expiry"] <= len(superseded), report
     # Every succeeded line has exactly one billed, non-refunded job for its image: the one
     # whose image it stored; its row carries every billed job's cost (expired ones included)
     for row in rows:

@@ -119,6 +119,7 @@ def finalize(rt: Runtime, batch: str) -> dict[str, Any] | None:
         "credit_unit": meta.get("credit_unit", "credits"),
         "estimated_credits": float(meta.get("estimate", 0)),
         "submit_requests": int(counts.get("submit_requests", 0)),
+        "jobs_accepted": int(counts.get("jobs_accepted", 0)),
         "ambiguous_submits": int(counts.get("ambiguous_submits", 0)),
         "rebought_after_expiry": int(counts.get("rebought_after_expiry", 0)),
         "stop_reason": meta.get("stop_reason") or None,

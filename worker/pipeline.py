@@ -237,6 +237,7 @@ class Pipeline:
         self.state.bump(batch, "submit_requests")
         try:
             outcome = provider.submit(request, key)
+            self.state.bump(batch, "jobs_accepted")
             crash_point(self.settings, "after_submit")
         except AmbiguousSubmit as exc:
             return self.transient(line, exc, "submit")
