@@ -67,3 +67,17 @@ def test_submit_two_workers_and_status_put_every_image_in_s3(
     )
     assert outcome.summary["results_uri"] == f"s3://{s3_bucket}/runs/fleet/results.jsonl"
     assert ledger["submits"] == 20 and ledger["replays"] == 0
+
+
+def test_plan_reads_a_manifest_straight_from_s3(s3: S3Server, s3_bucket: str) -> None:
+    s3.client.put_object(Bucket=s3_bucket, Key="in/catalog.jsonl", Body=CATALOG.read_bytes())
+    result = run_cli(
+        "plan", f"s3://{s3_bucket}/in/catalog.jsonl", "--provider", "apiframe", env=s3.env()
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("20 lines · 20 valid · 0 rejected · 23 images · est. 552")
+    missing = run_cli(
+        "plan", f"s3://{s3_bucket}/in/nope.jsonl", "--provider", "apiframe", env=s3.env()
+    )
+    assert missing.returncode == 2
+    assert "does not exist" in missing.stderr

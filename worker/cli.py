@@ -348,10 +348,12 @@ def status(batch_id: str, watch: bool) -> None:
                 )
             eta = snap.eta_s()
             total = snap.total if snap.total is not None else "?"
+            busy = snap.total and not snap.finished
+            running = f" · {(snap.total or 0) - snap.done} in progress" if busy else ""
             click.echo(
                 f"{batch_id}: {snap.status} · {snap.done}/{total} done · "
                 f"{snap.succeeded} succeeded · {snap.failed} failed · "
-                f"{snap.rejected} rejected · {snap.credits:g} {snap.credit_unit}"
+                f"{snap.rejected} rejected{running} · {snap.credits:g} {snap.credit_unit}"
                 + (f" · ETA {eta:.0f}s" if eta is not None else "")
             )
             if not watch or snap.finished:
