@@ -88,11 +88,11 @@ class Line:
     def slot(self) -> str:
         return f"{self.batch}:{self.idx}"
 
-    def int(self, name: str, default: int = 0) -> int:
+    def int_field(self, name: str, default: int = 0) -> int:
         value = self.item.get(name)
         return int(value) if value else default
 
-    def float(self, name: str, default: float = 0.0) -> float:
+    def float_field(self, name: str, default: float = 0.0) -> float:
         value = self.item.get(name)
         return float(value) if value else default
 
@@ -191,7 +191,7 @@ class Pipeline:
                 return self.fail(line, ImagebatchError("the batch was cancelled", type="cancelled"))
             message = meta.get("stop_message", "batch stopped")
             return self.fail(line, ImagebatchError(message, type=meta["stop_reason"]))
-        if line.float("deadline") and time.time() > line.float("deadline"):
+        if line.float_field("deadline") and time.time() > line.float_field("deadline"):
             return self.fail(line, ImagebatchError("the line's deadline passed", type="timeout"))
         provider = self.rt.provider(line.provider_name)
         if not line.item.get("reserved"):
@@ -217,7 +217,7 @@ class Pipeline:
             line.provider_name, line.slot, config.max_in_flight, self.settings.line_deadline_s
         ):
             return "park", 0.0
-        attempt = line.int("attempt", 1)
+        attempt = line.int_field("attempt", 1)
         if line.item["status"] == "submitting" and not provider.idempotent_submit:
             # The last try of this attempt may have been billed; trying again may buy twice.
             self.state.bump(batch, "ambiguous_submits")
@@ -262,7 +262,7 @@ class Pipeline:
         retry_after = getattr(exc, "retry_after", None)
         if retry_after is not None and getattr(exc, "status", None) == 429:
             self.state.pause(line.provider_name, retry_after)
-        polling = step == "poll" and time.time() < line.float("deadline", float("inf"))
+        polling = step == "poll" and time.time() < line.float_field("deadline", float("inf"))
         if tries > self.settings.http_retries and not polling:
             self.free_slot(line)
             return self.fail(line, exc)
@@ -277,7 +277,7 @@ class Pipeline:
     # -- poll --------------------------------------------------------------------------------
 
     def poll(self, line: Line) -> tuple[str, float] | bool | None:
-        if time.time() > line.float("deadline", float("inf")):
+        if time.time() > line.float_field("deadline", float("inf")):
             self.free_slot(line)
             return self.fail(
                 line,
@@ -305,7 +305,7 @@ class Pipeline:
             self.free_slot(line)
             return self.fail(line, exc)
         if isinstance(outcome, Pending):
-            polls = line.int("polls") + 1
+            polls = line.int_field("polls") + 1
             self.state.update(
                 line.batch, line.idx, polls=polls, tries=0, progress=outcome.progress or 0
             )
@@ -316,8 +316,8 @@ class Pipeline:
 
     def regenerate(self, line: Line, exc: ImagebatchError) -> tuple[str, float] | bool | None:
         """A job that ended without usable images: buy a new one if attempts remain."""
-        attempt = line.int("attempt", 1)
-        tried = attempt - line.int("first_attempt", 1) + 1
+        attempt = line.int_field("attempt", 1)
+        tried = attempt - line.int_field("first_attempt", 1) + 1
         if not exc.retryable or tried >= self.settings.max_attempts:
             return self.fail(line, exc)
         if exc.type == "image_expired":
@@ -362,7 +362,7 @@ class Pipeline:
             status="fetched" if complete else "pending",
             artifacts=artifacts,
             tries=0,
-            credits=line.float("credits") + credits,
+            credits=line.float_field("credits") + credits,
             job_id=outcome.job_id or line.item.get("job_id", ""),
         )
         return ("store", 0.0) if complete else ("submit", 0.0)
@@ -438,8 +438,8 @@ class Pipeline:
                 "model": request.model,
                 "provider": line.provider_name,
                 "job_id": line.item.get("job_id") or None,
-                "attempts": line.int("attempt", 1) if line.item.get("submitted_at") else 0,
-                "credits": round(line.float("credits"), 6),
+                "attempts": line.int_field("attempt", 1) if line.item.get("submitted_at") else 0,
+                "credits": round(line.float_field("credits"), 6),
                 "images": images or [],
                 "error": error.as_row_error() if error is not None else None,
                 "metadata": request.metadata,
@@ -452,7 +452,7 @@ class Pipeline:
         log.warning("line %s failed: %s (%s)", line.item["id"], exc.message, exc.type)
         if isinstance(exc, BatchStop):
             self.state.set_meta(line.batch, stop_reason=exc.type, stop_message=exc.message)
-        if line.item.get("reserved") and not line.float("credits"):
+        if line.item.get("reserved") and not line.float_field("credits"):
             self.state.unreserve(line.batch, float(line.item["reserved"]))
         return self.finish(line, self.row(line, "failed", error=exc))
 
