@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import click
 from pydantic import ValidationError
@@ -29,7 +29,7 @@ from jobs.providers.base import Provider
 from jobs.settings import PROVIDER_NAMES, Settings
 from jobs.sources import read_chunks
 from worker import batch as batches
-from worker import runtime, submission
+from worker import runtime, submission, tasks
 from worker.app import QUEUE, SUBMIT_QUEUE, configure
 from worker.runtime import Runtime
 
@@ -139,7 +139,6 @@ def environment(
 
 @contextmanager
 def sweeping(rt: Runtime) -> Iterator[None]:
-    from worker import tasks
     from worker.sweeper import Sweeper
 
     sweeper = Sweeper(rt, tasks.send_step, tasks.send_finalize)
@@ -162,8 +161,6 @@ def start_batch(
     quiet: bool = False,
 ) -> None:
     """Validate (printing rejections), then record and queue every line."""
-    from worker import tasks
-
     rt.provider(provider)
     path = submission.spool(read_chunks(manifest, rt.settings))
     try:
@@ -459,29 +456,22 @@ def retry(batch_id: str, provider: str | None, out: str | None) -> None:
         target = out or settings.out
         with environment(settings, name, embedded_ok=True) as (rt, _):
             store = rt.store(target)
-            if store.get(results.manifest_key(batch_id)) is None:
+            archived = store.get(results.manifest_key(batch_id))
+            if archived is None:
                 raise ConfigError(f"no batch {batch_id} under {target} (pass --out)")
-            manifest = store.uri(results.manifest_key(batch_id))
-            path = submission.spool([store.get(results.manifest_key(batch_id)) or b""])
+            path = submission.spool([archived])
             try:
                 report = submission.enqueue(
-                    rt, _send(), path, batch=batch_id, out=target, default_provider=name
+                    rt, tasks.send_step, path, batch=batch_id, out=target, default_provider=name
                 )
             finally:
                 Path(path).unlink(missing_ok=True)
+            manifest = store.uri(results.manifest_key(batch_id))
             click.echo(f"retrying {report.queued} lines of {manifest}")
             if report.complete:
-                from worker import tasks
-
                 tasks.send_finalize(batch_id)
             snap = wait(rt, batch_id, show_progress=out_console.is_terminal)
     sys.exit(print_summary(snap))
-
-
-def _send() -> Any:
-    from worker import tasks
-
-    return tasks.send_step
 
 
 @main.command()

@@ -7,7 +7,6 @@ httpx clients and boto3 clients are thread-safe, and are reused so connections a
 from __future__ import annotations
 
 import threading
-from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -106,6 +105,3 @@ def reset() -> None:
         if _current is not None:
             _current.close()
         _current = None
-
-
-__all__: list[Any] = ["Runtime", "configure", "current", "reset"]
