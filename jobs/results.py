@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,9 +105,3 @@ def images_intact(store: Store, batch: str, row: ResultRow) -> bool:
         if store.sha256_of(image_key(batch, row.id, k, extension)) != image.sha256:
             return False
     return True
-
-
-def iter_rows(data: bytes) -> Iterator[ResultRow]:
-    for line in data.splitlines():
-        if line.strip():
-            yield ResultRow.model_validate_json(line)

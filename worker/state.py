@@ -26,7 +26,6 @@ from typing import Any
 import redis
 
 TERMINAL = frozenset({"succeeded", "failed", "rejected"})
-ACTIVE = frozenset({"pending", "submitting", "submitted", "fetched"})
 
 FINISH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-2, -1} end

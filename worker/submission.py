@@ -35,7 +35,6 @@ class Plan:
     images: int = 0
     estimate: float = 0.0
     rejections: list[ManifestError] = field(default_factory=list)
-    providers: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -115,8 +114,6 @@ def tally(
         result.valid += 1
         result.images += line.request.n
         result.estimate += cost
-        name = line.request.provider or default_provider
-        result.providers[name] = result.providers.get(name, 0) + 1
     return result
 
 
