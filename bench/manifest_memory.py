@@ -17,8 +17,9 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from jobs.manifest import read_manifest
 from worker.submission import file_chunks
+
+from jobs.manifest import read_manifest
 
 
 def write_manifest(path: Path, lines: int) -> None:

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import httpx
 from PIL import Image, UnidentifiedImageError
 
-from jobs.errors import DownloadError, ImageExpired, ImageRefused
+from jobs.errors import DownloadError, ImageMissing, ImageRefused
 from jobs.providers.base import Artifact
 from jobs.request import CONTENT_TYPES
 
@@ -47,7 +47,7 @@ def fetch(
     expected_format: str | None = None,
     trusted_hosts: frozenset[str] = frozenset(),
 ) -> Fetched:
-    """The artifact's bytes, verified. Raises ``DownloadError`` (retry) or ``ImageExpired``."""
+    """The artifact's bytes, verified. Raises ``DownloadError`` (retry) or ``ImageMissing``."""
     if artifact.data is not None:
         if len(artifact.data) > max_bytes:
             raise ImageRefused(f"inline image is {len(artifact.data)} bytes, over the cap")
@@ -72,7 +72,9 @@ def fetch(
 def read_image(response: httpx.Response, max_bytes: int, expected_format: str | None) -> Fetched:
     """The response's body, capped, checked against Content-Length, and verified."""
     if response.status_code in (403, 404, 410):
-        raise ImageExpired(f"image URL answered {response.status_code} (expired)")
+        # Right after a job finishes this is usually a CDN that has not caught up; the caller
+        # looks again before it believes the image is gone.
+        raise ImageMissing(f"image URL answered {response.status_code}")
     if response.status_code >= 400:
         raise DownloadError(f"image URL answered {response.status_code}")
     declared = response.headers.get("content-length")

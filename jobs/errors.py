@@ -4,12 +4,14 @@
     ├── ConfigError                 setup is wrong; nothing was submitted (exit 2)
     ├── ManifestError               a manifest line is unusable (line, field, reason)
     ├── ProviderError
-    │   ├── TransientProviderError  network, timeout, 5xx, 429, malformed JSON: retry later
+    │   ├── TransientProviderError  network, timeout, 5xx, malformed JSON: retry later
+    │   │   ├── RateLimited         429: back-pressure; slows every worker, costs no try
     │   │   └── AmbiguousSubmit     the submit may have been accepted; never blindly re-bought
     │   ├── PermanentProviderError  4xx, validation, content policy: the line fails
     │   ├── JobFailed               the provider ran the job and it ended FAILED/CANCELLED
     │   └── BatchStop               401/403/402: every later submit would fail the same way
     ├── DownloadError               result image missing, truncated or not an image (retryable)
+    │   ├── ImageMissing            404/403/410 on a result URL: CDN lag, or gone; look again
     │   ├── ImageExpired            the URL is gone for good; only a new job can help
     │   └── ImageRefused            unsafe URL or over the size cap: the line fails
     └── StorageError
@@ -85,6 +87,17 @@ class TransientProviderError(ProviderError):
         self.retry_after = retry_after
 
 
+class RateLimited(TransientProviderError):
+    """429: the provider wants fewer requests or fewer jobs at once. Never a failed try."""
+
+    type = "rate_limited"
+
+    @property
+    def kind(self) -> str:
+        """``concurrency`` when the provider says too many jobs run at once, else ``rate``."""
+        return "concurrency" if "concurren" in self.message.lower() else "rate"
+
+
 class AmbiguousSubmit(TransientProviderError):
     """The connection broke after the request was sent: the job may exist and may be billed."""
 
@@ -118,6 +131,13 @@ class DownloadError(ImagebatchError):
 
     retryable = True
     type = "download_failed"
+
+
+class ImageMissing(DownloadError):
+    """A result URL answered 404/403/410. Right after a job finishes this is usually a CDN
+    that has not caught up; only if it stays so (or the job says expired) is it gone."""
+
+    type = "image_missing"
 
 
 class ImageExpired(DownloadError):

@@ -1,51 +1,78 @@
-"""What one image costs at each provider, in the unit that provider bills in.
+"""What one image costs, in the unit its provider bills in, and how units convert.
 
-APIFrame's table is from its gpt-image-1.5 page (credits per image by quality). The others
-are list prices at the time of writing; they are used for ``plan`` estimates, for the budget
-guard, and for rows of providers that report no cost (OpenAI, Oxen).
+The price tables themselves live in each provider's registry entry
+(``jobs.providers.registry``); ``PRICES`` and ``CREDIT_UNITS`` here are views of it kept for
+callers that only need a price.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from jobs.request import ImageRequest
 
 
-@dataclass
+@dataclass(frozen=True)
 class PriceTable:
     """Per-image price by quality, for estimates and for providers that report no cost."""
 
-    per_image: dict[str, float] = field(default_factory=dict)
+    per_image: Mapping[str, float] = field(default_factory=dict)
     default_quality: str = "auto"
 
     def cost(self, request: ImageRequest) -> float:
-        quality = request.quality or self.default_quality
-        return round(self.per_image.get(quality, max(self.per_image.values())) * request.n, 6)
+        return self.price(request.quality, request.n)
+
+    def price(self, quality: str | None, n: int) -> float:
+        each = self.per_image.get(quality or self.default_quality, max(self.per_image.values()))
+        return round(each * n, 6)
 
 
-CREDIT_UNITS = {
-    "apiframe": "credits",
-    "simulator": "credits",
-    "openai": "USD",
-    "aimlapi": "credits",
-    "omixa": "USD",
-    "oxen": "USD",
-}
+def currency(provider: str, unit: str) -> str:
+    """The currency an amount is counted in: USD is USD anywhere; credits belong to the
+    provider that sells them (an APIFrame credit is not an AI/ML API credit)."""
+    return "USD" if unit == "USD" else f"{provider} credits"
 
-PRICES: dict[str, PriceTable] = {
-    "apiframe": PriceTable({"low": 4, "medium": 9, "auto": 24, "high": 24}, default_quality="auto"),
-    "simulator": PriceTable(
-        {"low": 4, "medium": 9, "auto": 24, "high": 24}, default_quality="auto"
-    ),
-    "openai": PriceTable(
-        {"low": 0.009, "medium": 0.034, "high": 0.133, "auto": 0.133}, default_quality="auto"
-    ),
-    # AI/ML API bills in its own credits; its docs default quality to medium.
-    "aimlapi": PriceTable({"low": 23.4, "medium": 88.4, "high": 345.8}, default_quality="medium"),
-    "omixa": PriceTable(
-        {"low": 0.011, "medium": 0.039, "high": 0.156, "auto": 0.039}, default_quality="auto"
-    ),
-    # Oxen has no quality setting for gpt-image-1.5: one price per image.
-    "oxen": PriceTable({"auto": 0.04}, default_quality="auto"),
-}
+
+@dataclass(frozen=True)
+class Money:
+    """Amounts by currency (see ``currency``); different currencies are never added."""
+
+    by_currency: Mapping[str, float] = field(default_factory=dict)
+
+    def plus(self, currency_: str, amount: float) -> Money:
+        merged = dict(self.by_currency)
+        merged[currency_] = round(merged.get(currency_, 0.0) + amount, 6)
+        return Money(merged)
+
+    def describe(self) -> str:
+        """``552 credits`` for one currency; ``24 apiframe credits + 0.009 USD`` for several."""
+        if not self.by_currency:
+            return "0 credits"
+        if len(self.by_currency) == 1:
+            ((name, amount),) = self.by_currency.items()
+            return f"{amount:g} {'USD' if name == 'USD' else 'credits'}"
+        return " + ".join(f"{amount:g} {name}" for name, amount in sorted(self.by_currency.items()))
+
+    def in_usd(self, usd_per_credit: Mapping[str, float | None]) -> float | None:
+        """The total in USD, or None when some provider's credits have no known price in USD.
+
+        ``usd_per_credit`` maps a provider name to the USD value of one of its credits."""
+        total = 0.0
+        for name, amount in self.by_currency.items():
+            rate = 1.0 if name == "USD" else usd_per_credit.get(name.removesuffix(" credits"))
+            if rate is None:
+                return None
+            total += amount * rate
+        return round(total, 6)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in ("PRICES", "CREDIT_UNITS"):
+        raise AttributeError(name)
+    from jobs.providers.registry import REGISTRY
+
+    if name == "PRICES":
+        return {spec.name: spec.prices for spec in REGISTRY.values()}
+    return {spec.name: spec.credit_unit for spec in REGISTRY.values()}

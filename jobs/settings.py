@@ -1,47 +1,31 @@
 """All configuration, read once from the environment (prefix ``IMAGEBATCH_``) or ``.env``.
 
 Nothing else in the code base reads ``os.environ``: the settings object is built at the edge
-(the CLI, a worker process) and passed down.
+(the CLI, a worker process) and passed down. The per-provider fields
+(``IMAGEBATCH_<NAME>_API_KEY``, ``_BASE_URL``, ``_MAX_IN_FLIGHT``, ``_REQUESTS_PER_SECOND``,
+``_TIMEOUT_S``, ``_EXPECTED_LATENCY_S``, and ``IMAGEBATCH_USD_PER_CREDIT_<NAME>`` for providers
+that bill in credits) are generated from the provider registry, so a new provider needs no
+edit here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, create_model
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-PROVIDER_NAMES = ("apiframe", "openai", "aimlapi", "omixa", "oxen")
-"""Every real provider; each has ``IMAGEBATCH_<NAME>_API_KEY`` / ``_BASE_URL`` / limits."""
+from jobs.providers.base import ProviderConfig
+from jobs.providers.registry import REGISTRY, ProviderSpec
 
-DEFAULT_BASE_URLS = {
-    "apiframe": "https://api.apiframe.ai",
-    "openai": "https://api.openai.com",
-    "aimlapi": "https://api.aimlapi.com",
-    "omixa": "https://www.omixa.cloud",
-    "oxen": "https://hub.oxen.ai",
-}
+__all__ = ["PROVIDER_NAMES", "ProviderConfig", "Settings"]
+
+PROVIDER_NAMES = tuple(name for name, spec in REGISTRY.items() if not spec.builtin_simulator)
+"""Every real provider (the built-in simulator is a registry entry too, but not a vendor)."""
 
 
-@dataclass(frozen=True)
-class ProviderConfig:
-    """What one adapter needs: where, who, how fast, how many at once."""
-
-    name: str
-    base_url: str
-    api_key: SecretStr | None
-    max_in_flight: int
-    requests_per_second: float
-    timeout_s: float
-
-    def __repr__(self) -> str:
-        key = "set" if self.api_key is not None else "unset"
-        return f"ProviderConfig(name={self.name!r}, base_url={self.base_url!r}, api_key=<{key}>)"
-
-
-class Settings(BaseSettings):
-    """The one settings class. Secrets are ``SecretStr`` and never printed."""
+class CoreSettings(BaseSettings):
+    """Everything but the per-provider fields. Secrets are ``SecretStr`` and never printed."""
 
     model_config = SettingsConfigDict(
         env_prefix="IMAGEBATCH_", env_file=".env", extra="ignore", frozen=True
@@ -53,81 +37,123 @@ class Settings(BaseSettings):
     out: str = "./out"
     s3_endpoint_url: str | None = None
 
-    apiframe_api_key: SecretStr | None = None
-    apiframe_base_url: str = DEFAULT_BASE_URLS["apiframe"]
-    apiframe_max_in_flight: int = Field(default=64, ge=1)
-    apiframe_requests_per_second: float = Field(default=20.0, gt=0)
-    apiframe_timeout_s: float = Field(default=30.0, gt=0)
-
-    openai_api_key: SecretStr | None = None
-    openai_base_url: str = DEFAULT_BASE_URLS["openai"]
-    openai_max_in_flight: int = Field(default=4, ge=1)
-    openai_requests_per_second: float = Field(default=2.0, gt=0)
-    openai_timeout_s: float = Field(default=180.0, gt=0)
-
-    aimlapi_api_key: SecretStr | None = None
-    aimlapi_base_url: str = DEFAULT_BASE_URLS["aimlapi"]
-    aimlapi_max_in_flight: int = Field(default=4, ge=1)
-    aimlapi_requests_per_second: float = Field(default=2.0, gt=0)
-    aimlapi_timeout_s: float = Field(default=180.0, gt=0)
-
-    omixa_api_key: SecretStr | None = None
-    omixa_base_url: str = DEFAULT_BASE_URLS["omixa"]
-    omixa_max_in_flight: int = Field(default=4, ge=1)
-    omixa_requests_per_second: float = Field(default=2.0, gt=0)
-    omixa_timeout_s: float = Field(default=180.0, gt=0)
-
-    oxen_api_key: SecretStr | None = None
-    oxen_base_url: str = DEFAULT_BASE_URLS["oxen"]
-    oxen_max_in_flight: int = Field(default=4, ge=1)
-    oxen_requests_per_second: float = Field(default=2.0, gt=0)
-    oxen_timeout_s: float = Field(default=180.0, gt=0)
-
-    simulator_base_url: str | None = None
-    """Where ``--provider simulator`` lines go when workers are remote (``imagebatch simulate``)."""
-
     max_attempts: int = Field(default=3, ge=1)
     """Provider jobs per line: a transient FAILED job is resubmitted until this many were tried."""
     max_deliveries: int = Field(default=5, ge=1)
     """A step that keeps killing its worker is given up after this many starts (poison line)."""
     line_deadline_s: float = Field(default=1800.0, gt=0)
     poll_initial_s: float = Field(default=2.0, gt=0)
+    """First poll of a job while no latency has been learned for its provider and model."""
     poll_max_s: float = Field(default=10.0, gt=0)
+    webhook_poll_s: float = Field(default=60.0, gt=0)
+    """With webhooks on, polling is only the fallback: this often."""
     retry_base_s: float = Field(default=1.0, ge=0)
     """Base of the full-jitter exponential backoff; 0 removes backoff (tests)."""
     retry_max_s: float = Field(default=60.0, ge=0)
     http_retries: int = Field(default=4, ge=0)
-    """Transport/5xx/429 retries of one HTTP call before the line's attempt is given up."""
+    """Transient failures (5xx, network, bad JSON) of one step before the line's attempt is
+    given up. A 429 never counts: it is back-pressure, not failure."""
+    download_retries: int = Field(default=4, ge=0)
+    """A just-finished image that answers 404 is fetched again this many times (CDN lag), and
+    the job re-read for fresh URLs, before it counts as expired."""
     download_max_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
-    visibility_timeout_s: int = Field(default=3600, ge=10)
+    storage_deadline_s: float = Field(default=6 * 3600.0, gt=0)
+    """How long a line whose images are ready waits out an output-store outage before failing."""
+
     worker_concurrency: int = Field(default=16, ge=1)
-    step_lease_s: float = Field(default=300.0, gt=0)
-    """How long one task may own a line; a redelivered copy waits until the lease ends."""
-    sweep_interval_s: float = Field(default=10.0, gt=0)
-    sweep_grace_s: float = Field(default=60.0, ge=0)
-    """A line whose next step is this late (and unleased) has its step queued again."""
+    visibility_timeout_s: int = Field(default=3600, ge=10)
+    lease_s: float = Field(default=30.0, ge=1)
+    """How long a dispatched step owns its line without a heartbeat; a dead worker's lines are
+    taken over this long after its last heartbeat."""
+    window: int | None = Field(default=None, ge=1)
+    """Lines of a batch held in Redis at once; default: ``window_factor`` × the in-flight caps
+    of the providers the batch uses."""
+    window_factor: float = Field(default=4.0, ge=1)
+    chunk_lines: int = Field(default=1000, ge=1)
+    """Lines per part file of finished rows in the output store."""
+    flush_interval_s: float = Field(default=5.0, gt=0)
+    """Finished rows are written to the output store at least this often."""
+    interrupt_grace_s: float = Field(default=60.0, ge=0)
+    """After Ctrl-C, how long ``run`` waits for paid jobs to land before it exits."""
+    progress_interval_s: float = Field(default=30.0, gt=0)
+    """When output is not a terminal, a progress line this often (and at each 10 %)."""
     result_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
     """How long a finished batch's summary stays in Redis for ``imagebatch status``."""
+
+    webhook_url: str | None = None
+    """Public base URL of ``imagebatch webhook``; set, APIFrame submits ask for webhooks."""
+    webhook_host: str = "127.0.0.1"
+    webhook_port: int = Field(default=8787, ge=0, le=65535)
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+    notify_url: str | None = None
+    notify_secret: SecretStr | None = None
+    inbox: str | None = None
+    """A folder or ``s3://bucket/prefix`` that ``imagebatch schedule`` watches for manifests."""
+    schedule: str = "*/5 * * * *"
+    """Cron expression: when ``imagebatch schedule`` looks in the inbox."""
+
     crash_at: str | None = None
     """Test-only: a crash point of ``worker.faults`` at which to SIGKILL the worker once."""
     crash_marker: str | None = None
     embedded_simulator_latency_s: float = Field(default=1.5, ge=0)
+    """How long the simulator that ``run --provider simulator`` starts takes per job."""
+
+    def provider_spec(self, name: str) -> ProviderSpec:
+        return REGISTRY[name]
+
+    def provider_names(self) -> list[str]:
+        return list(REGISTRY)
 
     def provider_config(self, name: str) -> ProviderConfig:
-        """The per-provider slice of the settings; ``simulator`` is APIFrame at the simulator."""
-        if name == "simulator":
-            base = self.simulator_base_url or ""
-            return ProviderConfig("simulator", base, SecretStr("afk_simulator"), 64, 50.0, 30.0)
-        if name not in PROVIDER_NAMES:
+        """The per-provider slice of the settings; ``KeyError`` for an unknown provider."""
+        if name not in REGISTRY:
             raise KeyError(name)
-        values: dict[str, Any] = {
-            field: getattr(self, f"{name}_{field}")
-            for field in (
-                "base_url",
-                "api_key",
-                "max_in_flight",
-                "requests_per_second",
-                "timeout_s",
-            )
-        }
-        return ProviderConfig(name=name, **values)
+        return ProviderConfig(
+            name=name,
+            base_url=getattr(self, f"{name}_base_url"),
+            api_key=getattr(self, f"{name}_api_key"),
+            max_in_flight=getattr(self, f"{name}_max_in_flight"),
+            requests_per_second=getattr(self, f"{name}_requests_per_second"),
+            timeout_s=getattr(self, f"{name}_timeout_s"),
+            expected_latency_s=getattr(self, f"{name}_expected_latency_s"),
+        )
+
+    def usd_per_credit(self, name: str) -> float | None:
+        """USD value of one credit of ``name`` (a credit-billing provider), if configured."""
+        value: float | None = getattr(self, f"usd_per_credit_{name}", None)
+        return value
+
+    def usd_rates(self) -> dict[str, float | None]:
+        return {name: self.usd_per_credit(name) for name in REGISTRY}
+
+
+def _provider_fields() -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name, spec in REGISTRY.items():
+        default_key = SecretStr(spec.default_api_key) if spec.default_api_key else None
+        fields[f"{name}_api_key"] = (SecretStr | None, default_key)
+        fields[f"{name}_base_url"] = (str, spec.base_url)
+        fields[f"{name}_max_in_flight"] = (int, Field(default=spec.max_in_flight, ge=1))
+        fields[f"{name}_requests_per_second"] = (
+            float,
+            Field(default=spec.requests_per_second, gt=0),
+        )
+        fields[f"{name}_timeout_s"] = (float, Field(default=spec.timeout_s, gt=0))
+        fields[f"{name}_expected_latency_s"] = (
+            float,
+            Field(default=spec.expected_latency_s, gt=0),
+        )
+        if spec.credit_unit == "credits":
+            fields[f"usd_per_credit_{name}"] = (float | None, Field(default=None, gt=0))
+    return fields
+
+
+if TYPE_CHECKING:
+    Settings = CoreSettings
+else:
+    Settings = create_model("Settings", __base__=CoreSettings, **_provider_fields())
+    """The one settings class: ``CoreSettings`` plus every provider's generated fields."""
+    Settings.__doc__ = CoreSettings.__doc__

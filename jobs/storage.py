@@ -69,9 +69,21 @@ class Store(Protocol):
 
     def get(self, key: str) -> bytes | None: ...
 
+    def get_range(self, key: str, start: int, end: int) -> bytes | None:
+        """Bytes ``start`` to ``end`` (exclusive) of the object; fewer at its end."""
+        ...
+
+    def iter_chunks(self, key: str) -> Iterator[bytes]:
+        """The object's bytes in chunks (bounded memory); nothing if it does not exist."""
+        ...
+
     def sha256_of(self, key: str) -> str | None: ...
 
     def list_keys(self, prefix: str) -> Iterator[str]: ...
+
+    def list_children(self, prefix: str) -> Iterator[str]:
+        """Names directly under ``prefix`` that hold keys (like ``ls``), e.g. batch ids."""
+        ...
 
 
 def open_store(out: str, settings: Settings) -> Store:
@@ -157,6 +169,28 @@ class LocalStore:
         except OSError as exc:
             raise _os_error(exc, path) from exc
 
+    def get_range(self, key: str, start: int, end: int) -> bytes | None:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as source:
+                source.seek(start)
+                return source.read(max(0, end - start))
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise _os_error(exc, path) from exc
+
+    def iter_chunks(self, key: str) -> Iterator[bytes]:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as source:
+                while chunk := source.read(CHUNK):
+                    yield chunk
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _os_error(exc, path) from exc
+
     def sha256_of(self, key: str) -> str | None:
         path = self._path(key)
         digest = hashlib.sha256()
@@ -184,6 +218,12 @@ class LocalStore:
                 if key.startswith(prefix):
                     keys.append(key)
         yield from sorted(keys)
+
+    def list_children(self, prefix: str) -> Iterator[str]:
+        folder = self.base.joinpath(*[p for p in _check_prefix(prefix).split("/") if p])
+        if not folder.is_dir():
+            return
+        yield from sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
 
     def _path(self, key: str) -> Path:
         path = self.base.joinpath(*_check_key(key).split("/"))
@@ -303,6 +343,31 @@ class S3Store:
             with contextlib.closing(body):
                 return body.read()
 
+    def get_range(self, key: str, start: int, end: int) -> bytes | None:
+        if end <= start:
+            return b""
+        with _s3_errors("reading", self.uri(key)):
+            try:
+                body = self.client.get_object(
+                    Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{end - 1}"
+                )["Body"]
+            except ClientError as exc:
+                if _code(exc) in _MISSING:
+                    return None
+                if _code(exc) == "InvalidRange":
+                    return b""
+                raise
+            with contextlib.closing(body):
+                return body.read()
+
+    def iter_chunks(self, key: str) -> Iterator[bytes]:
+        with _s3_errors("reading", self.uri(key)):
+            body = self._open(key)
+            if body is None:
+                return
+            with contextlib.closing(body):
+                yield from body.iter_chunks(CHUNK)
+
     def sha256_of(self, key: str) -> str | None:
         """The stored object's sha256: our metadata, else S3's full-object checksum, else hash."""
         with _s3_errors("reading", self.uri(key)):
@@ -342,6 +407,15 @@ class S3Store:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
                 for item in page.get("Contents", []):
                     yield item["Key"][strip:]
+
+    def list_children(self, prefix: str) -> Iterator[str]:
+        base = "/".join(p for p in (self.prefix, _check_prefix(prefix).strip("/")) if p)
+        full = f"{base}/" if base else ""
+        paginator = self.client.get_paginator("list_objects_v2")
+        with _s3_errors("listing", f"s3://{self.bucket}/{full}"):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full, Delimiter="/"):
+                for item in page.get("CommonPrefixes", []):
+                    yield item["Prefix"][len(full) :].rstrip("/")
 
     def _key(self, key: str) -> str:
         _check_key(key)

@@ -69,6 +69,26 @@ def test_common_fields_map_to_gpt_image_params() -> None:
     }
 
 
+def test_provider_params_reach_the_params_block_but_never_replace_a_priced_field() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        seen.append(req)
+        return httpx.Response(202, json={"jobId": "job-1", "status": "QUEUED"})
+
+    line = request(
+        n=1, quality="low", provider_params={"number_of_images": 10, "quality": "high", "seed": 7}
+    )
+    api = adapter(handler)
+    assert [field for field, _ in api.validate(line)] == ["provider_params", "provider_params"]
+    api.submit(line, "key-1")  # as if validation had been skipped
+    assert json.loads(seen[0].content)["gptImageParams"] == {
+        "number_of_images": 1,
+        "quality": "low",
+        "seed": 7,
+    }
+
+
 @pytest.mark.parametrize(
     ("result", "urls"),
     [

@@ -35,18 +35,17 @@ from tests.harness import (
     wait_for,
 )
 from tests.servers import S3Server
-from worker.app import SUBMIT_QUEUE
+from worker import keys
+from worker.app import QUEUE
 from worker.faults import POINTS
 
 KEY = "afk_crash_test_key_0123456789abcdef"
 LINES = 30
 FAULT = {
-    # A dead worker's unacked task comes back after 10 s, its line lease ends after 5 s, and
-    # the sweeper re-sends a step that is 3 s overdue: recovery takes seconds, not an hour.
+    # A dead worker's lines are dispatched again when their 5 s lease runs out (a live
+    # worker renews it every second or two): recovery takes seconds, not an hour.
     "IMAGEBATCH_VISIBILITY_TIMEOUT_S": "10",
-    "IMAGEBATCH_STEP_LEASE_S": "5",
-    "IMAGEBATCH_SWEEP_INTERVAL_S": "1",
-    "IMAGEBATCH_SWEEP_GRACE_S": "3",
+    "IMAGEBATCH_LEASE_S": "5",
 }
 GENERATE = "POST /v2/images/generate"
 
@@ -128,33 +127,32 @@ def fleet(env: dict[str, str], logs: Path, size: int = 2) -> Iterator[Fleet]:
 
 
 def done_count(client: redis.Redis[Any], batch: str) -> int:
-    if client.hget(f"ib:{batch}", "summary"):
+    if client.hget(keys.batch(batch), "summary"):
         return LINES
-    return int(client.hget(f"ib:{batch}:n", "done") or 0)
+    return int(float(client.hget(keys.counters(batch), "done") or 0))
 
 
 def stuck_lines(client: redis.Redis[Any], batch: str) -> str:
     """What Redis knows about the lines not yet finished (for a timeout's message)."""
     now = time.time()
-    report = [f"active={client.smembers('ib:active')} meta={client.hgetall(f'ib:{batch}')}"]
-    for key in sorted(client.scan_iter(match=f"ib:{batch}:i:*")):
+    report = [f"batches={client.smembers(keys.BATCHES)} meta={client.hgetall(keys.batch(batch))}"]
+    for key in sorted(client.scan_iter(match=keys.line_pattern(batch))):
         item = {k.decode(): v.decode()[:80] for k, v in client.hgetall(key).items()}
-        if item.get("status") in ("succeeded", "failed", "rejected"):
-            continue
-        idx = key.decode().rsplit(":", 1)[1]
-        due = client.zscore(f"ib:{batch}:due", idx)
-        lease = client.pttl(f"ib:{batch}:l:{idx}")
         item.pop("request", None)
-        report.append(f"{idx}: due_in={None if due is None else due - now} lease={lease} {item}")
-    report.append(f"slots={client.zrange('ib:slots:apiframe', 0, -1, withscores=True)}")
-    report.append(f"parked={client.lrange('ib:parked:apiframe', 0, -1)}")
+        member = keys.member(batch, int(key.decode().rsplit(":", 1)[1]))
+        scores = {
+            zset: client.zscore(zset, member)
+            for zset in (keys.ready("apiframe"), keys.flight("apiframe"), keys.STORE)
+        }
+        due = {z.split(":")[1]: round(s - now, 1) for z, s in scores.items() if s is not None}
+        report.append(f"{member}: due_in={due} {item}")
     queues = {k.decode(): client.llen(k) for k in client.scan_iter(match="imagebatch*")}
     report.append(f"queues={queues} unacked={client.hlen('unacked')}")
     return "\n".join(report)
 
 
 def finished(client: redis.Redis[Any], batch: str) -> bool:
-    return bool(client.hget(f"ib:{batch}", "summary"))
+    return bool(client.hget(keys.batch(batch), "summary"))
 
 
 def billed(ledger: dict[str, Any]) -> Counter[str]:
@@ -170,12 +168,16 @@ def submit_requests(ledger: dict[str, Any]) -> int:
 
 
 def durable_ids(s3: S3Server, bucket: str, batch: str) -> set[str]:
-    """Line ids that have a durable record (``runs/BATCH/.state/lines/ID.json``) in S3."""
-    prefix = f"runs/{results.record_key(batch, 'x').rsplit('/', 1)[0]}/"
+    """Line ids whose row is in a part file (``runs/BATCH/.state/parts/``) as succeeded."""
+    prefix = f"runs/{results.part_key(batch, 0).rsplit('/', 1)[0]}/"
     ids = set()
     for page in s3.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
-            ids.add(item["Key"].removeprefix(prefix).removesuffix(".json"))
+            data = s3.client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+            for row in results.decode_entries(data).values():
+                parsed = json.loads(row)
+                if parsed["status"] == "succeeded":
+                    ids.add(parsed["id"])
     return ids
 
 
@@ -244,41 +246,48 @@ def test_sigkill_at_crash_point_loses_no_line_and_buys_nothing_twice(
     assert len({row.job_id for row in outcome.rows}) == LINES
 
 
-def test_a_first_submit_message_lost_by_the_broker_is_resent_by_the_sweeper(
+def test_messages_the_broker_loses_are_dispatched_again_when_their_lease_runs_out(
     tmp_path: Path,
     redis_url: str,
     redis_client: redis.Redis[Any],
     s3: S3Server,
     s3_bucket: str,
 ) -> None:
-    """The sweeper heals lost messages (worker/sweeper.py names 'a broker restart without
-    persistence'). A line whose first submit message is lost must be healed the same way:
-    this is also what a worker killed while holding prefetched first submits leaves behind
-    (the flaky case of the SIGKILL tests above)."""
-    # Given a submitted batch whose queued first-submit messages the broker then loses
-    manifest = write_manifest(tmp_path / "manifest.jsonl", 6)
-    batch = "lost-first"
+    """A broker restarted without persistence, or a worker killed holding prefetched
+    messages, loses tasks. Every dispatched line carries a lease in Redis, so the scheduler
+    sends its step again once the lease runs out: a lost message delays a line, never loses
+    it, and never buys it twice."""
+    # Given a batch whose first dispatched messages the broker then loses, for 3 seconds
+    manifest = write_manifest(tmp_path / "manifest.jsonl", 12)
+    batch = "lost-messages"
+    lost = 0
     with Simulator(SimulatorConfig(latency_s=0.5)) as sim:
         env = fleet_env(redis_url, s3, s3_bucket, sim)
         submit(manifest, batch, env)
-        assert redis_client.llen(SUBMIT_QUEUE) == 6
-        redis_client.delete(SUBMIT_QUEUE)
-        # When workers run
         with fleet(env, tmp_path, size=1) as workers:
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                pipe = redis_client.pipeline()
+                pipe.llen(QUEUE)
+                pipe.delete(QUEUE)
+                lost += int(pipe.execute()[0])
+                time.sleep(0.02)
+            # When the broker keeps its messages again
             try:
-                # (sweep interval 1 s + grace 3 s: lost steps come back within seconds)
-                wait_for(lambda: finished(redis_client, batch), 30, "the batch to finish")
+                wait_for(lambda: finished(redis_client, batch), 60, "the batch to finish")
             except AssertionError:
                 raise AssertionError(
-                    f"{done_count(redis_client, batch)}/6 done\n"
+                    f"{done_count(redis_client, batch)}/12 done\n"
                     f"{stuck_lines(redis_client, batch)}\n{workers.log_tail()}"
                 ) from None
         ledger = sim.ledger()
 
-    # Then every line was submitted once and finished
+    # Then messages really were lost, and every line was still bought once and finished
+    assert lost > 0, "no message was lost: the test proved nothing"
     outcome = read_s3(s3.client, s3_bucket, "runs", batch)
     check_invariants(manifest, outcome, ledger, redis_client, idempotent=True)
-    assert [row.status for row in outcome.rows] == ["succeeded"] * 6
+    assert [row.status for row in outcome.rows] == ["succeeded"] * 12
+    assert set(billed(ledger).values()) == {1}
 
 
 # --- 4: duplicate delivery ---------------------------------------------------------------------
@@ -291,20 +300,19 @@ def test_duplicate_delivery_changes_nothing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from worker import app as celery_app
-    from worker import batch as batches
-    from worker import runtime, submission, tasks
+    from worker import runtime, start, status, tasks
     from worker.embedded import in_process_worker
 
-    # Given an in-process worker whose every queued step is sent twice
+    # Given an in-process worker whose every dispatched task is sent twice
     manifest = write_manifest(tmp_path / "manifest.jsonl", 20)
     batch = "dup"
-    original = tasks.send_step
+    original = tasks.CeleryDispatch.step
     sent: Counter[str] = Counter()
 
-    def twice(batch: str, idx: int, next_: Any) -> None:
-        sent[next_.step] += 1
-        original(batch, idx, next_)
-        original(batch, idx, next_)
+    def twice(self: Any, step: Any, batch: str, lines: Any) -> None:
+        sent[str(step)] += len(lines)
+        original(self, step, batch, lines)
+        original(self, step, batch, lines)
 
     with Simulator(SimulatorConfig(latency_s=0.8, latency_jitter_s=0.4)) as sim:
         settings = Settings(
@@ -317,22 +325,22 @@ def test_duplicate_delivery_changes_nothing(
             retry_base_s=0.05,
             retry_max_s=0.5,
             visibility_timeout_s=10,
-            step_lease_s=5,
+            lease_s=5,
         )
         rt = runtime.configure(settings)
         app = celery_app.configure(settings, redis_url)
 
-        def run_batch(out: Path, send: Any) -> Outcome:
-            path = submission.spool([manifest.read_bytes()])
+        def run_batch(out: Path) -> Outcome:
+            spooled = start.spool([manifest.read_bytes()])
             try:
-                report = submission.enqueue(
-                    rt, send, path, batch=batch, out=str(out), default_provider="apiframe"
+                started = start.start_batch(
+                    rt, spooled, batch=batch, out=str(out), provider="apiframe"
                 )
             finally:
-                Path(path).unlink(missing_ok=True)
-            assert report.queued == 20, report
+                Path(spooled.path).unlink(missing_ok=True)
+            assert started.plan.valid == 20 and not started.carried, started
             wait_for(
-                lambda: (snap := batches.snapshot(rt, batch)) is not None and snap.finished,
+                lambda: (snap := status.from_redis(rt.state, batch)) is not None and snap.finished,
                 60,
                 "the batch to finish",
             )
@@ -340,19 +348,19 @@ def test_duplicate_delivery_changes_nothing(
 
         try:
             with in_process_worker(app, 8):
-                # When every task is delivered twice (enqueue and every next step)
-                monkeypatch.setattr(tasks, "send_step", twice)
-                doubled = run_batch(tmp_path / "doubled", twice)
+                # When every task is delivered twice
+                monkeypatch.setattr(tasks.CeleryDispatch, "step", twice)
+                doubled = run_batch(tmp_path / "doubled")
                 after_doubled = sim.ledger()
                 # ...and the same batch is run again cleanly into another store, as the reference
-                monkeypatch.setattr(tasks, "send_step", original)
-                clean = run_batch(tmp_path / "clean", original)
+                monkeypatch.setattr(tasks.CeleryDispatch, "step", original)
+                clean = run_batch(tmp_path / "clean")
                 after_clean = sim.ledger()
         finally:
             runtime.reset()
 
     # Then every step really was sent twice...
-    assert sent["submit"] >= 20 and sent["poll"] >= 20 and sent["store"] >= 20, sent
+    assert sent["submit"] >= 20 and sent["poll"] >= 20, sent
     # ...yet each line was POSTed once and bought once: no second copy reached the provider
     check_invariants(manifest, doubled, after_doubled, redis_client, idempotent=True)
     assert after_doubled["submits"] == 20 and after_doubled["replays"] == 0, after_doubled

@@ -180,7 +180,14 @@ def test_every_hostile_line_is_rejected_with_its_line_and_reason_and_good_lines_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "hostile.jsonl", "out"]
     assert [p.name for p in out.iterdir()] == [BATCH]
     root = out / BATCH
-    allowed_top = {"results.jsonl", "summary.json", "manifest.jsonl"}
+    allowed_top = {
+        "results.jsonl",
+        "failed.jsonl",
+        "summary.json",
+        "manifest.jsonl",
+        "report.html",
+    }
+    allowed_state = {".state/batch.json", ".state/rejected.jsonl", ".state/write-check"}
     for path in root.rglob("*"):
         if path.is_dir():
             continue
@@ -188,10 +195,13 @@ def test_every_hostile_line_is_rejected_with_its_line_and_reason_and_good_lines_
         if relative.startswith("images/"):
             line_id, name = relative.removeprefix("images/").split("/")
             assert line_id in by_id and re.fullmatch(r"\d+\.(png|jpeg|webp)", name), relative
-        elif relative.startswith(".state/lines/"):
-            assert relative.removeprefix(".state/lines/").removesuffix(".json") in {
-                row.id for row in outcome.rows
-            }, relative
+        elif relative.startswith("report/thumbs/"):
+            line_id, _, name = relative.removeprefix("report/thumbs/").rpartition("-")
+            assert line_id in by_id and re.fullmatch(r"\d+\.webp", name), relative
+        elif relative.startswith(".state/parts/"):
+            assert re.fullmatch(r"\d{6}\.jsonl", relative.removeprefix(".state/parts/")), relative
+        elif relative.startswith(".state/"):
+            assert relative in allowed_state, relative
         else:
             assert relative in allowed_top, relative
     stored = {key.split("/")[0] for key in outcome.objects}

@@ -57,7 +57,8 @@ def test_retry_resubmits_only_the_failed_lines(tmp_path: Path) -> None:
         assert rows[2].error is not None and rows[2].error.type == "job_failed"
         submits_before = sim.ledger()["submits"]
 
-        again = run_cli("retry", "bowls", "--provider", "apiframe", "--out", str(out), env=env)
+        # The batch remembers its provider: retry needs only its id and where it is.
+        again = run_cli("retry", "bowls", "--out", str(out), env=env)
         assert again.returncode == 0, again.stdout + again.stderr
         assert "retrying 1 lines" in again.stdout
         outcome = read_local(out, "bowls")

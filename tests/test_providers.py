@@ -11,7 +11,8 @@ adapters, so a field an adapter invents, renames or mis-spells fails here:
 - ``apiframe.json``: design/providers.md §1.3 plus the ``gptImageParams`` table of seed 001.
 - ``openai.json``: design/providers.md §2.1.
 - ``omixa.json``: the field table of seed 002.
-- ``oxen.json``: the field table of seed 000 plus ``response_format`` and ``n`` from §3.3.
+- ``oxen.json``: the field table of seed 000, the fields its prose names (quality, input
+  fidelity, background) and ``response_format``, ``n``, ``target_namespace`` from §3.3.
 
 The HTTP half runs each adapter against the in-process simulator (one per module), which
 serves all five APIs; it is reset and its config restored after every test that uses it.
@@ -39,7 +40,7 @@ from jobs.errors import (
     PermanentProviderError,
     TransientProviderError,
 )
-from jobs.providers import ADAPTERS, build, create
+from jobs.providers import build, create, names
 from jobs.providers.base import Artifact, Finished, Pending, Provider, SubmitOutcome, Submitted
 from jobs.request import ImageRequest
 from jobs.settings import PROVIDER_NAMES, Settings
@@ -152,7 +153,7 @@ def offline() -> Iterator[dict[str, Provider]]:
 
 
 def test_every_registered_provider_has_a_request_schema() -> None:
-    registered = set(ADAPTERS) - {"simulator"}
+    registered = set(names()) - {"simulator"}
     assert registered == set(PROVIDER_NAMES) == set(PROVIDERS)
     assert {path.stem for path in SCHEMAS.glob("*.json")} == registered
 
@@ -183,6 +184,8 @@ def test_aimlapi_schema_is_the_request_body_of_the_openapi_in_its_docs_verbatim(
         ("aimlapi", {"model": "openai/gpt-image-1-5", "prompt": "x", "n": 2}),
         ("omixa", {"model": "gpt-image-1.5", "prompt": "x", "input_images": [DATA_URL]}),
         ("oxen", {"model": "gpt-image-1-5", "prompt": "x", "size": "1024x1024"}),
+        ("oxen", {"model": "gpt-image-1-5", "prompt": "x", "input_fidelity": "auto"}),
+        ("oxen", {"model": "gpt-image-1-5", "prompt": "x", "moderation": "low"}),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
 )
@@ -273,11 +276,16 @@ REJECTS = [
         "input_images",
         "seed 002: inline data URLs",
     ),
-    reject("oxen", {"quality": "high"}, "quality", "seed 000 table"),
-    reject("oxen", {"background": "opaque"}, "background", "seed 000 table"),
     reject("oxen", {"moderation": "low"}, "moderation", "seed 000 table"),
-    reject("oxen", {"input_fidelity": "high"}, "input_fidelity", "seed 000 table"),
+    reject("oxen", {"input_fidelity": "auto"}, "input_fidelity", "seed 000 prose: low, high"),
     reject("oxen", {"output_compression": 90}, "output_compression", "seed 000 table"),
+    reject(
+        "oxen",
+        {"background": "transparent", "output_format": "jpeg"},
+        "background",
+        "transparent needs png or webp",
+    ),
+    reject("oxen", {"provider_params": {"seed": 1}}, "provider_params", "seed 000 table"),
     *[reject(p, {"model": "gpt-image-1"}, "model", "set up for gpt-image-1.5") for p in SYNC],
 ]
 

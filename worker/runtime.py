@@ -1,56 +1,83 @@
-"""The per-process runtime: settings, the Redis state client, provider adapters and stores.
+"""The per-process runtime: settings, the Redis state, provider adapters, stores, and the
+hooks (metrics) a fleet watches.
 
 Built once per worker process (or once for the embedded run) and shared by all task threads;
-httpx clients and boto3 clients are thread-safe, and are reused so connections are pooled.
+httpx and boto3 clients are thread-safe, and are reused so connections are pooled.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import httpx
 import redis
 
 from jobs import providers
+from jobs.errors import ConfigError
 from jobs.providers.base import Provider
-from jobs.settings import Settings
+from jobs.settings import CoreSettings, Settings
 from jobs.storage import Store, open_store
 from worker.state import State
 
+if TYPE_CHECKING:
+    from worker.records import LineRecord, Transition
+    from worker.runner import Heartbeat
+    from worker.steps import Context
 
-def redis_url(settings: Settings) -> str:
+Observer = Callable[["LineRecord", "Transition"], None]
+
+
+def redis_url(settings: CoreSettings) -> str:
     """The state store: IMAGEBATCH_REDIS_URL, else the broker's own Redis."""
     url = settings.redis_url or settings.broker_url
     if url is None:
-        raise RuntimeError("no Redis configured (the embedded default sets one)")
+        raise ConfigError("no broker: set IMAGEBATCH_BROKER_URL (redis://...)")
     if url.startswith("redis+socket://"):
         return "unix://" + url.removeprefix("redis+socket://")
     return url
 
 
+def connect(settings: CoreSettings) -> redis.Redis[str]:
+    """A client that rides out short Redis restarts: reconnects and retries a call on a lost
+    connection, with timeouts so no thread hangs on a dead server."""
+    from redis.backoff import ExponentialBackoff
+    from redis.retry import Retry
+
+    return redis.Redis.from_url(
+        redis_url(settings),
+        decode_responses=True,
+        health_check_interval=10,
+        socket_timeout=30,
+        socket_connect_timeout=5,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), 5),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
 class Runtime:
     """Everything a task needs, created lazily and cached for the life of the process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: CoreSettings) -> None:
         self.settings = settings
-        client = redis.Redis.from_url(
-            redis_url(settings),
-            decode_responses=True,
-            health_check_interval=30,
-            socket_timeout=30,
-            socket_connect_timeout=10,
-            retry_on_timeout=True,
-        )
-        self.state = State(client)
+        self.state = State(connect(settings))
         self._lock = threading.Lock()
         self._providers: dict[str, Provider] = {}
         self._stores: dict[str, Store] = {}
         self.downloads = httpx.Client(
             timeout=httpx.Timeout(60.0, connect=10.0),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
-            follow_redirects=True,
+            follow_redirects=False,
         )
+        self.observers: list[Observer] = []
+        self.heartbeat: Heartbeat | None = None
+        """This process's lease keeper, when it runs a worker (set by the worker bootstep)."""
+
+    @property
+    def webhooks_on(self) -> bool:
+        return bool(self.settings.webhook_url)
 
     def provider(self, name: str) -> Provider:
         with self._lock:
@@ -69,18 +96,43 @@ class Runtime:
         host = urlsplit(self.settings.provider_config(provider).base_url).hostname
         return frozenset({host}) if host else frozenset()
 
+    def context(self, meta: dict[str, str]) -> Context:
+        from worker import webhook
+        from worker.steps import Context
+
+        state, batch = self.state, meta.get("batch_id", "")
+        ttl = self.settings.line_deadline_s + self.settings.storage_deadline_s
+        return Context(
+            settings=self.settings,
+            batch=meta,
+            adapter=self.provider,
+            store=self.store(meta["out"]),
+            downloads=self.downloads,
+            trusted_hosts=self.trusted_hosts,
+            expected_latency=state.expected_latency,
+            reserve=lambda amount, budget: state.reserve(batch, amount, budget),
+            put_blob=lambda idx, k, data: state.put_blob(batch, idx, k, data, ttl),
+            get_blob=state.get_blob,
+            usd_rates=self.settings.usd_rates(),
+            webhook_url=webhook.callback_url(self.settings),
+        )
+
+    def observe(self, rec: LineRecord, t: Transition) -> None:
+        for observer in self.observers:
+            observer(rec, t)
+
     def close(self) -> None:
         for adapter in self._providers.values():
             adapter.close()
         self.downloads.close()
-        self.state.r.close()
+        self.state.client.close()
 
 
 _current: Runtime | None = None
 _current_lock = threading.Lock()
 
 
-def configure(settings: Settings) -> Runtime:
+def configure(settings: CoreSettings) -> Runtime:
     """Install the process's runtime (the CLI does this before starting a worker)."""
     global _current
     with _current_lock:

@@ -1,290 +1,377 @@
-"""Batch and line state in Redis: the record every task reads before it acts.
+"""Typed access to imagebatch's Redis state: the keys of ``worker.keys``, the scripts of
+``worker/lua``. Callers never build a key or send a raw command themselves.
 
-Keys (``B`` = batch id, ``I`` = the line's index among counted lines):
-    ib:B            hash  the batch: out, total, provider, status, stop_reason, summary, ...
-    ib:B:n          hash  counters: done, succeeded, failed, rejected, credits, reserved, ...
-    ib:B:i:I        hash  one line: status, seq, attempt, job_id, artifacts, row, ...
-    ib:B:l:I        str   a lease: the task currently working on the line
-    ib:B:blob:I:K   bytes image K of line I when the provider sent it inline (until stored)
-    ib:B:due        zset  lines by the time their next step should have started (sweeper)
-    ib:active       set   batches not yet finalized
-    ib:rate:P       hash  provider P's shared token bucket (and pause after a 429)
-    ib:slots:P      zset  provider P's in-flight jobs, scored by lease expiry
-    ib:parked:P     list  lines waiting for one of P's slots ("batch idx seq"), oldest first
-
-Every transition that must not happen twice (a line finishing, a budget reservation, a slot)
-is one Lua script, so concurrent workers and redelivered tasks cannot double count.
+Every change that must not happen twice (a transition, an admission, a budget hold, a slot)
+is one Lua script, so concurrent workers and stale message copies cannot double count.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
 
-TERMINAL = frozenset({"succeeded", "failed", "rejected"})
+from jobs.pricing import currency
+from jobs.providers.registry import REGISTRY
+from worker import keys
+from worker.records import TABLE, Home, LineRecord, LineStatus, Transition, encode_changes
 
-FINISH = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {-2, -1} end
-local s = redis.call('HGET', KEYS[1], 'status')
-if s == 'succeeded' or s == 'failed' or s == 'rejected' then return {-1, -1} end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'row', ARGV[2])
-redis.call('HINCRBY', KEYS[2], ARGV[1], 1)
-redis.call('HINCRBYFLOAT', KEYS[2], 'credits', ARGV[3])
-redis.call('ZREM', KEYS[4], ARGV[4])
-local done = redis.call('HINCRBY', KEYS[2], 'done', 1)
-local total = tonumber(redis.call('HGET', KEYS[3], 'total') or '-1')
-return {done, total}
-"""
+LUA = Path(__file__).with_name("lua")
 
-SEAL = """
-redis.call('HSET', KEYS[1], 'total', ARGV[1])
-return tonumber(redis.call('HGET', KEYS[2], 'done') or '0')
-"""
 
-RESERVE = """
-local reserved = tonumber(redis.call('HGET', KEYS[1], 'reserved') or '0')
-local limit = tonumber(ARGV[2])
-if limit >= 0 and reserved + tonumber(ARGV[1]) > limit + 1e-9 then return 0 end
-redis.call('HINCRBYFLOAT', KEYS[1], 'reserved', ARGV[1])
-return 1
-"""
+def home_key(home: Home, provider: str) -> str:
+    if home is Home.READY:
+        return keys.ready(provider)
+    if home is Home.FLIGHT:
+        return keys.flight(provider)
+    if home is Home.STORE:
+        return keys.STORE
+    return "-"
 
-RATE_LIMIT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-local rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2])
-local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts', 'pause')
-local pause = tonumber(b[3]) or 0
-if pause > now then return tostring(pause - now) end
-local tokens = tonumber(b[1]) or burst
-local ts = tonumber(b[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
-local wait = 0
-if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
-redis.call('EXPIRE', KEYS[1], 3600)
-return tostring(wait)
-"""
 
-PAUSE = """
-local t = redis.call('TIME')
-local until_ = tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[1])
-local current = tonumber(redis.call('HGET', KEYS[1], 'pause') or '0')
-if until_ > current then redis.call('HSET', KEYS[1], 'pause', tostring(until_)) end
-redis.call('EXPIRE', KEYS[1], 3600)
-return 1
-"""
+@dataclass(frozen=True)
+class Pumped:
+    """What ``pump.lua`` handed out for one provider."""
 
-SLOT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-local expiry = now + tonumber(ARGV[3])
-if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-  redis.call('ZADD', KEYS[1], expiry, ARGV[1])
-  return 1
-end
-if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[2]) then
-  redis.call('ZADD', KEYS[1], expiry, ARGV[1])
-  return 1
-end
-return 0
-"""
+    polls: list[tuple[str, int, int, LineStatus]]
+    """(batch, idx, seq, status) of due flight lines: polls, or steps whose lease ran out."""
+    submits: list[tuple[str, int, int]]
+    in_flight: int
+    next_flight: float | None
+    next_ready: float | None
+
+
+@dataclass(frozen=True)
+class Applied:
+    applied: bool
+    last: bool
+    """The batch's last line just ended: finalize it."""
 
 
 class State:
-    """Typed access to the keys above. Values come back as ``str`` (decode_responses)."""
+    """The Redis state store. Values come back as ``str`` (``decode_responses``)."""
 
     def __init__(self, client: redis.Redis[str]) -> None:
-        self.r = client
-        self._finish = client.register_script(FINISH)
-        self._seal = client.register_script(SEAL)
-        self._reserve = client.register_script(RESERVE)
-        self._token = client.register_script(RATE_LIMIT)
-        self._pause = client.register_script(PAUSE)
-        self._slot = client.register_script(SLOT)
+        self.client = client
+        self._scripts = {
+            path.stem: client.register_script(path.read_text()) for path in LUA.glob("*.lua")
+        }
 
-    # -- the batch -------------------------------------------------------------------------
+    def _run(self, name: str, keys_: list[str], args: list[Any]) -> Any:
+        return self._scripts[name](keys=keys_, args=args)
 
-    @staticmethod
-    def meta_key(batch: str) -> str:
-        return f"ib:{batch}"
+    def ping(self) -> bool:
+        return bool(self.client.ping())
 
-    @staticmethod
-    def item_key(batch: str, idx: int) -> str:
-        return f"ib:{batch}:i:{idx}"
+    # -- batches ------------------------------------------------------------------------------
 
-    def meta(self, batch: str) -> dict[str, str]:
-        return self.r.hgetall(self.meta_key(batch))
+    def batch(self, b: str) -> dict[str, str]:
+        return self.client.hgetall(keys.batch(b))
 
-    def set_meta(self, batch: str, **fields: Any) -> None:
-        self.r.hset(self.meta_key(batch), mapping={k: _str(v) for k, v in fields.items()})
+    def set_batch(self, b: str, **values: Any) -> None:
+        self.client.hset(keys.batch(b), mapping={k: _text(v) for k, v in values.items()})
 
-    def counts(self, batch: str) -> dict[str, float]:
-        raw: dict[str, str] = self.r.hgetall(f"ib:{batch}:n")
-        return {key: float(value) for key, value in raw.items()}
+    def drop_batch_fields(self, b: str, *names: str) -> None:
+        self.client.hdel(keys.batch(b), *names)
 
-    def bump(self, batch: str, counter: str, amount: int = 1) -> None:
-        self.r.hincrby(f"ib:{batch}:n", counter, amount)
+    def counters(self, b: str) -> dict[str, float]:
+        return {k: float(v) for k, v in self.client.hgetall(keys.counters(b)).items()}
 
-    def seal(self, batch: str, total: int) -> int:
-        """Record the line count once enqueueing is over; returns how many are already done."""
-        return int(self._seal(keys=[self.meta_key(batch), f"ib:{batch}:n"], args=[total]))
+    def add_counts(self, b: str, **amounts: float) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for name, amount in amounts.items():
+            pipe.hincrbyfloat(keys.counters(b), name, amount)
+        pipe.execute()
 
-    def reset_run(self, batch: str) -> None:
-        """Forget a finished run's counters (its rows live on in the output store)."""
-        self.r.delete(f"ib:{batch}:n")
-        self.r.hdel(
-            self.meta_key(batch),
-            "total",
-            "summary",
-            "finished_at",
-            "status",
-            "stop_reason",
-            "finalizing",
+    def active_batches(self) -> list[str]:
+        return sorted(self.client.smembers(keys.BATCHES))
+
+    def deactivate(self, b: str) -> None:
+        self.client.srem(keys.BATCHES, b)
+
+    def seed(
+        self,
+        b: str,
+        record: Mapping[str, Any],
+        counts: Mapping[str, float],
+        skip: bytes,
+        prior: Mapping[int, int],
+    ) -> None:
+        """Write a new or resumed batch: its record, counters, skip bitmap and prior attempts.
+
+        Whatever Redis held for the batch before is replaced: the output store's part files
+        are the record a resume trusts, and they went into ``counts``, ``skip`` and ``prior``.
+        """
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(keys.counters(b), keys.skip(b), keys.prior(b), keys.rows(b))
+        pipe.delete(keys.batch(b))
+        pipe.hset(keys.batch(b), mapping={k: _text(v) for k, v in record.items()})
+        if counts:
+            pipe.hset(keys.counters(b), mapping={k: _text(v) for k, v in counts.items()})
+        if skip:
+            pipe.set(keys.skip(b), skip)
+        items = list(prior.items())
+        for start in range(0, len(items), 1000):
+            chunk = dict(items[start : start + 1000])
+            pipe.hset(keys.prior(b), mapping={str(k): str(v) for k, v in chunk.items()})
+        pipe.sadd(keys.BATCHES, b)
+        pipe.lpush(keys.WAKE, "batch")
+        pipe.execute()
+
+    def line_count(self, b: str) -> int:
+        """Line records of the batch in Redis right now (the window's occupancy, for tests)."""
+        return sum(1 for _ in self.client.scan_iter(match=keys.line_pattern(b), count=1000))
+
+    def lines(self, b: str) -> Iterator[LineRecord]:
+        for key in self.client.scan_iter(match=keys.line_pattern(b), count=1000):
+            data = self.client.hgetall(key)
+            if data:
+                yield LineRecord.from_hash(b, int(key.rsplit(":", 1)[1]), data)
+
+    def purge(self, b: str) -> None:
+        """Delete every key of the batch except its record (which keeps the summary)."""
+        batch_keys: list[str] = []
+        for key in self.client.scan_iter(match=keys.batch_pattern(b), count=1000):
+            batch_keys.append(key)
+            if len(batch_keys) >= 500:
+                self.client.delete(*batch_keys)
+                batch_keys = []
+        if batch_keys:
+            self.client.delete(*batch_keys)
+        self.client.srem(keys.BATCHES, b)
+
+    # -- the feeder ---------------------------------------------------------------------------
+
+    def skip_bits(self, b: str, first: int, count: int) -> bytes:
+        """The skip bitmap's bytes covering lines ``first .. first + count - 1``."""
+        start, end = first // 8, (first + count - 1) // 8
+        value = self.client.execute_command("GETRANGE", keys.skip(b), start, end, NEVER_DECODE=True)
+        return bytes(value or b"")
+
+    def prior_attempts(self, b: str, idxs: list[int]) -> dict[int, int]:
+        if not idxs:
+            return {}
+        values = self.client.hmget(keys.prior(b), [str(i) for i in idxs])
+        return {i: int(v) for i, v in zip(idxs, values, strict=True) if v is not None}
+
+    def admit(
+        self,
+        b: str,
+        expected_idx: int,
+        cursor: tuple[int, int, int],
+        lines: list[LineRecord],
+        ended: list[tuple[int, str, str]],
+        eligible: float,
+    ) -> bool:
+        """Admit ``lines`` (and rows of lines that end at once) if the cursor is still
+        ``expected_idx``; ``cursor`` is the new (index, byte offset, line number)."""
+        args: list[Any] = [
+            expected_idx,
+            *cursor,
+            keys.LINE_FORMAT,
+            keys.READY_FORMAT,
+            repr(eligible),
+            len(lines),
+        ]
+        for rec in lines:
+            data = rec.to_hash()
+            args += [rec.idx, rec.provider, len(data)]
+            for name, value in data.items():
+                args += [name, value]
+        args.append(len(ended))
+        for idx, status, row in ended:
+            args += [idx, status, row]
+        target = [keys.batch(b), keys.PROVIDERS, keys.counters(b), keys.rows(b), keys.WAKE]
+        return bool(self._run("admit", target, args))
+
+    # -- the scheduler ------------------------------------------------------------------------
+
+    def providers(self) -> set[str]:
+        return set(self.client.smembers(keys.PROVIDERS))
+
+    def pump(self, provider: str, now: float, lease: float, cap: int, budget: int) -> Pumped:
+        polls, submits, in_flight, nf, nr = self._run(
+            "pump",
+            [keys.ready(provider), keys.flight(provider)],
+            [repr(now), lease, cap, budget, keys.LINE_FORMAT],
+        )
+        return Pumped(
+            [(*keys.parse_member(m), int(seq), LineStatus(status)) for m, seq, status in polls],
+            [(*keys.parse_member(m), int(seq)) for m, seq in submits],
+            int(in_flight),
+            float(nf) if nf else None,
+            float(nr) if nr else None,
         )
 
-    # -- lines -----------------------------------------------------------------------------
+    def claim_stores(
+        self, now: float, lease: float, most: int
+    ) -> tuple[list[tuple[str, int, int]], float | None]:
+        claimed, nxt = self._run("claim", [keys.STORE], [repr(now), lease, most, keys.LINE_FORMAT])
+        return [(*keys.parse_member(m), int(seq)) for m, seq in claimed], (
+            float(nxt) if nxt else None
+        )
 
-    def add_item(self, batch: str, idx: int, fields: dict[str, Any]) -> bool:
-        """Create the line's record unless it exists (a resumed batch keeps its progress)."""
-        key = self.item_key(batch, idx)
-        if self.r.hsetnx(key, "status", fields.get("status", "pending")) == 0:
+    def in_flight(self, provider: str) -> int:
+        return int(self.client.zcard(keys.flight(provider)))
+
+    def waiting(self, provider: str) -> int:
+        return int(self.client.zcard(keys.ready(provider)))
+
+    def limits(self, provider: str) -> dict[str, str]:
+        return self.client.hgetall(keys.limit(provider))
+
+    def set_limits(self, provider: str, **values: Any) -> None:
+        self.client.hset(keys.limit(provider), mapping={k: _text(v) for k, v in values.items()})
+
+    def note_429(
+        self,
+        provider: str,
+        kind: str,
+        retry_after: float,
+        in_flight: int,
+        cap: int,
+        rate: float,
+        floor_rate: float,
+    ) -> None:
+        args = [kind, repr(time.time()), retry_after, in_flight, cap, rate, floor_rate]
+        self._run("limit", [keys.limit(provider)], args)
+        self.client.lpush(keys.WAKE, "limit")
+
+    def wait_for_wake(self, timeout: float) -> bool:
+        """Block up to ``timeout`` for an event; drain the rest. True when one came."""
+        if timeout <= 0:
             return False
-        self.r.hset(key, mapping={k: _str(v) for k, v in fields.items()})
-        return True
+        got = self.client.blpop([keys.WAKE], timeout=max(0.01, timeout))
+        if got is not None:
+            self.client.delete(keys.WAKE)
+        return got is not None
 
-    def item(self, batch: str, idx: int) -> dict[str, str]:
-        return self.r.hgetall(self.item_key(batch, idx))
+    def wake(self, reason: str) -> None:
+        self.client.lpush(keys.WAKE, reason)
 
-    def update(self, batch: str, idx: int, **fields: Any) -> None:
-        self.r.hset(self.item_key(batch, idx), mapping={k: _str(v) for k, v in fields.items()})
+    # -- tasks --------------------------------------------------------------------------------
 
-    def next_seq(self, batch: str, idx: int) -> int:
-        """Move the line to its next step; tasks holding an older ``seq`` are stale copies."""
-        key = self.item_key(batch, idx)
-        pipe = self.r.pipeline()
-        pipe.hincrby(key, "seq", 1)
-        pipe.hset(key, "starts", 0)
-        return int(pipe.execute()[0])
+    def begin(self, b: str, idx: int, seq: int, owner: str) -> LineRecord | None:
+        raw = self._run("begin", [keys.line(b, idx)], [seq, owner])
+        if not raw:
+            return None
+        return LineRecord.from_hash(b, idx, dict(zip(raw[::2], raw[1::2], strict=True)))
 
-    def schedule(self, batch: str, idx: int, in_s: float) -> None:
-        """The line's next step should start within ``in_s``; the sweeper checks it did."""
-        self.r.zadd(f"ib:{batch}:due", {str(idx): time.time() + in_s})
+    def read(self, b: str, idx: int) -> LineRecord | None:
+        data = self.client.hgetall(keys.line(b, idx))
+        return LineRecord.from_hash(b, idx, data) if data else None
 
-    def overdue(self, batch: str, grace_s: float, limit: int = 1000) -> list[int]:
-        due = self.r.zrangebyscore(f"ib:{batch}:due", "-inf", time.time() - grace_s, 0, limit)
-        return [int(idx) for idx in due]
+    def apply(
+        self,
+        rec: LineRecord,
+        t: Transition,
+        *,
+        model: str,
+        index_jobs: bool,
+        drop_keys: Iterable[str] = (),
+    ) -> Applied:
+        now = time.time()
+        old, new = rec.info.home, TABLE[t.status].home
+        job_op = ""
+        if index_jobs:
+            job = str(t.changes.get("job_id", rec.job_id) or "")
+            if new is Home.FLIGHT and job and t.status is LineStatus.SUBMITTED:
+                job_op = f"set:{job}"
+            elif old is Home.FLIGHT and new is not Home.FLIGHT and rec.job_id:
+                job_op = f"del:{rec.job_id}"
+        fields = encode_changes(t.changes)
+        counts = {k: v for k, v in t.counts.items() if v}
+        if t.row is not None and t.row.credits:
+            unit = REGISTRY[rec.provider].credit_unit
+            name = f"credits:{currency(rec.provider, unit)}"
+            counts[name] = counts.get(name, 0.0) + t.row.credits
+        drop = list(drop_keys)
+        args: list[Any] = [
+            rec.seq,
+            rec.member,
+            t.status.value,
+            repr(now + t.due_in),
+            "1" if t.row is not None else "0",
+            t.row.model_dump_json() if t.row is not None else "",
+            rec.idx,
+            job_op,
+            "" if t.latency_s is None else repr(t.latency_s),
+            len(fields),
+        ]
+        for name, value in fields.items():
+            args += [name, value]
+        args.append(len(counts))
+        for name, amount in counts.items():
+            args += [name, repr(float(amount))]
+        args.append(len(drop))
+        args += drop
+        target = [
+            keys.line(rec.batch, rec.idx),
+            home_key(old, rec.provider),
+            home_key(new, rec.provider),
+            keys.counters(rec.batch),
+            keys.rows(rec.batch),
+            keys.WAKE,
+            keys.batch(rec.batch),
+            keys.jobs(rec.provider) if job_op else "-",
+            keys.latency(rec.provider, model) if t.latency_s is not None else "-",
+        ]
+        applied, done, total = self._run("apply", target, args)
+        return Applied(bool(applied), bool(applied) and int(total) >= 0 and done == total)
 
-    def activate(self, batch: str) -> None:
-        self.r.sadd("ib:active", batch)
+    def reserve(self, b: str, amount: float, budget: float) -> bool:
+        return bool(self._run("reserve", [keys.counters(b)], [repr(amount), repr(budget)]))
 
-    def active(self) -> list[str]:
-        return sorted(self.r.smembers("ib:active"))
+    def renew(self, entries: Iterable[tuple[str, str]], until: float) -> None:
+        """Push the leases of running steps to ``until`` (``ZADD XX GT``: never shortens one)."""
+        pipe = self.client.pipeline(transaction=False)
+        for zset, member in entries:
+            pipe.zadd(zset, {member: until}, xx=True, gt=True)
+        pipe.execute()
 
-    def deactivate(self, batch: str) -> None:
-        self.r.srem("ib:active", batch)
+    def expected_latency(self, provider: str, model: str) -> float | None:
+        mean, dev = self.client.hmget(keys.latency(provider, model), ["mean", "dev"])
+        if mean is None:
+            return None
+        return float(mean) + 0.5 * float(dev or 0)
 
-    def count_start(self, batch: str, idx: int) -> int:
-        return int(self.r.hincrby(self.item_key(batch, idx), "starts", 1))
+    def line_of_job(self, provider: str, job_id: str) -> tuple[str, int] | None:
+        found = self.client.hget(keys.jobs(provider), job_id)
+        return keys.parse_member(found) if found else None
 
-    def lease(self, batch: str, idx: int, seconds: float) -> bool:
-        return bool(self.r.set(f"ib:{batch}:l:{idx}", "1", nx=True, px=int(seconds * 1000)))
+    def worker_alive(self, host: str, ttl: float) -> None:
+        self.client.set(keys.worker(host), repr(time.time()), px=int(ttl * 1000))
 
-    def lease_left(self, batch: str, idx: int) -> float:
-        return max(0.0, int(self.r.pttl(f"ib:{batch}:l:{idx}")) / 1000)
+    def worker_seen(self, host: str) -> bool:
+        return bool(self.client.exists(keys.worker(host)))
 
-    def release(self, batch: str, idx: int) -> None:
-        self.r.delete(f"ib:{batch}:l:{idx}")
+    # -- rows and blobs -----------------------------------------------------------------------
 
-    def finish(
-        self, batch: str, idx: int, status: str, row: str, credits: float
-    ) -> tuple[int, int]:
-        """Mark the line terminal once; returns (done, total), done < 0 if it already was."""
-        done, total = self._finish(
-            keys=[
-                self.item_key(batch, idx),
-                f"ib:{batch}:n",
-                self.meta_key(batch),
-                f"ib:{batch}:due",
-            ],
-            args=[status, row, repr(float(credits)), idx],
-        )
-        return int(done), int(total)
+    def pending_rows(self, b: str, most: int) -> list[str]:
+        return self.client.lrange(keys.rows(b), 0, most - 1)
 
-    def rows(self, batch: str, total: int, chunk: int = 500) -> Iterator[str | None]:
-        """Each line's row in index order, fetched in pipelined chunks (bounded memory)."""
-        for start in range(0, total, chunk):
-            pipe = self.r.pipeline(transaction=False)
-            for idx in range(start, min(total, start + chunk)):
-                pipe.hget(self.item_key(batch, idx), "row")
-            yield from pipe.execute()
+    def unflushed(self, b: str) -> int:
+        return int(self.client.llen(keys.rows(b)))
 
-    def put_blob(self, batch: str, idx: int, k: int, data: bytes, ttl: int) -> str:
-        key = f"ib:{batch}:blob:{idx}:{k}"
-        self.r.set(key, data, ex=ttl)
+    def drop_rows(self, b: str, count: int) -> None:
+        self.client.ltrim(keys.rows(b), count, -1)
+
+    def put_blob(self, b: str, idx: int, k: int, data: bytes, ttl: float) -> str:
+        key = keys.blob(b, idx, k)
+        self.client.set(key, data, ex=int(ttl))
         return key
 
     def get_blob(self, key: str) -> bytes | None:
-        value = self.r.execute_command("GET", key, NEVER_DECODE=True)
+        value = self.client.execute_command("GET", key, NEVER_DECODE=True)
         return value if isinstance(value, bytes) else None
 
-    def purge(self, batch: str) -> int:
-        """Delete every key of the batch but its record (and the summary it now holds)."""
-        removed = 0
-        keys: list[str] = []
-        for key in self.r.scan_iter(match=f"ib:{batch}:*", count=1000):
-            keys.append(key)
-            if len(keys) >= 1000:
-                removed += int(self.r.delete(*keys))
-                keys = []
-        if keys:
-            removed += int(self.r.delete(*keys))
-        return removed
 
-    # -- money and limits, shared by every worker -------------------------------------------
-
-    def reserve(self, batch: str, amount: float, limit: float | None) -> bool:
-        args = [repr(float(amount)), repr(-1.0 if limit is None else float(limit))]
-        return bool(self._reserve(keys=[f"ib:{batch}:n"], args=args))
-
-    def unreserve(self, batch: str, amount: float) -> None:
-        self.r.hincrbyfloat(f"ib:{batch}:n", "reserved", -float(amount))
-
-    def take_token(self, provider: str, rate: float, burst: float) -> float:
-        """0 when a request may go now; else the seconds to wait (shared by all workers)."""
-        return float(self._token(keys=[f"ib:rate:{provider}"], args=[rate, burst]))
-
-    def pause(self, provider: str, seconds: float) -> None:
-        """A 429 slows every worker down, not just the one that saw it."""
-        self._pause(keys=[f"ib:rate:{provider}"], args=[seconds])
-
-    def take_slot(self, provider: str, member: str, limit: int, lease_s: float) -> bool:
-        return bool(self._slot(keys=[f"ib:slots:{provider}"], args=[member, limit, lease_s]))
-
-    def free_slot(self, provider: str, member: str) -> tuple[str, int, int] | None:
-        """Give the slot back; returns the longest-parked line, which should now try again."""
-        if not self.r.zrem(f"ib:slots:{provider}", member):
-            return None
-        return self.unpark(provider)
-
-    def unpark(self, provider: str) -> tuple[str, int, int] | None:
-        """The longest-parked line of this provider, taken off the list."""
-        parked = self.r.rpop(f"ib:parked:{provider}")
-        if parked is None:
-            return None
-        batch, idx, seq = parked.rsplit(" ", 2)
-        return batch, int(idx), int(seq)
-
-    def park(self, provider: str, batch: str, idx: int, seq: int) -> None:
-        self.r.lpush(f"ib:parked:{provider}", f"{batch} {idx} {seq}")
-
-
-def _str(value: Any) -> str:
+def _text(value: Any) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, dict | list):

@@ -1,55 +1,85 @@
-"""Celery tasks: thin glue that runs a pipeline step and queues the next one.
+"""Celery tasks: thin glue around the runner, the feeder and the batch's ending.
 
-``submit``, ``poll`` and ``store`` share one body: each reads the line's state and does
-only the step still missing, so a task delivered twice, or late, does no harm.
+A step task carries a group of lines (``[[index, seq], ...]``) of one batch; the scheduler
+sends only work that can run now. Each task is safe to run twice or late: the runner skips
+lines whose seq moved on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from worker import batch as batches
-from worker import runtime
-from worker.app import QUEUE, SUBMIT_QUEUE, app
-from worker.pipeline import Next, Pipeline
+from jobs.errors import ImagebatchError
+from worker import feeder, finish, runtime
+from worker.app import QUEUE, app
+from worker.records import Step
+from worker.runner import Runner
 
 
-def send_step(batch: str, idx: int, next_: Next) -> None:
-    """Queue a step; countdowns stay well under the broker's visibility timeout."""
-    limit = runtime.current().settings.visibility_timeout_s / 4
-    # First submits wait in their own queue, so polls and stores never queue behind them.
-    queue = SUBMIT_QUEUE if next_.step == "submit" and next_.seq == 0 else QUEUE
-    countdown = max(0.0, min(next_.countdown, limit))
-    STEPS[next_.step].apply_async((batch, idx, next_.seq), countdown=countdown or None, queue=queue)
+class LinesFailed(ImagebatchError):
+    """Some lines of this task ended ``failed``: the task shows as failed (Flower, events)."""
+
+    type = "lines_failed"
+
+
+def _run(step: Step, batch: str, lines: Sequence[Sequence[int]]) -> dict[str, object]:
+    rt = runtime.current()
+    runner = Runner(rt, on_last=send_finalize, heartbeat=rt.heartbeat)
+    report = runner.run(step, batch, [(int(idx), int(seq)) for idx, seq in lines])
+    if report.failed:
+        raise LinesFailed(f"batch {batch}: lines failed: {', '.join(report.failed)}")
+    return report.as_result()
+
+
+@app.task(name="imagebatch.submit", throws=(LinesFailed,))
+def submit(batch: str, lines: list[list[int]]) -> dict[str, object]:
+    return _run(Step.SUBMIT, batch, lines)
+
+
+@app.task(name="imagebatch.poll", throws=(LinesFailed,))
+def poll(batch: str, lines: list[list[int]]) -> dict[str, object]:
+    return _run(Step.POLL, batch, lines)
+
+
+@app.task(name="imagebatch.store", throws=(LinesFailed,))
+def store(batch: str, lines: list[list[int]]) -> dict[str, object]:
+    return _run(Step.STORE, batch, lines)
+
+
+@app.task(name="imagebatch.feed")
+def feed(batch: str) -> int:
+    return feeder.feed(runtime.current(), batch)
+
+
+@app.task(name="imagebatch.flush")
+def flush(batch: str) -> int:
+    return finish.flush(runtime.current(), batch)
+
+
+@app.task(name="imagebatch.drain")
+def drain(batch: str) -> int:
+    return finish.drain(runtime.current(), batch)
+
+
+@app.task(name="imagebatch.finalize")
+def finalize(batch: str) -> dict[str, Any] | None:
+    return finish.finalize(runtime.current(), batch)
+
+
+STEP_TASKS: dict[Step, Any] = {Step.SUBMIT: submit, Step.POLL: poll, Step.STORE: store}
+BATCH_TASKS: dict[str, Any] = {"feed": feed, "flush": flush, "drain": drain, "finalize": finalize}
 
 
 def send_finalize(batch: str) -> None:
     finalize.apply_async((batch,), queue=QUEUE)
 
 
-def _advance(batch: str, idx: int, seq: int) -> None:
-    if Pipeline(runtime.current()).run(batch, idx, seq, send_step):
-        send_finalize(batch)
+class CeleryDispatch:
+    """The scheduler's ``Dispatch``: every decision becomes a task on the one queue."""
 
+    def step(self, step: Step, batch: str, lines: Sequence[tuple[int, int]]) -> None:
+        STEP_TASKS[step].apply_async((batch, [list(line) for line in lines]), queue=QUEUE)
 
-@app.task(name="imagebatch.submit")
-def submit(batch: str, idx: int, seq: int) -> None:
-    _advance(batch, idx, seq)
-
-
-@app.task(name="imagebatch.poll")
-def poll(batch: str, idx: int, seq: int) -> None:
-    _advance(batch, idx, seq)
-
-
-@app.task(name="imagebatch.store")
-def store(batch: str, idx: int, seq: int) -> None:
-    _advance(batch, idx, seq)
-
-
-@app.task(name="imagebatch.finalize")
-def finalize(batch: str) -> None:
-    batches.finalize(runtime.current(), batch)
-
-
-STEPS: dict[str, Any] = {"submit": submit, "poll": poll, "store": store}
+    def batch_task(self, name: str, batch: str) -> None:
+        BATCH_TASKS[name].apply_async((batch,), queue=QUEUE)

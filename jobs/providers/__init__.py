@@ -1,60 +1,47 @@
-"""Provider adapters by name. A new provider is one module here plus one line in ``ADAPTERS``."""
+"""Provider adapters by name, built from the registry (``jobs.providers.registry``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from jobs.errors import ConfigError
-from jobs.providers.aimlapi import AIMLAPI
-from jobs.providers.apiframe import APIFrame
-from jobs.providers.base import Provider
-from jobs.providers.omixa import Omixa
-from jobs.providers.openai import OpenAI
-from jobs.providers.oxen import Oxen
-from jobs.settings import ProviderConfig, Settings
+from jobs.providers.registry import REGISTRY, names
 
-ADAPTERS: dict[str, Callable[[ProviderConfig], Provider]] = {
-    "apiframe": APIFrame,
-    "simulator": APIFrame,
-    "openai": OpenAI,
-    "aimlapi": AIMLAPI,
-    "omixa": Omixa,
-    "oxen": Oxen,
-}
-DESCRIPTIONS = {
-    "apiframe": "APIFrame API",
-    "simulator": "APIFrame API",
-    "openai": "OpenAI Images API",
-    "aimlapi": "AI/ML API",
-    "omixa": "Omixa gateway",
-    "oxen": "Oxen.ai",
-}
+if TYPE_CHECKING:
+    from jobs.providers.base import Provider
+    from jobs.settings import CoreSettings
+
+__all__ = ["build", "create", "names"]
 
 
-def names() -> list[str]:
-    return list(ADAPTERS)
+def _known(name: str) -> None:
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown provider {name!r}: use one of {', '.join(names())}")
 
 
-def build(name: str, settings: Settings) -> Provider:
+def build(name: str, settings: CoreSettings) -> Provider:
     """An adapter for validating and pricing; it may lack the key it needs to submit."""
-    if name not in ADAPTERS:
-        raise ConfigError(f"unknown provider {name!r}: use one of {', '.join(ADAPTERS)}")
-    return ADAPTERS[name](settings.provider_config(name))
+    _known(name)
+    return REGISTRY[name].build(settings.provider_config(name))
 
 
-def create(name: str, settings: Settings) -> Provider:
+def create(name: str, settings: CoreSettings) -> Provider:
     """A ready adapter, or ``ConfigError`` naming the setting that is missing."""
-    if name not in ADAPTERS:
-        raise ConfigError(f"unknown provider {name!r}: use one of {', '.join(ADAPTERS)}")
+    _known(name)
+    spec = REGISTRY[name]
     config = settings.provider_config(name)
-    if name == "simulator" and not config.base_url:
+    if not config.base_url:
         raise ConfigError(
-            "provider 'simulator' needs a running simulator: start `imagebatch simulate` "
-            "and set IMAGEBATCH_SIMULATOR_BASE_URL (imagebatch run starts one by itself)"
+            f"provider {name!r} has no base URL: set IMAGEBATCH_{name.upper()}_BASE_URL"
+            + (
+                " to a running `imagebatch simulate` (imagebatch run starts one by itself)"
+                if spec.builtin_simulator
+                else ""
+            )
         )
     if config.api_key is None:
         raise ConfigError(
             f"no provider key: set IMAGEBATCH_{name.upper()}_API_KEY, "
             "or use --provider simulator to try it out"
         )
-    return ADAPTERS[name](config)
+    return spec.build(config)

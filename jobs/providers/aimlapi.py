@@ -42,7 +42,7 @@ class AIMLAPI(SyncImageAPI):
                 "output_compression",
                 "moderation",
             ),
-            **(request.provider_params or {}),
+            **request.extra_params(self.modelled),
         }
 
     def billed(self, body: dict[str, Any]) -> float | None:

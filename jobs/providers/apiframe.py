@@ -7,16 +7,18 @@ original job instead of buying a second one.
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any, ClassVar
 
 import httpx
 
 from jobs.errors import JobFailed, TransientProviderError
-from jobs.pricing import PRICES
 from jobs.providers.base import Artifact, Finished, Pending, PollOutcome, SubmitOutcome, Submitted
 from jobs.providers.http import check, json_object, make_client, send
-from jobs.request import ImageRequest
+from jobs.providers.registry import REGISTRY
+from jobs.request import ImageRequest, overridden
 from jobs.settings import ProviderConfig
+from jobs.text import shown
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +27,22 @@ PARAMS_BLOCK = {"gpt-image-1.5": "gptImageParams", "gpt-image-2": "gptImage2Para
 MAX_PROMPT = 2000
 PENDING = {"QUEUED", "PROCESSING"}
 POLICY_WORDS = ("policy", "moderation", "safety", "nsfw", "inappropriate", "blocked")
+BODY_FIELDS: dict[str, str | None] = {
+    "model": "model",
+    "prompt": "prompt",
+    "webhookUrl": None,
+    "webhookEvents": None,
+    "number_of_images": "n",
+    "aspect_ratio": "size",
+    "quality": "quality",
+    "output_format": "output_format",
+    "background": "background",
+    "input_images": "input_images",
+    "input_fidelity": "input_fidelity",
+    "moderation": "moderation",
+}
+"""Keys the adapter sets, top level and in the params block, with the manifest field behind
+each (None: imagebatch decides it). ``provider_params`` may not set them: they are priced."""
 
 
 class APIFrame:
@@ -33,13 +51,16 @@ class APIFrame:
     idempotent_submit: ClassVar[bool] = True
     max_images_per_request: ClassVar[int] = 10
     credit_unit: ClassVar[str] = "credits"
+    polled: ClassVar[bool] = True
+    webhooks: ClassVar[bool] = True
+    modelled: ClassVar[dict[str, str | None]] = BODY_FIELDS
 
     def __init__(self, config: ProviderConfig, client: httpx.Client | None = None) -> None:
         self.name = config.name
         self.config = config
         self.base_url = config.base_url.rstrip("/")
         self.client = client or make_client(config)
-        self.prices = PRICES["apiframe"]
+        self.prices = REGISTRY[config.name].prices
 
     def validate(self, request: ImageRequest) -> list[tuple[str, str]]:
         problems: list[tuple[str, str]] = []
@@ -47,7 +68,7 @@ class APIFrame:
             problems.append(("prompt", f"APIFrame accepts prompts up to {MAX_PROMPT} characters"))
         if request.model not in PARAMS_BLOCK:
             models = ", ".join(PARAMS_BLOCK)
-            problems.append(("model", f"model {request.model!r} is not one of {models}"))
+            problems.append(("model", f"model '{shown(request.model)}' is not one of {models}"))
         if request.input_fidelity == "auto":
             problems.append(("input_fidelity", "APIFrame accepts input_fidelity low or high"))
         if request.output_compression is not None:
@@ -59,12 +80,12 @@ class APIFrame:
                 problems.append(("background", "gpt-image-2 has no transparent background"))
             if request.input_fidelity is not None:
                 problems.append(("input_fidelity", "gpt-image-2 has no input_fidelity"))
-        return problems
+        return problems + overridden(request, self.modelled)
 
     def estimate(self, request: ImageRequest) -> float:
         return self.prices.cost(request)
 
-    def body(self, request: ImageRequest) -> dict[str, Any]:
+    def body(self, request: ImageRequest, webhook_url: str | None = None) -> dict[str, Any]:
         """The request in APIFrame's terms: common fields move into the model's params block."""
         params: dict[str, Any] = {"number_of_images": request.n}
         if request.size and request.size != "auto":
@@ -75,21 +96,26 @@ class APIFrame:
                 params[field] = value
         if request.input_images:
             params["input_images"] = list(request.input_images)
-        params.update(request.provider_params or {})
+        params.update(request.extra_params(self.modelled))
         block = PARAMS_BLOCK.get(request.model, "gptImageParams")
-        return {"model": request.model, "prompt": request.prompt, block: params}
+        body: dict[str, Any] = {"model": request.model, "prompt": request.prompt, block: params}
+        if webhook_url:
+            body |= {"webhookUrl": webhook_url, "webhookEvents": ["completed", "failed"]}
+        return body
 
     def headers(self, **extra: str) -> dict[str, str]:
         key = self.config.api_key.get_secret_value() if self.config.api_key else ""
         return {"X-API-Key": key, **extra}
 
-    def submit(self, request: ImageRequest, idempotency_key: str) -> SubmitOutcome:
+    def submit(
+        self, request: ImageRequest, idempotency_key: str, webhook_url: str | None = None
+    ) -> SubmitOutcome:
         response = send(
             self.client,
             "POST",
             f"{self.base_url}/v2/images/generate",
             submit=True,
-            json=self.body(request),
+            json=self.body(request, webhook_url),
             headers=self.headers(**{"Idempotency-Key": idempotency_key}),
         )
         check(response, self.name, submit=True)
@@ -118,7 +144,13 @@ class APIFrame:
                 )
             cost = job.get("creditCost")
             credits = float(cost) if isinstance(cost, int | float) else None
-            return Finished([Artifact(url=url) for url in urls], credits=credits, job_id=job_id)
+            return Finished(
+                [Artifact(url=url) for url in urls],
+                credits=credits,
+                job_id=job_id,
+                latency_s=seconds_between(job.get("createdAt"), job.get("completedAt")),
+                expired=job.get("expired") is True,
+            )
         if status == "FAILED":
             reason = str(job.get("error") or "job failed")
             if any(word in reason.lower() for word in POLICY_WORDS):
@@ -135,6 +167,18 @@ class APIFrame:
 
     def close(self) -> None:
         self.client.close()
+
+
+def seconds_between(start: object, end: object) -> float | None:
+    """``completedAt - createdAt`` of a job, by the provider's clock, if both are readable."""
+    if not isinstance(start, str) or not isinstance(end, str):
+        return None
+    try:
+        a = datetime.fromisoformat(start.replace("Z", "+00:00"))
+        b = datetime.fromisoformat(end.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return max(0.0, (b - a).total_seconds())
 
 
 def result_urls(result: object) -> list[str]:

@@ -9,7 +9,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
+from pydantic import SecretStr
+
 from jobs.request import ImageRequest
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """What one adapter needs: where, who, how fast, how many at once."""
+
+    name: str
+    base_url: str
+    api_key: SecretStr | None
+    max_in_flight: int
+    requests_per_second: float
+    timeout_s: float
+    expected_latency_s: float = 15.0
+
+    def __repr__(self) -> str:
+        key = "set" if self.api_key is not None else "unset"
+        return f"ProviderConfig(name={self.name!r}, base_url={self.base_url!r}, api_key=<{key}>)"
 
 
 @dataclass(frozen=True)
@@ -35,6 +54,10 @@ class Finished:
     artifacts: list[Artifact]
     credits: float | None = None
     job_id: str | None = None
+    latency_s: float | None = None
+    """How long the job took by the provider's own clock (APIFrame ``completedAt - createdAt``)."""
+    expired: bool = False
+    """The provider says the job's images have been purged (APIFrame ``expired: true``)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +81,10 @@ class Provider(Protocol):
     credit_unit: ClassVar[str]
     max_images_per_request: ClassVar[int]
     """A line asking for more is split into several requests by the pipeline."""
+    polled: ClassVar[bool]
+    """True for job APIs (submit, then poll); False when the submit answers with the images."""
+    webhooks: ClassVar[bool]
+    """True when a submit can ask for a signed webhook on completion (APIFrame)."""
 
     def validate(self, request: ImageRequest) -> list[tuple[str, str]]:
         """Problems with this request for this provider, as (field, reason); empty if fine."""
@@ -67,7 +94,9 @@ class Provider(Protocol):
         """Expected cost of the whole line, in ``credit_unit``."""
         ...
 
-    def submit(self, request: ImageRequest, idempotency_key: str) -> SubmitOutcome: ...
+    def submit(
+        self, request: ImageRequest, idempotency_key: str, webhook_url: str | None = None
+    ) -> SubmitOutcome: ...
 
     def poll(self, job_id: str) -> PollOutcome:
         """Raises ``JobFailed`` when the job ended without images."""

@@ -4,7 +4,9 @@ the error taxonomy, so every provider classifies the same failure the same way."
 from __future__ import annotations
 
 import email.utils
+import math
 import time
+from datetime import UTC
 from typing import Any
 
 import httpx
@@ -13,6 +15,7 @@ from jobs.errors import (
     AmbiguousSubmit,
     BatchStop,
     PermanentProviderError,
+    RateLimited,
     TransientProviderError,
 )
 from jobs.settings import ProviderConfig
@@ -53,15 +56,29 @@ def send(
 
 
 def retry_after(response: httpx.Response) -> float | None:
-    """Seconds to wait from ``Retry-After`` (seconds or an HTTP date), if the provider said."""
+    """Seconds to wait from ``Retry-After`` (seconds or an HTTP date), if the provider said.
+
+    Anything unreadable (``soon``, empty, a garbled date, ``inf``) is no hint at all: the
+    caller's own backoff applies, rather than an exception outside the error taxonomy.
+    """
     value = response.headers.get("retry-after")
     if value is None:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value)
-        return max(0.0, parsed.timestamp() - time.time())
+        return _seconds_until(value)
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def _seconds_until(date: str) -> float | None:
+    try:
+        when = email.utils.parsedate_to_datetime(date)
+        if when.tzinfo is None:  # "-0000" means UTC with no zone said; HTTP dates are GMT
+            when = when.replace(tzinfo=UTC)
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
 
 
 def error_text(response: httpx.Response) -> str:
@@ -119,7 +136,9 @@ def check(response: httpx.Response, provider: str, *, submit: bool = False) -> N
         raise BatchStop(text, type="insufficient_credits", status=status)
     if status in (401, 403):
         raise BatchStop(text, type="auth", status=status)
-    if status == 429 or status >= 500:
+    if status == 429:
+        raise RateLimited(text, retry_after=retry_after(response), status=status)
+    if status >= 500:
         raise TransientProviderError(
             text, retry_after=retry_after(response), type="provider_unavailable", status=status
         )

@@ -37,7 +37,7 @@ class Omixa(SyncImageAPI):
             body["input_images"] = [
                 {"type": "image_url", "image_url": {"url": url}} for url in request.input_images
             ]
-        return {**body, **(request.provider_params or {})}
+        return {**body, **request.extra_params(self.modelled)}
 
     def billed(self, body: dict[str, Any]) -> float | None:
         usage = body.get("usage")

@@ -34,5 +34,5 @@ class OpenAI(SyncImageAPI):
                 "output_compression",
                 "moderation",
             ),
-            **(request.provider_params or {}),
+            **request.extra_params(self.modelled),
         }

@@ -14,13 +14,32 @@ from typing import Any, ClassVar
 import httpx
 
 from jobs.errors import AmbiguousSubmit, JobFailed, TransientProviderError
-from jobs.pricing import CREDIT_UNITS, PRICES
 from jobs.providers.base import Artifact, Finished, PollOutcome, SubmitOutcome
 from jobs.providers.http import check, json_object, make_client, send
-from jobs.request import ImageRequest
+from jobs.providers.registry import REGISTRY
+from jobs.request import ImageRequest, overridden
 from jobs.settings import ProviderConfig
 
 SIZES = ("1024x1024", "1536x1024", "1024x1536")
+BODY_FIELDS: dict[str, str | None] = {
+    "model": "model",
+    "prompt": "prompt",
+    "n": "n",
+    "size": "size",
+    "quality": "quality",
+    "background": "background",
+    "output_format": "output_format",
+    "output_compression": "output_compression",
+    "moderation": "moderation",
+    "input_fidelity": "input_fidelity",
+    "input_images": "input_images",
+    "input_image": "input_images",
+    "response_format": None,
+    "stream": None,
+    "partial_images": None,
+}
+"""Body keys the OpenAI-style adapters set or rely on, with the manifest field behind each
+(None: imagebatch decides it, e.g. how images come back, which it must be able to read)."""
 
 
 class SyncImageAPI:
@@ -29,21 +48,22 @@ class SyncImageAPI:
     idempotent_submit: ClassVar[bool] = False
     max_images_per_request: ClassVar[int] = 10
     credit_unit: ClassVar[str] = "USD"
+    polled: ClassVar[bool] = False
+    webhooks: ClassVar[bool] = False
     path: ClassVar[str] = "/v1/images/generations"
     unsupported: ClassVar[tuple[str, ...]] = ()
     """Manifest fields this provider has no equivalent for: a line using one is rejected."""
+    modelled: ClassVar[dict[str, str | None]] = BODY_FIELDS
+    """Body keys ``provider_params`` may not set: they are what a line is priced and read by."""
 
     def __init__(self, config: ProviderConfig, client: httpx.Client | None = None) -> None:
         self.name = config.name
         self.config = config
         self.base_url = config.base_url.rstrip("/")
         self.client = client or make_client(config)
-        self.prices = PRICES[self.price_key]
-        self.credit_unit = CREDIT_UNITS[self.price_key]  # type: ignore[misc]
-
-    @property
-    def price_key(self) -> str:
-        return self.name
+        spec = REGISTRY[config.name]
+        self.prices = spec.prices
+        self.credit_unit = spec.credit_unit  # type: ignore[misc]
 
     # -- what subclasses describe -------------------------------------------------------------
 
@@ -69,12 +89,15 @@ class SyncImageAPI:
             problems.append(("model", f"{self.name} is set up for gpt-image-1.5 only"))
         if request.background == "transparent" and request.output_format == "jpeg":
             problems.append(("background", "a transparent background needs png or webp"))
+        problems += overridden(request, self.modelled)
         return problems + self.extra_problems(request)
 
     def estimate(self, request: ImageRequest) -> float:
         return self.prices.cost(request)
 
-    def submit(self, request: ImageRequest, idempotency_key: str) -> SubmitOutcome:
+    def submit(
+        self, request: ImageRequest, idempotency_key: str, webhook_url: str | None = None
+    ) -> SubmitOutcome:
         key = self.config.api_key.get_secret_value() if self.config.api_key else ""
         response = send(
             self.client,

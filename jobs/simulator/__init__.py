@@ -2,7 +2,8 @@
 
 ``Simulator`` serves APIFrame v2 (async jobs) at its root and OpenAI, AI/ML API, Omixa and
 Oxen (synchronous) under ``/{provider}``, with the same fields, errors and billing as the
-real services, plus configurable latency, limits and injected ``Faults``.
+real services (APIFrame webhooks and Oxen's model schemas included), plus configurable
+latency, limits, image sizes and injected ``Faults``.
 """
 
 from jobs.simulator.config import Faults, SimulatorConfig

@@ -1,4 +1,4 @@
-"""The APIFrame v2 surface: async image jobs (submit 202, poll, CDN), per providers.md §1.
+"""The APIFrame v2 surface: async image jobs (submit 202, poll, CDN, webhooks), providers.md §1.
 
 Idempotent replays, credit holds with refunds on FAILED, and the in-flight cap behave as the
 spec describes, because the adapter's at-most-once-paid promise is tested against them.
@@ -11,7 +11,6 @@ import json
 import re
 import time
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 from jobs.simulator.core import (
@@ -20,6 +19,7 @@ from jobs.simulator.core import (
     Request,
     Response,
     error_response,
+    iso_ms,
     json_response,
     number,
 )
@@ -33,10 +33,12 @@ from jobs.simulator.state import (
     TRANSIENT_ERROR,
     Job,
     State,
+    Webhook,
     price,
 )
 from jobs.simulator.validation import (
     Check,
+    http_url,
     integer,
     list_of,
     nullable,
@@ -46,6 +48,7 @@ from jobs.simulator.validation import (
     url,
     validate,
 )
+from jobs.simulator.webhooks import EVENTS, Webhooks
 
 PROVIDER = "apiframe"
 STATUSES = ("QUEUED", "PROCESSING", "COMPLETED", "FAILED", "CANCELLED")
@@ -87,8 +90,8 @@ MODELS: dict[str, tuple[str, Check]] = {
 _COMMON: dict[str, Check] = {
     "prompt": text(1, 2000),
     "model": one_of(*MODELS),
-    "webhookUrl": url,
-    "webhookEvents": list_of(one_of("progress", "completed", "failed"), min_items=1),
+    "webhookUrl": http_url,
+    "webhookEvents": list_of(one_of(*EVENTS), min_items=1),
 }
 
 
@@ -100,19 +103,14 @@ def _schema(model: Any) -> Check:
     return obj(fields, required=("prompt", "model"))
 
 
-def _iso(wall: float) -> str:
-    return (
-        datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    )
-
-
 class ApiFrame:
     """``/v2/images/generate``, ``/v2/jobs[/{id}]`` and ``/v2/me`` with ``X-API-Key`` auth."""
 
     provider = PROVIDER
 
-    def __init__(self, state: State) -> None:
+    def __init__(self, state: State, webhooks: Webhooks) -> None:
         self.state = state
+        self.webhooks = webhooks
 
     def route(self, method: str, path: str) -> tuple[str, Handler] | None:
         routes: dict[tuple[str, str], Handler] = {
@@ -168,7 +166,8 @@ class ApiFrame:
             limit = self.state.config.max_in_flight
             count, wait = self.state.in_flight(PROVIDER, now)
             if limit is not None and count >= limit:
-                msg = f"Too many jobs in progress (limit {limit})"
+                self.state.count_429(PROVIDER, "concurrency")
+                msg = f"Too many concurrent jobs (limit {limit})"
                 return error_response(PROVIDER, "rate_limit", msg, retry_after=wait)
             cost = price(PROVIDER, params.get("quality"), params.get("number_of_images", 1))
             available = self.state.remaining(PROVIDER)
@@ -179,6 +178,7 @@ class ApiFrame:
             self.state.add(job)
             if idem_key:
                 self.state.idempotency[api_key, idem_key] = (digest, job.id, now)
+        self.webhooks.schedule(job)
         if self.state.fault("drop_after_accept"):
             job.dropped = True
             return Response(202, drop=True)
@@ -205,6 +205,9 @@ class ApiFrame:
             failure = TRANSIENT_ERROR
         config = self.state.config
         width, height = ASPECT_SIZES[params.get("aspect_ratio", "1:1")]
+        hook = None
+        if "webhookUrl" in body:
+            hook = Webhook(body["webhookUrl"], tuple(body.get("webhookEvents") or EVENTS))
         return Job(
             id=str(uuid.uuid4()),
             provider=PROVIDER,
@@ -226,6 +229,8 @@ class ApiFrame:
             corrupt=CORRUPT in prompt,
             idempotency_key=idem_key,
             input=body,
+            tiny=config.image_mode == "tiny",
+            webhook=hook,
         )
 
     def get_job(self, req: Request) -> Response:
@@ -287,11 +292,7 @@ class ApiFrame:
     def view(self, job: Job, now: float) -> dict[str, Any]:
         """The ``Job`` object of the spec, as of ``now``."""
         status = job.status(now)
-        result: Any = None
-        if status == "COMPLETED":
-            urls = job.image_urls()
-            string = self.state.config.result_shape == "string" and len(urls) == 1
-            result = urls[0] if string else {"images": urls}
+        result = job.result(self.state.config.result_shape) if status == "COMPLETED" else None
         done = status in ("COMPLETED", "FAILED")
         return {
             "id": job.id,
@@ -301,9 +302,9 @@ class ApiFrame:
             "result": result,
             "error": job.failure if status == "FAILED" else None,
             "creditCost": number(job.credit_cost(now)),
-            "webhookStatus": None,
-            "createdAt": _iso(job.created_wall),
-            "completedAt": _iso(job.created_wall + job.duration) if done else None,
+            "webhookStatus": job.webhook.status if job.webhook else None,
+            "createdAt": iso_ms(job.created_ms),
+            "completedAt": iso_ms(job.completed_ms) if done else None,
             "expired": job.expired(now, self.state.config.cdn_ttl_s),
             "input": job.input,
         }

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Self, TypeVar, Union, get_args, get_origin, get_type_hints
 
 ResultShape = Literal["images", "string"]
+ImageMode = Literal["full", "tiny"]
 T = TypeVar("T")
 
 
@@ -30,8 +31,14 @@ class Faults:
     invalid_json: float = 0
     cdn_truncated: float = 0
     cdn_expired: float = 0
+    cdn_lag: float = 0
+    """Per image: its first GET answers 404 (not yet propagated), later GETs succeed."""
     slow: float = 0
     slow_s: float = 2.0
+    webhook_drop: float = 0
+    """Per job: its webhook deliveries are never sent (``webhookStatus`` stays pending)."""
+    webhook_duplicate: float = 0
+    """Per job: every webhook event is delivered twice."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -58,19 +65,37 @@ class SimulatorConfig:
     port: int = 0
     latency_s: float = 1.0
     latency_jitter_s: float = 0.0
+    """Each job's duration is ``latency_s`` plus a uniform draw from 0..``latency_jitter_s``."""
     sync_latency_s: float = 0.2
+    sync_latency_jitter_s: float = 0.0
     max_in_flight: int | None = None
     rate_limit_rps: float | None = None
     rate_limit_burst: int = 10
     result_shape: ResultShape = "images"
     credits: float | None = None
     cdn_ttl_s: float | None = None
+    image_mode: ImageMode = "full"
+    """``tiny``: images 1/16 of the asked size (64x64 for 1024x1024), for load tests."""
+    webhook_timeout_s: float = 2.0
+    webhook_retries: int = 3
+    """Deliveries after the first, on a connection error or a non-2xx answer."""
+    webhook_backoff_s: float = 0.5
+    """Wait before retry k (1-based) is ``webhook_backoff_s * 2 ** (k - 1)``."""
     faults: Faults = field(default_factory=Faults)
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port must be 0..65535")
-        for name in ("latency_s", "latency_jitter_s", "sync_latency_s"):
+        for name in (
+            "latency_s",
+            "latency_jitter_s",
+            "sync_latency_s",
+            "sync_latency_jitter_s",
+            "webhook_backoff_s",
+        ):
             _require(getattr(self, name) >= 0, f"{name} must be >= 0")
+        _require(self.webhook_timeout_s > 0, "webhook_timeout_s must be > 0")
+        _require(0 <= self.webhook_retries <= 10, "webhook_retries must be 0..10")
+        _require(self.image_mode in get_args(ImageMode), "image_mode: full or tiny")
         _require(self.max_in_flight is None or self.max_in_flight >= 1, "max_in_flight >= 1")
         _require(self.rate_limit_rps is None or self.rate_limit_rps > 0, "rate_limit_rps > 0")
         _require(self.rate_limit_burst >= 1, "rate_limit_burst must be >= 1")

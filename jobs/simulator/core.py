@@ -10,6 +10,7 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 PROVIDERS = ("apiframe", "openai", "aimlapi", "omixa", "oxen")
@@ -156,3 +157,9 @@ class Surface(Protocol):
 def number(value: float) -> float | int:
     """Whole amounts as JSON integers (``24``, not ``24.0``), as the providers send them."""
     return int(value) if float(value).is_integer() else value
+
+
+def iso_ms(ms: int) -> str:
+    """Unix milliseconds as APIFrame's ISO timestamp, ``2026-05-02T09:00:31.000Z``."""
+    moment = datetime.fromtimestamp(ms // 1000, UTC).replace(microsecond=ms % 1000 * 1000)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

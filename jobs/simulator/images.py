@@ -2,6 +2,8 @@
 
 Every (job, index) gets its own colour and label, so a test can tell two downloads apart;
 encoded images are cached because polling clients download the same file more than once.
+``tiny`` jobs get images 1/16 of the size (no text, a row of digest pixels instead), because
+rendering full-size images would dominate the simulator's CPU in load tests.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 ASPECT_SIZES = {"1:1": (1024, 1024), "3:2": (1536, 1024), "2:3": (1024, 1536)}
 _NAME = re.compile(r"(?P<id>[0-9a-f-]{36})-(?P<k>\d+)\.(?P<ext>png|jpeg|webp)")
 _CACHE_SIZE = 128
+TINY_SCALE = 16
+_OPTIONS: dict[str, dict[str, int]] = {
+    "png": {"compress_level": 1},
+    "jpeg": {"quality": 85},
+    "webp": {"method": 0},
+}
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -65,19 +73,26 @@ def render(job: Job, k: int) -> bytes:
     colour = (digest[0], digest[1], digest[2])
     transparent = job.transparent and job.fmt != "jpeg"
     mode = "RGBA" if transparent else "RGB"
-    canvas = Image.new(mode, (job.width, job.height), (0, 0, 0, 0) if transparent else colour)
-    draw = ImageDraw.Draw(canvas)
-    margin = job.width // 8
-    box = (margin, margin, job.width - margin, job.height - margin)
-    draw.rectangle(box, fill=(*colour, 255) if transparent else _shade(colour))
-    font = ImageFont.load_default(size=48)
-    draw.text((margin + 24, margin + 24), f"{job.id[:8]} #{k}", fill="white", font=font)
+    background = (0, 0, 0, 0) if transparent else colour
+    if job.tiny:
+        size = (max(1, job.width // TINY_SCALE), max(1, job.height // TINY_SCALE))
+        canvas = Image.new(mode, size, background)
+        for x in range(min(size[0], len(digest) // 3)):
+            pixel = digest[3 * x : 3 * x + 3]
+            canvas.putpixel((x, 0), (*pixel, 255) if transparent else tuple(pixel))
+    else:
+        canvas = Image.new(mode, (job.width, job.height), background)
+        draw = ImageDraw.Draw(canvas)
+        margin = job.width // 8
+        box = (margin, margin, job.width - margin, job.height - margin)
+        draw.rectangle(box, fill=(*colour, 255) if transparent else _shade(colour))
+        font = ImageFont.load_default(size=48)
+        draw.text((margin + 24, margin + 24), f"{job.id[:8]} #{k}", fill="white", font=font)
     buffer = io.BytesIO()
-    options = {"png": {"compress_level": 1}, "jpeg": {"quality": 85}, "webp": {"method": 0}}
-    canvas.save(buffer, format=job.fmt.upper(), **options[job.fmt])
+    canvas.save(buffer, format=job.fmt.upper(), **_OPTIONS[job.fmt])
     data = buffer.getvalue()
     if job.corrupt:
-        return b"NOT-AN-IMAGE" + random.Random(digest).randbytes(len(data) - 12)
+        return b"NOT-AN-IMAGE" + random.Random(digest).randbytes(max(0, len(data) - 12))
     return data
 
 
@@ -97,6 +112,12 @@ def serve_cdn(state: State, cache: ImageCache, req: Request, name: str) -> Respo
         return json_response(404, {"error": "Not found"})
     k = int(match["k"])
     if match["ext"] != job.fmt or not 1 <= k <= job.n or job.expired(now, ttl):
+        return json_response(404, {"error": "Not found"})
+    with state.lock:
+        first = k not in job.fetched
+        job.fetched.add(k)
+    if first and state.fault("cdn_lag"):
+        # Not yet propagated to this edge: a real CDN's 404 right after completion.
         return json_response(404, {"error": "Not found"})
     if state.fault("cdn_expired"):
         job.purged = True

@@ -9,10 +9,11 @@ from __future__ import annotations
 import base64
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+from jobs.simulator import oxen_models
 from jobs.simulator.core import (
     GARBLED_JSON,
     Handler,
@@ -50,6 +51,7 @@ from jobs.simulator.validation import (
 )
 
 NEVER_FINISH_WAIT_S = 3600.0
+_MODELS_PATH = "/api/ai/models/"
 MODERATION = (
     "Your request was rejected by the safety system. If you believe this is an error,"
     " contact support and include the request ID."
@@ -117,6 +119,8 @@ class Dialect:
     parse: Callable[[dict[str, Any]], Params]
     respond: Respond
     cross_check: Callable[[dict[str, Any]], list[Problem]] = lambda body: []
+    models: Mapping[str, dict[str, Any]] = field(default_factory=dict)
+    """Model objects served at ``GET /api/ai/models/{id}`` (Oxen only)."""
 
 
 def _openai_checks(body: dict[str, Any]) -> list[Problem]:
@@ -240,19 +244,7 @@ DIALECTS = (
     Dialect(
         provider="oxen",
         path="/api/ai/images/generate",
-        schema=obj(
-            {
-                "model": one_of("gpt-image-1-5"),
-                "prompt": text(1),
-                "input_image": list_of(url),
-                "output_format": one_of("webp", "jpeg", "png"),
-                "size": one_of("auto", "square", "portrait", "landscape"),
-                "response_format": one_of("url", "b64_json"),
-                "n": integer(1, 10),
-                "target_namespace": text(1),
-            },
-            required=("model", "prompt"),
-        ),
+        schema=oxen_models.REQUEST_CHECK,
         parse=lambda b: Params.of(
             b,
             size=_OXEN_SIZES[b.get("size", "auto")],
@@ -263,6 +255,7 @@ DIALECTS = (
             "created": int(job.created_wall),
             "images": _image_items(params, images),
         },
+        models=oxen_models.MODELS,
     ),
 )
 
@@ -287,6 +280,8 @@ class SyncSurface:
     def route(self, method: str, path: str) -> tuple[str, Handler] | None:
         if method == "POST" and path == self.dialect.path:
             return f"POST /{self.provider}{path}", self.generate
+        if method == "GET" and self.dialect.models and path.startswith(_MODELS_PATH):
+            return f"GET /{self.provider}{_MODELS_PATH}{{id}}", self.model
         return None
 
     def authenticate(self, req: Request) -> Response | None:
@@ -297,6 +292,14 @@ class SyncSurface:
         if token.startswith("invalid"):
             return error_response(self.provider, "auth", "Incorrect API key provided.")
         return None
+
+    def model(self, req: Request) -> Response:
+        """The model object with its request schema; Oxen's 404 for an unknown id."""
+        model_id = req.path.removeprefix(f"/{self.provider}{_MODELS_PATH}")
+        found = self.dialect.models.get(model_id)
+        if found is None:
+            return error_response(self.provider, "not_found", f"Model '{model_id}' not found")
+        return json_response(200, found)
 
     def generate(self, req: Request) -> Response:
         provider, state = self.provider, self.state
@@ -312,7 +315,8 @@ class SyncSurface:
         params = self.dialect.parse(body)
         if state.fault("invalid_json"):
             return Response(200, GARBLED_JSON)
-        latency = state.duration(params.prompt, state.config.sync_latency_s, 0)
+        config = state.config
+        latency = state.duration(params.prompt, config.sync_latency_s, config.sync_latency_jitter_s)
         if POLICY in params.prompt or state.fault("job_failed_policy"):
             message = POLICY_ERROR if provider == "oxen" else MODERATION
             return error_response(provider, "policy", message)
@@ -346,6 +350,7 @@ class SyncSurface:
             limit = state.config.max_in_flight
             count, wait = state.in_flight(provider, now)
             if limit is not None and count >= limit:
+                state.count_429(provider, "concurrency")
                 msg = f"Too many concurrent requests (limit {limit})"
                 return error_response(provider, "rate_limit", msg, retry_after=wait)
             cost = price(provider, params.quality, params.n)
@@ -371,6 +376,7 @@ class SyncSurface:
                 transparent=params.transparent,
                 corrupt=CORRUPT in params.prompt,
                 input=body,
+                tiny=state.config.image_mode == "tiny",
             )
             state.add(job)
         return job

@@ -31,6 +31,7 @@ from jobs.simulator.core import (
 from jobs.simulator.images import ImageCache, serve_cdn
 from jobs.simulator.openai_style import DIALECTS, SyncSurface
 from jobs.simulator.state import State
+from jobs.simulator.webhooks import Webhooks
 
 logger = logging.getLogger(__name__)
 MAX_BODY = 20 * 1024 * 1024
@@ -50,8 +51,10 @@ class Simulator:
     def __init__(self, config: SimulatorConfig | None = None) -> None:
         self._state = State(config or SimulatorConfig())
         self._cache = ImageCache()
+        self._webhooks = Webhooks(self._state)
         sync = {d.provider: SyncSurface(d, self._state, self._cache) for d in DIALECTS}
-        self._surfaces: dict[str, Surface] = {"apiframe": ApiFrame(self._state), **sync}
+        apiframe = ApiFrame(self._state, self._webhooks)
+        self._surfaces: dict[str, Surface] = {"apiframe": apiframe, **sync}
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -88,6 +91,7 @@ class Simulator:
             daemon=True,
         )
         self._thread.start()
+        self._webhooks.start()
         return self
 
     def stop(self) -> None:
@@ -96,6 +100,7 @@ class Simulator:
         if server is None:
             return
         self._state.stopping.set()
+        self._webhooks.stop()
         server.shutdown()
         server.close_connections()
         server.server_close()
@@ -124,11 +129,13 @@ class Simulator:
         self.stop()
 
     def ledger(self) -> dict[str, Any]:
-        """Submits, replays, request counts, credits and every billed job (``GET /_sim/ledger``)."""
+        """Submits, replays, request counts, credits, 429s by cause, webhook deliveries and every
+        billed job (``GET /_sim/ledger``)."""
         return self._state.ledger()
 
     def reset(self) -> None:
-        """Forget jobs, charges, idempotency keys and limits; re-seed the fault RNG."""
+        """Forget jobs, charges, idempotency keys, limits and pending webhooks; re-seed the RNG."""
+        self._webhooks.reset()
         self._state.reset()
         self._cache.clear()
 
@@ -176,9 +183,11 @@ class Simulator:
         if state.fault("error_5xx"):
             return error_response(name, "unavailable", "Service unavailable")
         if state.fault("error_429"):
+            state.count_429(name, "fault")
             return error_response(name, "rate_limit", "Too many requests", retry_after=1)
         wait = state.take_token(name)
         if wait is not None:
+            state.count_429(name, "rate")
             return error_response(name, "rate_limit", "Rate limit exceeded", retry_after=wait)
         refusal = surface.authenticate(req)
         if refusal is not None:

@@ -1,7 +1,8 @@
 """Everything the simulated providers remember: jobs, billing, idempotency, limits, fault RNG.
 
-Job progress is a pure function of time since creation, so no background thread is needed;
-refunds and in-flight counts are settled lazily from a heap of job end times.
+Job progress is a pure function of time since creation, so no background thread is needed
+for it (only webhook deliveries have one, in ``webhooks``); refunds and in-flight counts are
+settled lazily from a heap of job end times.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from jobs.pricing import PRICES
 from jobs.request import ImageRequest
@@ -30,12 +31,30 @@ SLOW_FACTOR = 5
 POLICY_ERROR = "Content policy violation: the request was flagged by the safety system"
 TRANSIENT_ERROR = "Upstream provider timeout"
 IDEMPOTENCY_WINDOW_S = 24 * 3600
+LimitCause = Literal["concurrency", "rate", "fault"]
+LIMIT_CAUSES: tuple[LimitCause, ...] = ("concurrency", "rate", "fault")
+"""Why a 429 was served: the in-flight cap, the request-rate bucket, or an injected fault."""
+WEBHOOK_COUNTS = ("sent", "delivered", "failed", "dropped")
 
 
 def price(provider: str, quality: str | None, n: int) -> float:
     """The charge for ``n`` images, computed exactly as ``plan`` estimates it."""
     request = ImageRequest(prompt="x", quality=quality, n=n)  # type: ignore[arg-type]
-    return PRICES[provider].cost(request)
+    cost: float = PRICES[provider].cost(request)
+    return cost
+
+
+@dataclass
+class Webhook:
+    """A job's ``webhookUrl`` and ``webhookEvents``, and how their deliveries went."""
+
+    url: str
+    events: tuple[str, ...]
+    status: str | None = None
+    """``pending`` while deliveries are outstanding, then ``delivered`` or ``failed``."""
+    outstanding: int = 0
+    expected: set[str] = field(default_factory=set)
+    delivered: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -64,10 +83,25 @@ class Job:
     input: dict[str, Any] | None = None
     dropped: bool = False
     purged: bool = False
+    tiny: bool = False
+    """Rendered small (``image_mode: tiny``), fixed when the job is created."""
+    webhook: Webhook | None = None
+    fetched: set[int] = field(default_factory=set)
+    """Images already asked for on the CDN (the ``cdn_lag`` fault hits first GETs only)."""
 
     @property
     def ends(self) -> float:
         return math.inf if self.never_finish else self.created + self.duration
+
+    @property
+    def created_ms(self) -> int:
+        """Creation time in whole Unix milliseconds, as ``createdAt`` shows it."""
+        return round(self.created_wall * 1000)
+
+    @property
+    def completed_ms(self) -> int:
+        """``created_ms`` plus the duration in whole ms, so ``completedAt - createdAt`` is exact."""
+        return self.created_ms + round(self.duration * 1000)
 
     def status(self, now: float) -> str:
         elapsed = now - self.created
@@ -95,6 +129,11 @@ class Job:
             f"{self.base_url}/cdn/images/{self.id}-{k}.{self.fmt}" for k in range(1, self.n + 1)
         ]
 
+    def result(self, shape: str) -> Any:
+        """APIFrame's ``result``: ``{"images": [...]}``, or one URL string (older docs)."""
+        urls = self.image_urls()
+        return urls[0] if shape == "string" and len(urls) == 1 else {"images": urls}
+
 
 class State:
     """Shared, lock-guarded simulator memory. Call methods with ``lock`` held where noted."""
@@ -118,6 +157,8 @@ class State:
             self._active: list[tuple[float, str]] = []
             self._active_count: Counter[str] = Counter()
             self._buckets: dict[str, tuple[float, float]] = {}
+            self.limited: Counter[tuple[str, LimitCause]] = Counter()
+            self.webhooks: Counter[str] = Counter()
 
     def update(self, changes: Mapping[str, Any]) -> SimulatorConfig:
         with self.lock:
@@ -201,10 +242,27 @@ class State:
         with self.lock:
             self.requests[key] += 1
 
+    def count_429(self, provider: str, cause: LimitCause) -> None:
+        with self.lock:
+            self.limited[provider, cause] += 1
+
+    def count_webhook(self, outcome: str, n: int = 1) -> None:
+        with self.lock:
+            self.webhooks[outcome] += n
+
+    def _limits(self) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+        totals: dict[str, int] = {cause: 0 for cause in LIMIT_CAUSES}
+        by_provider: dict[str, dict[str, int]] = {}
+        for (provider, cause), n in sorted(self.limited.items()):
+            totals[cause] += n
+            by_provider.setdefault(provider, {c: 0 for c in LIMIT_CAUSES})[cause] += n
+        return totals, by_provider
+
     def ledger(self) -> dict[str, Any]:
         now = time.monotonic()
         with self.lock:
             self.settle(now)
+            limited, limited_by_provider = self._limits()
             return {
                 "submits": len(self.jobs),
                 "replays": self.replays,
@@ -212,6 +270,9 @@ class State:
                 "credits_charged": {p: number(round(v, 6)) for p, v in self.charged.items()},
                 "credits_refunded": {p: number(round(v, 6)) for p, v in self.refunded.items()},
                 "credits_remaining": {p: self.remaining(p) for p in self.charged},
+                "rate_limited": limited,
+                "rate_limited_by_provider": limited_by_provider,
+                "webhooks": {k: self.webhooks[k] for k in WEBHOOK_COUNTS},
                 "jobs": [
                     {
                         "id": job.id,
@@ -222,6 +283,7 @@ class State:
                         "credit_cost": number(job.credit_cost(now)),
                         "images": job.n,
                         "dropped": job.dropped,
+                        "webhook_status": job.webhook.status if job.webhook else None,
                     }
                     for job in self.jobs.values()
                 ],

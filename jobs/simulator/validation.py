@@ -6,6 +6,7 @@ because every simulated provider treats a field it does not know as an error.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -91,6 +92,37 @@ def url(path: str, value: Any) -> list[Problem]:
     return [] if ok else [Problem(path, "must be an http(s) or data URL")]
 
 
+def http_url(path: str, value: Any) -> list[Problem]:
+    """An absolute http(s) URL with a host: where the simulator itself may send requests."""
+    ok = isinstance(value, str) and re.match(r"https?://[^/?#\s]+", value) is not None
+    return [] if ok else [Problem(path, "must be an http(s) URL")]
+
+
+def matches(pattern: str) -> Check:
+    """A string in which ``pattern`` is found (JSON Schema ``pattern``: a search, not a match)."""
+    compiled = re.compile(pattern)
+
+    def check(path: str, value: Any) -> list[Problem]:
+        if isinstance(value, str) and compiled.search(value):
+            return []
+        return [Problem(path, f"must match {pattern}")]
+
+    return check
+
+
+def all_of(*checks: Check) -> Check:
+    """The problems of the first check that finds any, so one bad value gives one message."""
+
+    def check(path: str, value: Any) -> list[Problem]:
+        for inner in checks:
+            problems = inner(path, value)
+            if problems:
+                return problems
+        return []
+
+    return check
+
+
 def boolean(path: str, value: Any) -> list[Problem]:
     return [] if isinstance(value, bool) else [Problem(path, "must be a boolean")]
 
@@ -123,8 +155,14 @@ def list_of(item: Check, min_items: int = 0, max_items: int | None = None) -> Ch
     return check
 
 
-def obj(fields: Mapping[str, Check], required: tuple[str, ...] = ()) -> Check:
-    """An object with exactly these optional ``fields``, of which ``required`` must be present."""
+def obj(
+    fields: Mapping[str, Check], required: tuple[str, ...] = (), *, closed: bool = True
+) -> Check:
+    """An object with these optional ``fields``, of which ``required`` must be present.
+
+    ``closed`` (the default) makes any other key an error, as JSON Schema's
+    ``additionalProperties: false``.
+    """
 
     def check(path: str, value: Any) -> list[Problem]:
         if not isinstance(value, dict):
@@ -132,7 +170,8 @@ def obj(fields: Mapping[str, Check], required: tuple[str, ...] = ()) -> Check:
         problems = [Problem(_join(path, k), "", "missing") for k in required if k not in value]
         for key, item in value.items():
             if key not in fields:
-                problems.append(Problem(_join(path, key), "", "unknown"))
+                if closed:
+                    problems.append(Problem(_join(path, key), "", "unknown"))
             else:
                 problems.extend(fields[key](_join(path, key), item))
         return problems
@@ -142,3 +181,53 @@ def obj(fields: Mapping[str, Check], required: tuple[str, ...] = ()) -> Check:
 
 def validate(schema: Check, body: Any) -> list[Problem]:
     return schema("", body)
+
+
+_ANNOTATIONS = frozenset(
+    {"$schema", "$id", "$comment", "title", "description", "default", "examples"}
+)
+_KEYWORDS = frozenset(
+    {
+        "type", "enum", "const", "properties", "required", "additionalProperties", "items",
+        "minItems", "maxItems", "minLength", "maxLength", "minimum", "maximum", "pattern",
+    }
+)  # fmt: skip
+
+
+def from_json_schema(schema: Mapping[str, Any]) -> Check:
+    """Compile the subset of JSON Schema a request schema uses into a ``Check``.
+
+    Used where the simulator serves a schema (Oxen's ``json_request_schema``) and must accept
+    exactly what it says; a keyword outside the subset raises ``ValueError`` at compile time
+    rather than being silently ignored.
+    """
+    unknown = set(schema) - _ANNOTATIONS - _KEYWORDS
+    if unknown:
+        raise ValueError(f"unsupported JSON Schema keywords: {', '.join(sorted(unknown))}")
+    kind = schema.get("type")
+    checks: list[Check] = []
+    if "const" in schema or "enum" in schema:
+        allowed = [schema["const"]] if "const" in schema else list(schema["enum"])
+        if not all(isinstance(v, str) for v in allowed):
+            raise ValueError("only string enums and consts are supported")
+        checks.append(one_of(*allowed))
+    if kind == "object":
+        extra = schema.get("additionalProperties", True)
+        if not isinstance(extra, bool):
+            raise ValueError("additionalProperties must be a boolean")
+        fields = {k: from_json_schema(v) for k, v in schema.get("properties", {}).items()}
+        checks.append(obj(fields, tuple(schema.get("required", ())), closed=not extra))
+    elif kind == "array":
+        item = from_json_schema(schema.get("items", {}))
+        checks.append(list_of(item, schema.get("minItems", 0), schema.get("maxItems")))
+    elif kind == "string":
+        checks.append(text(schema.get("minLength", 0), schema.get("maxLength")))
+        if "pattern" in schema:
+            checks.append(matches(schema["pattern"]))
+    elif kind == "integer":
+        checks.append(integer(schema.get("minimum", -(2**63)), schema.get("maximum")))
+    elif kind == "boolean":
+        checks.append(boolean)
+    elif kind is not None:
+        raise ValueError(f"unsupported JSON Schema type {kind!r}")
+    return all_of(*checks)

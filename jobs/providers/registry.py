@@ -1,0 +1,156 @@
+"""Every provider imagebatch speaks, as one entry each: the one place a new provider is added.
+
+A ``ProviderSpec`` holds what the rest of the code derives from: the settings fields
+(``IMAGEBATCH_<NAME>_*``), the price table and credit unit behind ``plan`` and budgets, the
+default limits the limiter starts from, the simulator surface that imitates the API, and the
+adapter class (named by import path, so this module stays pure data and settings can import
+it without importing every adapter).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from jobs.pricing import PriceTable
+
+if TYPE_CHECKING:
+    from jobs.providers.base import Provider, ProviderConfig
+
+CreditUnit = Literal["credits", "USD"]
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    """One provider: how to reach it, what it costs, how hard it may be pushed."""
+
+    name: str
+    description: str
+    adapter: str
+    """``module:Class`` of the adapter; resolved on first use."""
+    base_url: str
+    """Public base URL; empty for the built-in simulator, which ``run`` starts itself."""
+    prices: PriceTable
+    credit_unit: CreditUnit
+    max_in_flight: int
+    """Jobs (or synchronous calls) in flight at once, across all workers: the ceiling the
+    adaptive limiter never exceeds."""
+    requests_per_second: float
+    timeout_s: float
+    """Read timeout of one HTTP call: synchronous providers hold the call while they draw."""
+    expected_latency_s: float
+    """How long a job usually takes, until the limiter has learned it from real jobs."""
+    simulator_surface: str
+    """The built-in simulator's dialect that imitates this API (``imagebatch simulate``)."""
+    default_api_key: str | None = None
+    builtin_simulator: bool = False
+    """True for ``--provider simulator``: the APIFrame adapter against a simulator started in
+    the same process when no base URL is configured."""
+
+    def adapter_class(self) -> type[Provider]:
+        module, _, name = self.adapter.partition(":")
+        cls: type[Provider] = getattr(importlib.import_module(module), name)
+        return cls
+
+    def build(self, config: ProviderConfig) -> Provider:
+        return self.adapter_class()(config)  # type: ignore[call-arg]
+
+
+APIFRAME_PRICES = PriceTable({"low": 4, "medium": 9, "auto": 24, "high": 24}, "auto")
+"""Credits per image of gpt-image-1.5 by quality (apiframe.ai/docs, the newer of its tables)."""
+
+SPECS: tuple[ProviderSpec, ...] = (
+    ProviderSpec(
+        name="apiframe",
+        description="APIFrame API",
+        adapter="jobs.providers.apiframe:APIFrame",
+        base_url="https://api.apiframe.ai",
+        prices=APIFRAME_PRICES,
+        credit_unit="credits",
+        max_in_flight=64,
+        requests_per_second=20.0,
+        timeout_s=30.0,
+        expected_latency_s=15.0,
+        simulator_surface="apiframe",
+    ),
+    ProviderSpec(
+        name="openai",
+        description="OpenAI Images API",
+        adapter="jobs.providers.openai:OpenAI",
+        base_url="https://api.openai.com",
+        prices=PriceTable({"low": 0.009, "medium": 0.034, "high": 0.133, "auto": 0.133}, "auto"),
+        credit_unit="USD",
+        max_in_flight=4,
+        requests_per_second=2.0,
+        timeout_s=180.0,
+        expected_latency_s=30.0,
+        simulator_surface="openai",
+    ),
+    ProviderSpec(
+        name="aimlapi",
+        description="AI/ML API",
+        adapter="jobs.providers.aimlapi:AIMLAPI",
+        base_url="https://api.aimlapi.com",
+        # AI/ML API bills in its own credits; its docs default quality to medium.
+        prices=PriceTable({"low": 23.4, "medium": 88.4, "high": 345.8}, "medium"),
+        credit_unit="credits",
+        max_in_flight=4,
+        requests_per_second=2.0,
+        timeout_s=180.0,
+        expected_latency_s=30.0,
+        simulator_surface="aimlapi",
+    ),
+    ProviderSpec(
+        name="omixa",
+        description="Omixa gateway",
+        adapter="jobs.providers.omixa:Omixa",
+        base_url="https://www.omixa.cloud",
+        prices=PriceTable({"low": 0.011, "medium": 0.039, "high": 0.156, "auto": 0.039}, "auto"),
+        credit_unit="USD",
+        max_in_flight=4,
+        requests_per_second=2.0,
+        timeout_s=180.0,
+        expected_latency_s=30.0,
+        simulator_surface="omixa",
+    ),
+    ProviderSpec(
+        name="oxen",
+        description="Oxen.ai",
+        adapter="jobs.providers.oxen:Oxen",
+        base_url="https://hub.oxen.ai",
+        prices=PriceTable({"low": 0.011, "medium": 0.042, "high": 0.167, "auto": 0.042}, "auto"),
+        credit_unit="USD",
+        max_in_flight=4,
+        requests_per_second=2.0,
+        timeout_s=180.0,
+        expected_latency_s=20.0,
+        simulator_surface="oxen",
+    ),
+    ProviderSpec(
+        name="simulator",
+        description="APIFrame API on the built-in simulator",
+        adapter="jobs.providers.apiframe:APIFrame",
+        base_url="",
+        prices=APIFRAME_PRICES,
+        credit_unit="credits",
+        max_in_flight=64,
+        requests_per_second=50.0,
+        timeout_s=30.0,
+        expected_latency_s=1.5,
+        simulator_surface="apiframe",
+        default_api_key="afk_simulator",
+        builtin_simulator=True,
+    ),
+)
+
+REGISTRY: dict[str, ProviderSpec] = {spec.name: spec for spec in SPECS}
+
+
+def names() -> list[str]:
+    return list(REGISTRY)
+
+
+def spec(name: str) -> ProviderSpec:
+    """The spec of ``name``; ``KeyError`` for a provider imagebatch does not know."""
+    return REGISTRY[name]

@@ -1,0 +1,79 @@
+-- apply.lua: apply one step's transition to a line, atomically, if the step is still current.
+--
+-- KEYS[1]  the line's hash                      ib:B:l:I
+-- KEYS[2]  the zset the line waits in now       ib:ready:P | ib:flight:P | ib:store | "-"
+-- KEYS[3]  the zset it waits in next            (same choices)
+-- KEYS[4]  the batch's counters                 ib:B:n
+-- KEYS[5]  the batch's unflushed rows           ib:B:rows
+-- KEYS[6]  the scheduler's wake list            ib:wake
+-- KEYS[7]  the batch record                     ib:B
+-- KEYS[8]  the provider's job index             ib:jobs:P | "-"
+-- KEYS[9]  the learned latency                  ib:latency:P:M | "-"
+-- ARGV[1]  the seq the step ran under (a stale copy's seq no longer matches: nothing happens)
+-- ARGV[2]  the line's member "B I";  ARGV[3] the new status;  ARGV[4] due time (epoch s)
+-- ARGV[5]  "1" when the new status is terminal;  ARGV[6] its row (JSON);  ARGV[7] the line index
+-- ARGV[8]  job index change: "" | "set:<job id>" | "del:<job id>"
+-- ARGV[9]  latency sample in seconds, or ""
+-- ARGV[10] n, the number of field pairs, then n field/value pairs,
+--          then m, the number of counter pairs, then m counter/amount pairs,
+--          then k, the number of extra keys to delete (inline image blobs), then k keys.
+-- Returns {applied (1/0), done, total}: done == total means the batch's last line just ended.
+
+local seq = redis.call('HGET', KEYS[1], 'seq')
+if seq ~= ARGV[1] then return {0, 0, -1} end
+
+local member, score = ARGV[2], tonumber(ARGV[4])
+if KEYS[2] ~= KEYS[3] and KEYS[2] ~= '-' then redis.call('ZREM', KEYS[2], member) end
+if KEYS[3] ~= '-' then redis.call('ZADD', KEYS[3], score, member) end
+local wake = KEYS[2] ~= KEYS[3] and string.find(KEYS[2], ':flight:', 1, true) ~= nil
+
+local i = 10
+local nfields = tonumber(ARGV[i]); i = i + 1
+local hset = {}
+for _ = 1, nfields do
+  hset[#hset + 1] = ARGV[i]; hset[#hset + 1] = ARGV[i + 1]; i = i + 2
+end
+local ncounts = tonumber(ARGV[i]); i = i + 1
+for _ = 1, ncounts do
+  redis.call('HINCRBYFLOAT', KEYS[4], ARGV[i], ARGV[i + 1]); i = i + 2
+end
+local ndel = tonumber(ARGV[i]); i = i + 1
+for _ = 1, ndel do redis.call('DEL', ARGV[i]); i = i + 1 end
+
+if KEYS[8] ~= '-' and ARGV[8] ~= '' then
+  local op, job = string.sub(ARGV[8], 1, 3), string.sub(ARGV[8], 5)
+  if op == 'set' then redis.call('HSET', KEYS[8], job, member) else redis.call('HDEL', KEYS[8], job) end
+end
+
+if KEYS[9] ~= '-' and ARGV[9] ~= '' then
+  -- A running estimate of the job latency's upper middle: mean plus half the mean deviation,
+  -- each an exponentially weighted average (recent jobs count most).
+  local x = tonumber(ARGV[9])
+  local s = redis.call('HMGET', KEYS[9], 'mean', 'dev', 'n')
+  local n = tonumber(s[3]) or 0
+  local mean, dev = tonumber(s[1]) or x, tonumber(s[2]) or 0
+  local a = math.max(0.05, 1 / (n + 1))
+  if n > 0 then
+    dev = dev + a * (math.abs(x - mean) - dev)
+    mean = mean + a * (x - mean)
+  end
+  redis.call('HSET', KEYS[9], 'mean', tostring(mean), 'dev', tostring(dev), 'n', n + 1)
+  redis.call('EXPIRE', KEYS[9], 86400)
+end
+
+local done, total = 0, -1
+if ARGV[5] == '1' then
+  redis.call('RPUSH', KEYS[5], ARGV[7] .. '\t' .. ARGV[6])
+  redis.call('DEL', KEYS[1])
+  done = redis.call('HINCRBY', KEYS[4], 'done', 1)
+  redis.call('HINCRBY', KEYS[4], ARGV[3], 1)
+  total = tonumber(redis.call('HGET', KEYS[7], 'total') or '-1')
+  wake = true
+else
+  hset[#hset + 1] = 'status'; hset[#hset + 1] = ARGV[3]
+  hset[#hset + 1] = 'settled'; hset[#hset + 1] = ARGV[1]
+  hset[#hset + 1] = 'owner'; hset[#hset + 1] = ''
+  redis.call('HSET', KEYS[1], unpack(hset))
+end
+if wake then redis.call('LPUSH', KEYS[6], 'line') end
+return {1, done, total}

@@ -1,0 +1,275 @@
+"""Starting a batch (or resuming one): the one ``start_batch`` behind ``run``, ``submit``,
+``retry``, the schedule and the tests.
+
+It streams the manifest once to validate it (a rejected line gets its row now and costs Redis
+nothing), archives it in the output store as the batch's backlog, reads what earlier runs of
+the same batch left (the part files, in bulk) so finished lines are never bought again and
+failed ones are retried under new attempt numbers, seeds Redis with the batch's record, and
+admits the first window. Everything after that is the workers'.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from jobs import results
+from jobs.errors import ConfigError
+from jobs.manifest import Line
+from jobs.pricing import currency
+from worker import feeder
+from worker.records import BatchStatus
+from worker.runtime import Runtime
+from worker.steps import now_iso
+from worker.validation import Checker, Plan, counted_lines
+
+CHUNK = 1024 * 1024
+BATCH_ID = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``--max-credits N`` (the manifest's one billing unit) or ``--max-usd N``."""
+
+    amount: float
+    usd: bool = False
+
+
+@dataclass
+class Started:
+    batch: str
+    plan: Plan
+    carried: int = 0
+    """Lines an earlier run finished; they are not bought again."""
+    retrying: int = 0
+    """Lines an earlier run failed; they get new attempts."""
+    attached: bool = False
+    """The batch was already running in Redis: nothing was re-seeded."""
+    complete: bool = False
+    """Every line already has a row: only finalize is left."""
+
+
+def check_batch_id(batch_id: str) -> str:
+    if not BATCH_ID.fullmatch(batch_id) or set(batch_id) == {"."}:
+        raise ConfigError(f"--batch-id {batch_id!r}: use 1-100 letters, digits, '-', '_', '.'")
+    return batch_id
+
+
+def default_batch_id(source: str, sha256: str) -> str:
+    """The manifest's name and a digest of its content: the same command resumes the batch."""
+    name = "stdin" if source in ("-", "") else PurePosixPath(source.split("?")[0]).stem
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "batch"
+    return f"{stem[:60]}-{sha256[:8]}"
+
+
+@dataclass(frozen=True)
+class Spooled:
+    path: str
+    sha256: str
+
+
+def spool(chunks: Iterable[bytes]) -> Spooled:
+    """Copy the manifest to a local temp file (read twice, archived after); removed again if
+    reading the source fails part way."""
+    digest = hashlib.sha256()
+    fd, path = tempfile.mkstemp(prefix="imagebatch-manifest-", suffix=".jsonl")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                digest.update(chunk)
+                out.write(chunk)
+    except BaseException:
+        os.unlink(path)
+        raise
+    return Spooled(path, digest.hexdigest())
+
+
+def file_chunks(path: str) -> Iterator[bytes]:
+    with open(path, "rb") as handle:
+        while chunk := handle.read(CHUNK):
+            yield chunk
+
+
+def start_batch(
+    rt: Runtime,
+    spooled: Spooled,
+    *,
+    batch: str,
+    out: str,
+    provider: str,
+    source: str = "",
+    strict: bool = False,
+    budget: Budget | None = None,
+    on_line: Callable[[Line], None] | None = None,
+) -> Started:
+    """Validate, archive, resume from what earlier runs stored, seed Redis, admit a window."""
+    state, settings = rt.state, rt.settings
+    store = rt.store(out)
+    live = state.batch(batch)
+    if live and live.get("status") not in (None, BatchStatus.FINISHED):
+        if live.get("manifest_sha") != spooled.sha256:
+            raise ConfigError(
+                f"batch {batch} is running with another manifest: choose another --batch-id"
+            )
+        if live.get("out") != out:
+            raise ConfigError(
+                f"batch {batch} writes to {live.get('out')}: pass --out {live.get('out')}"
+            )
+        return _attach(rt, batch, live)
+    info = results.read_json(store, results.info_key(batch))
+    if info is not None and info.get("manifest_sha") not in (None, spooled.sha256):
+        raise ConfigError(
+            f"batch {batch} under {store.uri(batch)} was made from another manifest: "
+            "choose another --batch-id"
+        )
+
+    check = Checker(rt.provider, provider)
+    plan = Plan()
+    skip = bytearray()
+    rejected: dict[int, str] = {}
+    for idx, line in counted_lines(file_chunks(spooled.path), check):
+        plan.add(line, rt.provider, check)
+        if on_line is not None:
+            on_line(line)
+        if line.request is None:
+            assert line.rejection is not None
+            rejected[idx] = feeder.manifest_rejection_row(line, line.rejection)
+            _set_bit(skip, idx)
+    if strict and plan.rejected:
+        raise ConfigError(
+            f"--strict: {plan.rejected} of {plan.lines} lines rejected; nothing was submitted"
+        )
+    budget_fields = _budget(rt, plan, budget)
+
+    counts: dict[str, float] = {"rejected": len(rejected), "done": len(rejected)}
+    prior: dict[int, int] = {}
+    carried = retrying = 0
+    for part in results.read_parts(store, batch):
+        for idx, text in part.items():
+            if idx in rejected or idx >= plan.lines:
+                continue
+            row = json.loads(text)
+            if row["status"] == "succeeded":
+                _set_bit(skip, idx)
+                carried += 1
+                counts["done"] += 1
+                counts["succeeded"] = counts.get("succeeded", 0) + 1
+                unit = settings.provider_spec(row["provider"]).credit_unit
+                name = f"credits:{currency(row['provider'], unit)}"
+                counts[name] = counts.get(name, 0.0) + float(row.get("credits") or 0)
+            elif row["status"] == "failed":
+                prior[idx] = max(prior.get(idx, 0), int(row.get("attempts") or 0))
+                retrying += 1
+    # A retry of a finished batch adds to what its earlier runs spent and sent; a resume
+    # after a crash counts afresh (the crashed run's counters died with it).
+    previous = ((info or {}).get("summary") or {}) if info else {}
+    for name in ("submit_requests", "jobs_accepted", "ambiguous_submits", "rebought_after_expiry"):
+        if previous.get(name):
+            counts[name] = float(previous[name])
+
+    if info is None or store.sha256_of(results.manifest_key(batch)) != spooled.sha256:
+        store.put_file(results.manifest_key(batch), spooled.path, "application/x-ndjson")
+    store.put(results.rejected_key(batch), results.encode_entries(rejected), "text/plain")
+    started_at = (info or {}).get("started_at") or now_iso()
+    record: dict[str, Any] = {
+        "batch_id": batch,
+        "status": BatchStatus.RUNNING,
+        "out": out,
+        "out_uri": store.uri(batch),
+        "provider": provider,
+        "source": source,
+        "manifest_sha": spooled.sha256,
+        "total": plan.lines,
+        "cursor_idx": 0,
+        "cursor_offset": 0,
+        "cursor_line": 0,
+        "admitted": len(rejected) + carried,
+        "window": window_size(rt, plan),
+        "chunk_lines": settings.chunk_lines,
+        "started_at": started_at,
+        "runs": int((info or {}).get("runs", 0)) + 1,
+        "estimate": json.dumps(plan.estimate.by_currency),
+        **budget_fields,
+    }
+    state.seed(batch, record, counts, bytes(skip), prior)
+    write_info(rt, batch, record, counts)
+    feeder.feed(rt, batch)
+    done = int(counts["done"])
+    return Started(batch, plan, carried, retrying, complete=done >= plan.lines)
+
+
+def _attach(rt: Runtime, batch: str, live: dict[str, str]) -> Started:
+    """The batch is still in Redis: an interrupted one resumes in place (its held lines and
+    in-flight jobs are all still there); a running one is simply followed."""
+    if live.get("status") == BatchStatus.INTERRUPTED:
+        rt.state.set_batch(batch, status=BatchStatus.RUNNING)
+        for rec in rt.state.lines(batch):
+            if rec.status == "ready":
+                rt.state.client.zadd(f"ib:ready:{rec.provider}", {rec.member: time.time()})
+        rt.state.wake("batch")
+    total = int(live.get("total", 0))
+    return Started(batch, Plan(lines=total, valid=total), attached=True)
+
+
+def window_size(rt: Runtime, plan: Plan) -> int:
+    """``IMAGEBATCH_WINDOW``, else a few times the in-flight caps of the providers in use."""
+    if rt.settings.window:
+        return rt.settings.window
+    caps = sum(rt.settings.provider_config(name).max_in_flight for name in plan.by_provider)
+    return max(16, math.ceil(rt.settings.window_factor * max(1, caps)))
+
+
+def _budget(rt: Runtime, plan: Plan, budget: Budget | None) -> dict[str, Any]:
+    """The budget's currency; refused when the manifest bills in units that do not add up."""
+    if budget is None:
+        return {}
+    used = {currency(name, part.unit) for name, part in plan.by_provider.items()}
+    if budget.usd:
+        missing = [
+            f"IMAGEBATCH_USD_PER_CREDIT_{name.removesuffix(' credits').upper()}"
+            for name in sorted(used)
+            if name != "USD" and rt.settings.usd_per_credit(name.removesuffix(" credits")) is None
+        ]
+        if missing:
+            raise ConfigError(
+                f"--max-usd needs the USD price of a credit: set {', '.join(missing)}"
+            )
+        return {"budget": budget.amount, "budget_currency": "USD", "budget_unit": "USD"}
+    if len(used) > 1:
+        raise ConfigError(
+            f"--max-credits: this manifest is billed in {' and '.join(sorted(used))}, which do "
+            "not add up; use --max-usd (with IMAGEBATCH_USD_PER_CREDIT_<NAME> set) instead"
+        )
+    name = next(iter(used), "credits")
+    unit = "USD" if name == "USD" else "credits"
+    return {"budget": budget.amount, "budget_currency": name, "budget_unit": unit}
+
+
+def write_info(rt: Runtime, batch: str, record: dict[str, Any], counts: dict[str, float]) -> None:
+    """``.state/batch.json``: what ``status`` and ``ls`` show once Redis forgot the batch."""
+    store = rt.store(str(record["out"]))
+    keep = ("batch_id", "status", "out_uri", "provider", "source", "manifest_sha", "total")
+    info = {name: record[name] for name in keep if name in record}
+    info |= {
+        "started_at": record.get("started_at"),
+        "runs": int(record.get("runs", 1)),
+        "counters": {k: v for k, v in counts.items() if not k.startswith("reserved")},
+        "updated_at": now_iso(),
+    }
+    results.write_json(store, results.info_key(batch), info)
+
+
+def _set_bit(bits: bytearray, idx: int) -> None:
+    byte = idx // 8
+    if byte >= len(bits):
+        bits.extend(b"\x00" * (byte + 1 - len(bits)))
+    bits[byte] |= 0x80 >> (idx % 8)

@@ -1,0 +1,499 @@
+"""The three steps of a line, as functions from its record (and the outside world) to one
+``Transition``. They decide; ``worker.runner`` applies. Nothing here touches Redis directly
+but through ``Context``, so each step is tested on its own against a simulator.
+
+Each step is safe to run twice: a submit reuses the attempt's idempotency key (a repeated
+POST returns the job already bought), a poll only reads, a store writes objects that refuse
+other bytes and accept the same bytes again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from jobs import download, policy, results
+from jobs.errors import (
+    AmbiguousSubmit,
+    BatchStop,
+    DownloadError,
+    ImagebatchError,
+    ImageExpired,
+    ImageMissing,
+    JobFailed,
+    ProviderError,
+    RateLimited,
+    StorageError,
+    TransientProviderError,
+)
+from jobs.pricing import currency
+from jobs.providers.base import Artifact, Finished, Provider
+from jobs.request import ImageRef, ResultRow
+from jobs.settings import CoreSettings
+from jobs.storage import Store
+from worker.faults import crash_point
+from worker.records import BatchStatus, LimitEvent, LineRecord, LineStatus, Transition
+
+log = logging.getLogger(__name__)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def idempotency_key(batch: str, line_id: str, attempt: int, part: int = 0) -> str:
+    """Same line, attempt and part → same key: a repeated POST returns the job already bought."""
+    name = f"imagebatch:{batch}:{line_id}:{attempt}" + (f":{part}" if part else "")
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+@dataclass
+class Context:
+    """What a step may use: settings, adapters, the batch's store and record, and the few
+    Redis reads a step needs (learned latency, a budget hold, inline image blobs)."""
+
+    settings: CoreSettings
+    batch: dict[str, str]
+    adapter: Callable[[str], Provider]
+    store: Store
+    downloads: Any
+    trusted_hosts: Callable[[str], frozenset[str]]
+    expected_latency: Callable[[str, str], float | None]
+    reserve: Callable[[float, float], bool]
+    put_blob: Callable[[int, int, bytes], str]
+    get_blob: Callable[[str], bytes | None]
+    usd_rates: dict[str, float | None] = field(default_factory=dict)
+    webhook_url: str | None = None
+    payload: Sequence[Artifact] = ()
+    """Inline images the previous step of this same task received (not re-read from Redis)."""
+
+    @property
+    def status(self) -> BatchStatus:
+        return BatchStatus(self.batch.get("status", BatchStatus.RUNNING))
+
+
+# -- submit -------------------------------------------------------------------------------------
+
+
+def submit(ctx: Context, rec: LineRecord) -> Transition:
+    settings, now = ctx.settings, time.time()
+    stopped = _stopped(ctx, rec)
+    if stopped is not None:
+        return stopped
+    if rec.deadline and now > rec.deadline:
+        return fail(ctx, rec, ImagebatchError("the line's deadline passed", type="timeout"))
+    adapter = ctx.adapter(rec.provider)
+    changes: dict[str, Any] = {}
+    budget = ctx.batch.get("budget")
+    if budget and not rec.reserved:
+        estimate = _in_budget_unit(ctx, rec, adapter.estimate(rec.request))
+        if estimate is None or not ctx.reserve(estimate, float(budget)):
+            unit = ctx.batch.get("budget_unit", "credits")
+            return fail(
+                ctx,
+                rec,
+                ImagebatchError(
+                    f"the budget of {float(budget):g} {unit} would be exceeded by this "
+                    f"line's estimated {adapter.estimate(rec.request):g}",
+                    type="budget",
+                ),
+            )
+        changes["reserved"] = estimate
+    request = rec.request
+    have = len(rec.images)
+    if have or request.n > adapter.max_images_per_request:
+        # Bought in parts: each part is its own job (and key); stored parts are kept.
+        request = request.model_copy(
+            update={"n": min(adapter.max_images_per_request, request.n - have)}
+        )
+    key = idempotency_key(rec.batch, rec.id, rec.attempt, part=have)
+    counts: dict[str, float] = {"submit_requests": 1}
+    if rec.status is LineStatus.SUBMITTING and rec.tries and not adapter.idempotent_submit:
+        counts["ambiguous_submits"] = 1  # the last try may have been billed
+    if not rec.submitted_at:
+        changes["submitted_at"] = now_iso()
+        changes["deadline"] = now + settings.line_deadline_s
+    try:
+        outcome = adapter.submit(request, key, **_webhook(ctx, adapter))
+        crash_point(settings, "after_submit")
+    except RateLimited as exc:
+        return _throttled(ctx, rec, exc, LineStatus.READY, changes, counts)
+    except AmbiguousSubmit as exc:
+        # The job may exist: keep the slot, and try again with the same key.
+        return _transient(ctx, rec, exc, LineStatus.SUBMITTING, changes, counts)
+    except TransientProviderError as exc:
+        return _transient(ctx, rec, exc, LineStatus.READY, changes, counts)
+    except BatchStop as exc:
+        return fail(ctx, rec, exc, changes=changes, counts=counts, stop=(exc.type, exc.message))
+    except ProviderError as exc:
+        return fail(ctx, rec, exc, changes=changes, counts=counts)
+    counts["jobs_accepted"] = 1
+    changes |= {"tries": 0, "polls": 0, "misses": 0, "accepted_at": now}
+    if isinstance(outcome, Finished):
+        return _fetched(ctx, rec, outcome, changes, counts, latency=time.time() - now)
+    expected = ctx.expected_latency(rec.provider, rec.request.model)
+    webhook_s = settings.webhook_poll_s if ctx.webhook_url and adapter.webhooks else None
+    changes |= {"job_id": outcome.job_id, "expected_s": expected or 0.0}
+    return Transition(
+        LineStatus.SUBMITTED,
+        changes,
+        due_in=policy.first_poll(expected, settings.poll_initial_s, webhook_s),
+        counts=counts,
+        outcome="accepted",
+    )
+
+
+def _webhook(ctx: Context, adapter: Provider) -> dict[str, Any]:
+    if ctx.webhook_url and adapter.webhooks:
+        return {"webhook_url": ctx.webhook_url}
+    return {}
+
+
+def _stopped(ctx: Context, rec: LineRecord) -> Transition | None:
+    """A line not yet bought in a batch that stopped, was cancelled or interrupted."""
+    status = ctx.status
+    if status is BatchStatus.INTERRUPTED:
+        # Not a failure: the same command resumes it, with the same attempt and key.
+        return Transition(LineStatus.READY, due_in=3600.0, outcome="held")
+    if status is BatchStatus.CANCELLED:
+        return fail(ctx, rec, ImagebatchError("the batch was cancelled", type="cancelled"))
+    if status is BatchStatus.STOPPING:
+        reason = ctx.batch.get("stop_reason") or "stopped"
+        message = ctx.batch.get("stop_message") or "the batch stopped"
+        return fail(ctx, rec, ImagebatchError(message, type=reason))
+    return None
+
+
+def _in_budget_unit(ctx: Context, rec: LineRecord, amount: float) -> float | None:
+    """The amount in the budget's currency, or None when no conversion is configured."""
+    have = currency(rec.provider, ctx.adapter(rec.provider).credit_unit)
+    want = ctx.batch.get("budget_currency", have)
+    if want == have:
+        return amount
+    rates = ctx.usd_rates
+
+    def usd_per(name: str) -> float | None:
+        return 1.0 if name == "USD" else rates.get(name.removesuffix(" credits"))
+
+    source, target = usd_per(have), usd_per(want)
+    if source is None or target is None:
+        return None
+    return round(amount * source / target, 6)
+
+
+# -- poll ---------------------------------------------------------------------------------------
+
+
+def poll(ctx: Context, rec: LineRecord) -> Transition:
+    settings, now = ctx.settings, time.time()
+    if rec.deadline and now > rec.deadline:
+        message = f"job {rec.job_id} did not finish before the line's deadline"
+        return fail(ctx, rec, ImagebatchError(message, type="timeout"))
+    adapter = ctx.adapter(rec.provider)
+    crash_point(settings, "during_poll")
+    try:
+        outcome = adapter.poll(rec.job_id)
+    except RateLimited as exc:
+        return _throttled(ctx, rec, exc, LineStatus.SUBMITTED, {}, {"polls": 1})
+    except TransientProviderError as exc:
+        # Polling may go on to the line's deadline: a read is never billed.
+        wait = policy.retry_wait(rec.tries + 1, settings.retry_base_s, settings.retry_max_s, None)
+        return Transition(
+            LineStatus.SUBMITTED,
+            {"tries": rec.tries + 1},
+            due_in=wait,
+            counts={"polls": 1},
+            outcome=f"retry ({exc.type})",
+        )
+    except JobFailed as exc:
+        return regenerate(ctx, rec, exc, counts={"polls": 1})
+    except ProviderError as exc:
+        return fail(ctx, rec, exc, counts={"polls": 1})
+    if not isinstance(outcome, Finished):
+        polls = rec.polls + 1
+        expected = rec.expected_s or None
+        webhook_s = settings.webhook_poll_s if ctx.webhook_url and adapter.webhooks else None
+        delay = webhook_s or policy.next_poll(
+            polls, expected, settings.poll_initial_s, settings.poll_max_s
+        )
+        return Transition(
+            LineStatus.SUBMITTED,
+            {"polls": polls, "tries": 0},
+            due_in=0.0 if policy.testing() else delay,
+            counts={"polls": 1},
+            outcome="pending",
+        )
+    latency = outcome.latency_s if outcome.latency_s is not None else now - rec.accepted_at
+    return _fetched(ctx, rec, outcome, {}, {"polls": 1}, latency=latency)
+
+
+def finished_by_webhook(ctx: Context, rec: LineRecord, outcome: Finished) -> Transition:
+    """A verified webhook said the job completed: the same transition a poll would make."""
+    latency = outcome.latency_s if outcome.latency_s is not None else time.time() - rec.accepted_at
+    return _fetched(ctx, rec, outcome, {}, {"webhooks": 1}, latency=latency)
+
+
+def failed_by_webhook(ctx: Context, rec: LineRecord, exc: JobFailed) -> Transition:
+    return regenerate(ctx, rec, exc, counts={"webhooks": 1})
+
+
+def _fetched(
+    ctx: Context,
+    rec: LineRecord,
+    outcome: Finished,
+    changes: dict[str, Any],
+    counts: dict[str, float],
+    *,
+    latency: float,
+) -> Transition:
+    """The job is done: note where its images are (inline ones go to Redis until stored, so
+    a crash before the upload cannot lose what was paid for) and what it cost."""
+    adapter = ctx.adapter(rec.provider)
+    credits = outcome.credits
+    if credits is None:
+        part = rec.request.model_copy(update={"n": len(outcome.artifacts)})
+        credits = adapter.estimate(part)
+    artifacts: list[dict[str, str]] = []
+    for k, artifact in enumerate(outcome.artifacts, start=len(rec.images)):
+        if artifact.data is not None:
+            artifacts.append({"blob": ctx.put_blob(rec.idx, k, artifact.data)})
+        else:
+            artifacts.append({"url": artifact.url or ""})
+    changes = changes | {
+        "artifacts": tuple(artifacts),
+        "credits": round(rec.credits + credits, 6),
+        "tries": 0,
+        "misses": 0,
+        "fetched_at": time.time(),
+    }
+    if outcome.job_id:
+        changes["job_id"] = outcome.job_id
+    return Transition(
+        LineStatus.FETCHED,
+        changes,
+        counts=counts,
+        latency_s=max(0.0, latency) if ctx.adapter(rec.provider).polled else None,
+        outcome="completed",
+    )
+
+
+def regenerate(
+    ctx: Context, rec: LineRecord, exc: ImagebatchError, counts: dict[str, float] | None = None
+) -> Transition:
+    """The job ended without usable images: buy a new one if the line has attempts left."""
+    tried = rec.attempt - rec.first_attempt + 1
+    counts = dict(counts or {})
+    if not exc.retryable or tried >= ctx.settings.max_attempts:
+        return fail(ctx, rec, exc, counts=counts)
+    if exc.type == "image_expired":
+        counts["rebought_after_expiry"] = 1  # the expired job was paid for: owned up to
+    log.info("line %s: %s; new job (attempt %d)", rec.id, exc.message, rec.attempt + 1)
+    wait = policy.backoff(tried, ctx.settings.retry_base_s, ctx.settings.retry_max_s)
+    changes = {"attempt": rec.attempt + 1, "job_id": "", "artifacts": (), "tries": 0, "polls": 0}
+    return Transition(LineStatus.READY, changes, due_in=wait, counts=counts, outcome="new job")
+
+
+# -- store --------------------------------------------------------------------------------------
+
+
+def store(ctx: Context, rec: LineRecord) -> Transition:
+    """Download and verify every image first, then upload: a failed download uploads none."""
+    settings = ctx.settings
+    inline = {k: a.data for k, a in enumerate(ctx.payload) if a.data is not None}
+    fetched: list[download.Fetched] = []
+    try:
+        for k, spec in enumerate(rec.artifacts):
+            data: bytes | None = None
+            if "blob" in spec:
+                data = inline.get(k) or ctx.get_blob(spec["blob"])
+                if data is None:
+                    raise ImageExpired("the inline image was lost before it was stored")
+            artifact = Artifact(url=spec.get("url"), data=data)
+            fetched.append(
+                download.fetch(
+                    ctx.downloads,
+                    artifact,
+                    max_bytes=settings.download_max_bytes,
+                    expected_format=rec.request.output_format,
+                    trusted_hosts=ctx.trusted_hosts(rec.provider),
+                )
+            )
+    except ImageMissing as exc:
+        return _missing(ctx, rec, exc)
+    except ImageExpired as exc:
+        return regenerate(ctx, rec, JobFailed(exc.message, retryable=True, type=exc.type))
+    except DownloadError as exc:
+        if not exc.retryable or rec.tries >= settings.http_retries:
+            return fail(ctx, rec, exc)
+        wait = policy.backoff(rec.tries + 1, settings.retry_base_s, settings.retry_max_s)
+        return Transition(
+            LineStatus.FETCHED, {"tries": rec.tries + 1}, due_in=wait, outcome="retry download"
+        )
+    crash_point(settings, "before_upload")
+    images = list(rec.images)
+    try:
+        for image in fetched:
+            k = len(images)
+            key = results.image_key(rec.batch, rec.id, k, image.extension)
+            ctx.store.put_new(key, image.data, image.content_type, image.sha256)
+            crash_point(settings, "mid_upload")
+            ref = ImageRef(
+                uri=ctx.store.uri(key),
+                sha256=image.sha256,
+                bytes=len(image.data),
+                content_type=image.content_type,
+                width=image.width,
+                height=image.height,
+            )
+            images.append(ref.model_dump())
+    except StorageError as exc:
+        return _storage_trouble(ctx, rec, exc, images)
+    if len(images) < rec.request.n:
+        changes = {"images": tuple(images), "artifacts": (), "job_id": "", "tries": 0}
+        return Transition(LineStatus.READY, changes, outcome="next part")
+    return Transition(
+        LineStatus.SUCCEEDED,
+        row=make_row(rec.evolve(images=tuple(images)), "succeeded"),
+        outcome="succeeded",
+    )
+
+
+def _missing(ctx: Context, rec: LineRecord, exc: ImageMissing) -> Transition:
+    """A finished job's image answered 404: fetch it again a few times (CDN propagation),
+    then read the job again for fresh URLs; only an expired job, or a URL that stays gone,
+    means buying the line again."""
+    settings = ctx.settings
+    misses = rec.misses + 1
+    if misses <= settings.download_retries:
+        wait = policy.backoff(misses, max(0.5, settings.retry_base_s), settings.retry_max_s)
+        return Transition(
+            LineStatus.FETCHED, {"misses": misses}, due_in=wait, outcome="image not there yet"
+        )
+    adapter = ctx.adapter(rec.provider)
+    if not adapter.polled or not rec.job_id or misses > 2 * settings.download_retries + 1:
+        return regenerate(ctx, rec, ImageExpired(f"{exc.message}, and it stayed so"))
+    try:
+        outcome = adapter.poll(rec.job_id)
+    except JobFailed as failed:
+        return regenerate(ctx, rec, failed)
+    except ProviderError:
+        wait = policy.backoff(misses, settings.retry_base_s, settings.retry_max_s)
+        return Transition(LineStatus.FETCHED, {"misses": misses}, due_in=wait, outcome="retry")
+    if not isinstance(outcome, Finished) or outcome.expired:
+        return regenerate(ctx, rec, ImageExpired(f"job {rec.job_id}'s images have expired"))
+    urls = [{"url": a.url or ""} for a in outcome.artifacts]
+    return Transition(
+        LineStatus.FETCHED, {"misses": misses, "artifacts": tuple(urls)}, outcome="fresh URLs"
+    )
+
+
+def _storage_trouble(
+    ctx: Context, rec: LineRecord, exc: StorageError, images: list[dict[str, Any]]
+) -> Transition:
+    """Waiting for the output store is not failing: the line keeps its images (inline ones
+    are already in Redis) and tries again, until the storage deadline."""
+    settings = ctx.settings
+    changes: dict[str, Any] = {"images": tuple(images), "tries": rec.tries + 1}
+    changes["artifacts"] = rec.artifacts[len(images) - len(rec.images) :]
+    since = rec.fetched_at or time.time()
+    if not exc.retryable or time.time() - since > settings.storage_deadline_s:
+        return fail(ctx, rec.evolve(images=tuple(images)), exc)
+    wait = min(60.0, policy.backoff(rec.tries + 1, settings.retry_base_s, 30.0) + 1.0)
+    return Transition(
+        LineStatus.FETCHED, changes, due_in=wait, counts={"storage_waits": 1}, outcome="storage"
+    )
+
+
+# -- endings ------------------------------------------------------------------------------------
+
+
+def make_row(rec: LineRecord, status: str, error: ImagebatchError | None = None) -> ResultRow:
+    request = rec.request
+    return ResultRow.model_validate(
+        {
+            "line": rec.line,
+            "id": rec.id,
+            "status": status,
+            "prompt": request.prompt,
+            "model": request.model,
+            "provider": rec.provider,
+            "job_id": rec.job_id or None,
+            "attempts": rec.attempt if rec.submitted_at else 0,
+            "credits": round(rec.credits, 6),
+            "images": list(rec.images) if status == "succeeded" else [],
+            "error": error.as_row_error() if error is not None else None,
+            "metadata": request.metadata,
+            "submitted_at": rec.submitted_at or None,
+            "completed_at": now_iso(),
+        }
+    )
+
+
+def fail(
+    ctx: Context,
+    rec: LineRecord,
+    exc: ImagebatchError,
+    *,
+    changes: dict[str, Any] | None = None,
+    counts: dict[str, float] | None = None,
+    stop: tuple[str, str] | None = None,
+) -> Transition:
+    log.warning("line %s failed: %s (%s)", rec.id, exc.message, exc.type)
+    rec = rec.evolve(**(changes or {}))
+    counts = dict(counts or {})
+    if rec.reserved and not rec.credits:
+        counts["reserved"] = -rec.reserved
+    return Transition(
+        LineStatus.FAILED,
+        row=make_row(rec, "failed", exc),
+        counts=counts,
+        stop=stop,
+        outcome=f"failed ({exc.type})",
+    )
+
+
+def _throttled(
+    ctx: Context,
+    rec: LineRecord,
+    exc: RateLimited,
+    back_to: LineStatus,
+    changes: dict[str, Any],
+    counts: dict[str, float],
+) -> Transition:
+    """A 429 slows the provider's shared limiter down; the line waits, and loses no try."""
+    settings = ctx.settings
+    if rec.deadline and time.time() > rec.deadline:
+        return fail(ctx, rec, exc, changes=changes, counts=counts)
+    retry_after = exc.retry_after if exc.retry_after is not None else 1.0
+    return Transition(
+        back_to,
+        changes,
+        due_in=policy.retry_wait(0, settings.retry_base_s, settings.retry_max_s, retry_after),
+        counts=counts | {"throttled": 1},
+        limit=LimitEvent(exc.kind, retry_after),
+        outcome=f"429 ({exc.kind})",
+    )
+
+
+def _transient(
+    ctx: Context,
+    rec: LineRecord,
+    exc: TransientProviderError,
+    back_to: LineStatus,
+    changes: dict[str, Any],
+    counts: dict[str, float],
+) -> Transition:
+    settings = ctx.settings
+    tries = rec.tries + 1
+    if tries > settings.http_retries:
+        return fail(ctx, rec, exc, changes=changes, counts=counts)
+    wait = policy.retry_wait(tries, settings.retry_base_s, settings.retry_max_s, exc.retry_after)
+    log.info("line %s: %s; trying again in %.1fs", rec.id, exc.message, wait)
+    return Transition(
+        back_to, changes | {"tries": tries}, due_in=wait, counts=counts, outcome="retry"
+    )
