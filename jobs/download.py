@@ -8,23 +8,19 @@ bodies are capped, truncation is detected, and the bytes must decode as the expe
 from __future__ import annotations
 
 import hashlib
-import io
 import ipaddress
 import socket
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import httpx
-from PIL import Image, UnidentifiedImageError
 
+from jobs import imagecheck
 from jobs.errors import DownloadError, ImageMissing, ImageRefused
 from jobs.providers.base import Artifact
 from jobs.request import CONTENT_TYPES
 
-PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "WEBP": "webp"}
 MAX_REDIRECTS = 5
-END_MARKERS = {"png": b"IEND\xaeB`\x82", "jpeg": b"\xff\xd9"}
-"""A body cut off at a clean chunk boundary still decodes; its missing end marker shows it."""
 
 
 @dataclass(frozen=True)
@@ -91,27 +87,21 @@ def read_image(response: httpx.Response, max_bytes: int, expected_format: str | 
 
 
 def verify(data: bytes, expected_format: str | None = None) -> Fetched:
-    """Decode the bytes fully; a body that is not a whole PNG/JPEG/WebP is a failed download."""
+    """Prove the bytes are a whole PNG/JPEG/WebP (``jobs.imagecheck``: CRCs, stated length,
+    end markers); anything cut or garbled is a failed download, to be fetched again."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            fmt = PIL_FORMATS.get(image.format or "")
-            width, height = image.size
-            image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DownloadError(f"image does not decode: {exc}") from None
-    if fmt is None:
-        raise DownloadError("image is not PNG, JPEG or WebP")
-    if not data.rstrip(b"\x00").endswith(END_MARKERS.get(fmt, b"")):
-        raise DownloadError(f"{fmt} image is cut short (no end marker)")
-    if expected_format is not None and fmt != expected_format:
-        raise DownloadError(f"image is {fmt}, but {expected_format} was asked for")
+        shape = imagecheck.inspect(data)
+    except imagecheck.BadImage as exc:
+        raise DownloadError(f"image is not whole: {exc}") from None
+    if expected_format is not None and shape.format != expected_format:
+        raise DownloadError(f"image is {shape.format}, but {expected_format} was asked for")
     return Fetched(
         data=data,
         sha256=hashlib.sha256(data).hexdigest(),
-        content_type=CONTENT_TYPES[fmt],
-        extension=fmt,
-        width=width,
-        height=height,
+        content_type=CONTENT_TYPES[shape.format],
+        extension=shape.format,
+        width=shape.width,
+        height=shape.height,
     )
 
 

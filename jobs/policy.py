@@ -53,7 +53,7 @@ def first_poll(expected_s: float | None, initial_s: float, webhook_s: float | No
         return max(webhook_s, 3 * (expected_s or initial_s))
     if expected_s is None:
         return initial_s
-    return expected_s * 1.02 + 0.05
+    return expected_s * 1.005 + 0.02
 
 
 def next_poll(

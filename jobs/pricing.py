@@ -53,7 +53,8 @@ class Money:
         if len(self.by_currency) == 1:
             ((name, amount),) = self.by_currency.items()
             return f"{amount:g} {'USD' if name == 'USD' else 'credits'}"
-        return " + ".join(f"{amount:g} {name}" for name, amount in sorted(self.by_currency.items()))
+        ordered = sorted(self.by_currency.items(), key=lambda item: (item[0] == "USD", item[0]))
+        return " + ".join(f"{amount:g} {name}" for name, amount in ordered)
 
     def in_usd(self, usd_per_credit: Mapping[str, float | None]) -> float | None:
         """The total in USD, or None when some provider's credits have no known price in USD.

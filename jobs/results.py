@@ -147,9 +147,17 @@ class Tally:
     by_status: dict[str, int] = field(
         default_factory=lambda: {"succeeded": 0, "failed": 0, "rejected": 0}
     )
-    money: Money = field(default_factory=Money)
     by_provider: dict[str, ProviderTotal] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def money(self) -> Money:
+        amounts: dict[str, float] = {}
+        for name, part in self.by_provider.items():
+            if part.credits:
+                key = currency(name, part.unit)
+                amounts[key] = round(amounts.get(key, 0.0) + part.credits, 6)
+        return Money(amounts)
 
     def add(self, row: Mapping[str, Any], unit_of: Callable[[str], str]) -> None:
         self.total += 1
@@ -162,14 +170,12 @@ class Tally:
         provider = row.get("provider")
         if not isinstance(provider, str) or status == "rejected":
             return
-        unit = unit_of(provider)
-        credits = float(row.get("credits") or 0)
-        totals = self.by_provider.setdefault(provider, ProviderTotal(unit=unit))
+        totals = self.by_provider.get(provider)
+        if totals is None:
+            totals = self.by_provider[provider] = ProviderTotal(unit=unit_of(provider))
         totals.lines += 1
-        totals.images += len(row.get("images") or [])
-        totals.credits = round(totals.credits + credits, 6)
-        if credits:
-            self.money = self.money.plus(currency(provider, unit), credits)
+        totals.images += len(row.get("images") or ())
+        totals.credits += float(row.get("credits") or 0)
 
 
 def write_results(

@@ -17,6 +17,8 @@ from typing import Any
 
 import redis
 
+from jobs.pricing import currency
+from jobs.providers.registry import REGISTRY
 from jobs.request import ResultRow
 
 CLI = [sys.executable, "-m", "worker"]
@@ -198,7 +200,16 @@ def check_invariants(
     assert summary["total"] == len(rows) == sum(statuses.values())
     for status in ("succeeded", "failed", "rejected"):
         assert summary[status] == statuses[status], status
-    assert abs(summary["credits"] - sum(row.credits for row in rows)) < 1e-6
+    by_currency: Counter[str] = Counter()
+    for row in rows:
+        if row.credits and row.provider:
+            unit = REGISTRY[row.provider].credit_unit
+            by_currency[currency(row.provider, unit)] += row.credits
+    assert set(summary["costs"]) == set(by_currency), (summary["costs"], by_currency)
+    for name, amount in by_currency.items():
+        assert abs(summary["costs"][name] - amount) < 1e-6, name
+    if summary["credits"] is not None:  # one currency: the plain total too
+        assert abs(summary["credits"] - sum(row.credits for row in rows)) < 1e-6
     if redis_client is not None:
         left = sorted(
             k.decode() if isinstance(k, bytes) else k

@@ -553,3 +553,55 @@ def test_a_line_whose_job_never_finishes_fails_by_deadline_and_the_rest_finish(
     # ...and the stuck line was bought once, never resubmitted
     assert billed(ledger)[stuck.prompt or ""] == 1
     assert ledger["submits"] == 6
+
+
+# --- a dead worker's lines, with the default lease ------------------------------------------
+
+
+def test_a_dead_workers_lines_are_taken_over_within_a_minute_with_the_default_lease(
+    tmp_path: Path,
+    redis_url: str,
+    redis_client: redis.Redis[Any],
+    s3: S3Server,
+    s3_bucket: str,
+) -> None:
+    """The defect: with two workers and one SIGKILLed mid-run, its lines sat for the whole
+    300 s lease while ``status`` said "ETA 1s". A short lease kept alive by the heartbeat lets
+    another worker take over within about a minute."""
+    # Given a batch on two workers with imagebatch's default lease (no FAULT settings)
+    manifest = write_manifest(tmp_path / "manifest.jsonl", 40)
+    batch = "takeover"
+    with Simulator(SimulatorConfig(latency_s=1.0, max_in_flight=8)) as sim:
+        env = {
+            "IMAGEBATCH_BROKER_URL": redis_url,
+            "IMAGEBATCH_APIFRAME_API_KEY": KEY,
+            "IMAGEBATCH_APIFRAME_BASE_URL": sim.base_url,
+            "IMAGEBATCH_APIFRAME_MAX_IN_FLIGHT": "8",
+            "IMAGEBATCH_OUT": f"s3://{s3_bucket}/runs",
+            **s3.env(),
+        }
+        submit(manifest, batch, env)
+        with fleet(env, tmp_path) as workers:
+            wait_for(lambda: done_count(redis_client, batch) >= 10, 60, "10 lines to finish")
+            # When one of them is killed outright, with lines dispatched to it
+            victim = workers.workers[0]
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(10)
+            killed = time.monotonic()
+            try:
+                wait_for(lambda: finished(redis_client, batch), 90, "the batch to finish")
+            except AssertionError:
+                raise AssertionError(
+                    f"{done_count(redis_client, batch)}/40 done\n"
+                    f"{stuck_lines(redis_client, batch)}\n{workers.log_tail()}"
+                ) from None
+            took = time.monotonic() - killed
+        ledger = sim.ledger()
+
+    # Then the survivor finished the batch within about a minute of the kill...
+    assert took < 60, took
+    # ...and nothing was lost or bought twice
+    outcome = read_s3(s3.client, s3_bucket, "runs", batch)
+    check_invariants(manifest, outcome, ledger, redis_client, idempotent=True)
+    assert [row.status for row in outcome.rows] == ["succeeded"] * 40
+    assert set(billed(ledger).values()) == {1}

@@ -173,3 +173,34 @@ def test_slow_synchronous_calls_do_not_stop_async_lines_from_finishing(tmp_path:
 
     # Six 3-second calls, two at a time, take at least 9 s; the async lines need about 1 s.
     assert (max(done("sync")) - max(done("async"))).total_seconds() >= 4
+
+
+def test_oxen_takes_quality_background_and_input_fidelity_as_its_model_page_says(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    """The defect: Oxen rejected every line with ``quality``. Its GPT Image 1.5 page names
+    quality, input fidelity and background; the adapter reads the model's request schema."""
+    source = tmp_path / "oxen.jsonl"
+    line = {
+        "id": "oxen-hq",
+        "prompt": "A porcelain teapot, studio light",
+        "quality": "high",
+        "background": "opaque",
+        "size": "1536x1024",
+        "output_format": "png",
+    }
+    source.write_text(json.dumps(line) + "\n")
+    env = provider_env(sim, "oxen")
+    plan = run_cli("plan", str(source), "--provider", "oxen", env=env)
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    assert "1 valid · 0 rejected" in plan.stdout, plan.stdout
+    sim.reset()
+    out = tmp_path / "out"
+    result = run_batch(source, "oxen", out, "oxen-hq", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    outcome = read_local(out, "oxen-hq")
+    check_invariants(source, outcome, sim.ledger(), idempotent=False)
+    (row,) = outcome.rows
+    assert row.status == "succeeded" and (row.images[0].width, row.images[0].height) == (1536, 1024)
+    sent = next(job for job in sim.ledger()["jobs"] if job["provider"] == "oxen")
+    assert sent["images"] == 1

@@ -270,3 +270,27 @@ def test_a_field_name_with_control_characters_cannot_forge_or_colour_stderr_line
     reports = [line for line in stderr.splitlines() if ": rejected: " in line]
     assert reports == [line for line in reports if line.startswith(f"{manifest}:2: rejected: ")]
     assert len(reports) == 1, reports
+
+
+def test_text_from_a_manifest_reaches_the_terminal_escaped_and_cut_short(tmp_path: Path) -> None:
+    """The defects: ESC sequences in prompts were echoed raw to the terminal, and a
+    900,000-character prompt was echoed in full on stderr."""
+    # Given a line whose bad value holds an ANSI escape, and one with a 900,000-character prompt
+    lines = [
+        obj(id="fine", prompt="a green lamp"),
+        obj(id="ansi", prompt="a lamp", size="\u001b[2J\u001b[31mhuge"),
+        obj(id="long", prompt="x" * 900_000),
+    ]
+    # When the manifest runs
+    manifest, result = run_small(tmp_path, lines)
+    stderr: str = result.stderr  # type: ignore[attr-defined]
+    # Then both are rejected on one short, escaped stderr line each
+    assert "\x1b" not in stderr, repr(stderr[:300])
+    reports = [line for line in stderr.splitlines() if ": rejected: " in line]
+    assert len(reports) == 2, reports
+    assert all(len(line) < 600 for line in reports), [len(line) for line in reports]
+    assert "\\x1b" in reports[0], reports[0]
+    assert "more characters" in reports[1] or "32000" in reports[1], reports[1]
+    outcome = read_local(tmp_path / "out", "small")
+    check_invariants(manifest, outcome)
+    assert [row.status for row in outcome.rows] == ["succeeded", "rejected", "rejected"]

@@ -238,3 +238,40 @@ def test_a_connection_broken_while_streaming_the_body_is_one_clear_error(
     message = config_error(manifest)
     assert message.startswith(f"the connection to S3 broke while reading manifest {manifest}")
     assert "run the command again" in message
+
+
+def test_a_manifest_that_cannot_be_read_leaves_no_temp_file_behind(
+    aws_env: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    """The defect: a failed read left a 0-byte ``imagebatch-manifest-*`` file in the temp dir."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.harness import cli_env
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = cli_env({**os.environ, "TMPDIR": str(scratch)})
+    source = f"s3://{s3_bucket}/missing.jsonl"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "worker",
+            "run",
+            source,
+            "--provider",
+            "simulator",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "does not exist" in result.stderr, result.stderr
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("imagebatch-manifest")] == []

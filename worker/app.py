@@ -22,7 +22,7 @@ from jobs.settings import CoreSettings, Settings
 QUEUE = "imagebatch"
 log = logging.getLogger(__name__)
 
-app = Celery("imagebatch", set_as_current=False, include=["worker.tasks"])
+app = Celery("imagebatch", set_as_current=False, include=["worker.tasks", "worker.inbox"])
 app.conf.update(
     task_default_queue=QUEUE,
     # Redelivery is not what recovers lost work (every dispatched line carries a lease the
@@ -36,7 +36,6 @@ app.conf.update(
     worker_hijack_root_logger=False,
     worker_redirect_stdouts=False,
     worker_send_task_events=True,
-    task_send_sent_event=True,
     broker_connection_retry_on_startup=True,
     broker_connection_max_retries=None,
     enable_utc=True,
@@ -69,14 +68,19 @@ class ImagebatchStep(bootsteps.StartStopStep):
         self.threads: list[Any] = []
 
     def start(self, parent: Any) -> None:
-        from worker import runtime, tasks
+        from worker import metrics, runtime, tasks
         from worker.runner import Heartbeat
         from worker.scheduler import SchedulerThread
 
         rt = runtime.current()
         heartbeat = Heartbeat(rt, socket.gethostname())
         rt.heartbeat = heartbeat
-        self.threads = [heartbeat, SchedulerThread(rt, tasks.CeleryDispatch())]
+        # The metrics endpoint first: a port that is taken fails before anything else starts.
+        self.threads = [
+            metrics.Exporter(rt),
+            heartbeat,
+            SchedulerThread(rt, tasks.CeleryDispatch()),
+        ]
         for thread in self.threads:
             thread.start()
 

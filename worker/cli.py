@@ -13,8 +13,10 @@ import shlex
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import NoReturn
@@ -30,12 +32,22 @@ from jobs.manifest import Line
 from jobs.providers.registry import REGISTRY
 from jobs.settings import PROVIDER_NAMES, CoreSettings, Settings
 from jobs.sources import read_chunks
+from jobs.storage import open_store
 from jobs.text import shown
 from worker import finish, logs, plans, status, tasks
-from worker.environment import absolute_out, check_store, environment
+from worker.environment import absolute_out, check_provider, check_store, environment
 from worker.progress import Display
 from worker.runtime import Runtime
-from worker.start import Budget, Started, check_batch_id, default_batch_id, spool, start_batch
+from worker.start import (
+    Budget,
+    Spooled,
+    Started,
+    check_batch_id,
+    default_batch_id,
+    file_chunks,
+    spool,
+    start_batch,
+)
 from worker.validation import tally
 
 out_console = Console(highlight=False, soft_wrap=True)
@@ -58,25 +70,30 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 @contextmanager
 def user_errors() -> Iterator[None]:
-    """Configuration and infrastructure trouble ends the command with exit 2 and one line."""
+    """Configuration and infrastructure trouble ends the command with exit 2 and one line
+    (after the traceback, with ``--debug``)."""
     try:
         yield
     except ConfigError as exc:
-        if DEBUG["on"]:
-            raise
+        _trace()
         fail(exc.message)
     except ValidationError as exc:
+        _trace()
         error = exc.errors()[0]
         name = "IMAGEBATCH_" + "_".join(str(part) for part in error["loc"]).upper()
         fail(f"invalid setting {name}: {error['msg']}")
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        if DEBUG["on"]:
-            raise
+        _trace()
         fail(f"lost Redis ({type(exc).__name__}): check IMAGEBATCH_BROKER_URL and that it runs")
     except ImagebatchError as exc:
-        if DEBUG["on"]:
-            raise
+        _trace()
         fail(exc.message)
+
+
+def _trace() -> None:
+    """``--debug``: the traceback of the error being handled, on stderr; the exit stays 2."""
+    if DEBUG["on"]:
+        traceback.print_exc(file=sys.stderr)
 
 
 def settings_from_env() -> CoreSettings:
@@ -127,35 +144,73 @@ def budget_of(max_credits: float | None, max_usd: float | None) -> Budget | None
     return Budget(max_credits) if max_credits is not None else None
 
 
-def begin(
-    rt: Runtime,
+@dataclass(frozen=True)
+class Prepared:
+    """What a command checks before it starts anything: the manifest read (spooled), the
+    batch named, the output store written to."""
+
+    manifest: str
+    spooled: Spooled
+    batch: str
+    out: str
+
+
+@contextmanager
+def prepared(
+    settings: CoreSettings,
     manifest: str,
-    provider: str,
     out: str,
     batch_id: str | None,
+    *,
+    provider: str,
+    strict: bool = False,
+) -> Iterator[Prepared]:
+    """Read the manifest and check the output location before Redis, the embedded worker or
+    the simulator start: a missing manifest or an unwritable bucket fails in a second, with
+    nothing started and nothing spent (``--strict`` refuses a bad manifest before the output
+    is touched). The spooled copy is removed when the block ends."""
+    spooled = spool(read_chunks(manifest, settings))
+    try:
+        batch = check_batch_id(batch_id or default_batch_id(manifest, spooled.sha256))
+        if strict:
+            checked = tally(
+                file_chunks(spooled.path),
+                plans.Adapters(settings),
+                provider,
+                print_rejection(manifest),
+            )
+            if checked.rejected:
+                raise ConfigError(
+                    f"--strict: {checked.rejected} of {checked.lines} lines rejected; "
+                    "nothing was submitted"
+                )
+        check_store(open_store(out, settings), out, batch)
+        yield Prepared(manifest, spooled, batch, out)
+    finally:
+        Path(spooled.path).unlink(missing_ok=True)
+
+
+def begin(
+    rt: Runtime,
+    ready: Prepared,
+    provider: str,
     *,
     strict: bool,
     budget: Budget | None,
 ) -> Started:
-    """Read, validate and start the batch (printing rejections); nothing is spent on error."""
+    """Validate and start the batch (printing rejections); nothing is spent on error."""
     rt.provider(provider)
-    spooled = spool(read_chunks(manifest, rt.settings))
-    try:
-        batch = check_batch_id(batch_id or default_batch_id(manifest, spooled.sha256))
-        check_store(rt, out, batch)
-        started = start_batch(
-            rt,
-            spooled,
-            batch=batch,
-            out=out,
-            provider=provider,
-            source=manifest,
-            strict=strict,
-            budget=budget,
-            on_line=print_rejection(manifest),
-        )
-    finally:
-        Path(spooled.path).unlink(missing_ok=True)
+    started = start_batch(
+        rt,
+        ready.spooled,
+        batch=ready.batch,
+        out=ready.out,
+        provider=provider,
+        source=ready.manifest,
+        strict=strict,
+        budget=budget,
+        on_line=print_rejection(ready.manifest),
+    )
     if started.complete:
         tasks.send_finalize(started.batch)
     return started
@@ -318,8 +373,12 @@ def run(
         name = choose_provider(settings, provider)
         target = absolute_out(out or settings.out)
         budget = budget_of(max_credits, max_usd)
-        with environment(settings, name, embedded_ok=True) as (rt, is_embedded):
-            started = begin(rt, manifest, name, target, batch_id, strict=strict, budget=budget)
+        check_provider(settings, name)
+        with (
+            prepared(settings, manifest, target, batch_id, provider=name, strict=strict) as ready,
+            environment(settings, name, embedded_ok=True) as (rt, is_embedded),
+        ):
+            started = begin(rt, ready, name, strict=strict, budget=budget)
             header(rt, started, name)
             where = (
                 f"embedded Redis · in-process worker (threads × {rt.settings.worker_concurrency})"
@@ -363,8 +422,17 @@ def submit(
         name = choose_provider(settings, provider)
         target = absolute_out(out or settings.out)
         budget = budget_of(max_credits, max_usd)
-        with environment(settings, name, embedded_ok=False) as (rt, _):
-            started = begin(rt, manifest, name, target, batch_id, strict=strict, budget=budget)
+        if settings.broker_url is None:
+            raise ConfigError(
+                "no broker: set IMAGEBATCH_BROKER_URL (redis://...) so remote "
+                "workers can reach the batch"
+            )
+        check_provider(settings, name)
+        with (
+            prepared(settings, manifest, target, batch_id, provider=name, strict=strict) as ready,
+            environment(settings, name, embedded_ok=False) as (rt, _),
+        ):
+            started = begin(rt, ready, name, strict=strict, budget=budget)
     click.echo(started.batch)
 
 
@@ -385,7 +453,6 @@ def _snapshot(batch_id: str, out: str | None, settings: CoreSettings) -> status.
             state.client.close()
         if snap is not None:
             return snap
-    from jobs.storage import open_store
 
     return status.from_store(open_store(absolute_out(out or settings.out), settings), batch_id)
 
@@ -422,7 +489,6 @@ def status_command(
 def ls_command(out: str | None, debug: bool) -> None:
     """List the batches under an output location: id, state, counts, cost, when."""
     _debug(debug)
-    from jobs.storage import open_store
 
     with user_errors():
         settings = settings_from_env()
@@ -445,7 +511,12 @@ def worker(ctx: click.Context) -> None:
         app = configure(settings, settings.broker_url)
         runtime.configure(settings)
         logs.for_worker()
+        if settings.log_format == "json":
+            logs.stdout_to_log()
+    # A JSON log is one object per line: no banner (celery -q) before the first record.
+    quiet = ["--quiet"] if settings.log_format == "json" else []
     argv = [
+        *quiet,
         "worker",
         "--pool=threads",
         f"--concurrency={settings.worker_concurrency}",
@@ -490,8 +561,8 @@ def plan(manifest: str, provider: str | None, debug: bool) -> None:
 def simulate(
     port: int, host: str, latency: float, faults: str, credits: float | None, config_json: str
 ) -> None:
-    """Serve the providers' APIs locally: APIFrame at /v2 (also under /apiframe), OpenAI at
-    /openai, AI/ML API at /aimlapi, Omixa at /omixa, Oxen at /oxen."""
+    """Serve the providers' APIs locally: APIFrame at /v2, OpenAI at /openai, AI/ML API at
+    /aimlapi, Omixa at /omixa, Oxen at /oxen; the ledger at /_sim/ledger."""
     from jobs.simulator import Faults, Simulator, SimulatorConfig
 
     with user_errors():
@@ -526,7 +597,6 @@ def retry(batch_id: str, out: str | None, provider: str | None, debug: bool) -> 
     """Run the failed lines of a batch again (stored lines are not touched): the batch's own
     archived manifest and provider, cumulative counters."""
     _debug(debug)
-    from jobs.storage import open_store
 
     with user_errors():
         settings = settings_from_env()
@@ -583,7 +653,6 @@ def report(batch_id: str, out: str | None, debug: bool) -> None:
     _debug(debug)
     from jobs.report import write_report
     from jobs.request import ResultRow
-    from jobs.storage import open_store
 
     with user_errors():
         settings = settings_from_env()
@@ -651,17 +720,23 @@ def flower(ctx: click.Context) -> None:
         if importlib.util.find_spec("flower") is None:
             raise ConfigError("Flower is not installed: pip install 'imagebatch[flower]'")
         configure(settings, settings.broker_url)
-    app.start(["celery", "flower", *ctx.args])
+    app.start(["flower", *ctx.args])
 
 
 @main.command()
+@click.option("--once", is_flag=True, help="one pass over the inbox now, then exit (cron, tests)")
 @debug_opt
-def schedule(debug: bool) -> None:
+def schedule(once: bool, debug: bool) -> None:
     """Run the inbox schedule (IMAGEBATCH_INBOX, IMAGEBATCH_SCHEDULE): each new manifest is
-    submitted exactly once, even with two schedulers running."""
+    submitted exactly once, even with two schedulers running. Exit 1 if --once refused one."""
     _debug(debug)
     from worker import inbox
 
     with user_errors():
         settings = settings_from_env()
-        inbox.run_schedule(settings)
+        done = inbox.run_schedule(
+            settings, choose_provider(settings, None), once=once, announce=click.echo
+        )
+    for line in done.describe() if done else []:
+        click.echo(line)
+    sys.exit(1 if done and done.of(inbox.Action.REFUSED) else 0)

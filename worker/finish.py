@@ -84,7 +84,8 @@ def drain(rt: Runtime, batch: str) -> int:
         t = Transition(LineStatus.FAILED, row=make_row(rec, "failed", error), outcome="drained")
         if rec.reserved and not rec.credits:
             t.counts["reserved"] = -rec.reserved
-        applied = state.apply(rec, t, model=rec.request.model, index_jobs=False)
+        total = int(meta.get("total", -1))
+        applied = state.apply(rec, t, model=rec.request.model, index_jobs=False, total=total)
         if applied.applied:
             ended += 1
             rt.observe(rec, t)
@@ -201,7 +202,7 @@ def _summary(
             name: {
                 "lines": part.lines,
                 "images": part.images,
-                "credits": part.credits,
+                "credits": round(part.credits, 6),
                 "unit": part.unit,
             }
             for name, part in sorted(tally.by_provider.items())

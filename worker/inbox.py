@@ -1,12 +1,730 @@
-"""``imagebatch schedule``: submits every new manifest of an inbox, once (placeholder)."""
+"""``imagebatch schedule``: every new manifest of an inbox is submitted, exactly once.
+
+The inbox (``IMAGEBATCH_INBOX``) is a folder or ``s3://bucket/prefix``; its manifests are the
+``*.jsonl`` files directly under it. ``imagebatch schedule`` runs a Celery beat that sends
+``imagebatch.inbox`` (one pass, run by a worker) at ``IMAGEBATCH_SCHEDULE`` (cron, UTC);
+``imagebatch schedule --once`` runs one pass right here, for cron users and tests.
+
+A manifest's identity is its name and the sha256 of its content. One pass, per manifest:
+
+1. read it into a spool file (a folder's file once it is ``SETTLE_S`` old and unchanged while
+   read; an S3 object at the ETag it was listed with);
+2. claim it in Redis: ``SET claim_key(name, sha) NX`` with a lease that a thread keeps alive
+   while we work. One scheduler wins, the others skip it. A scheduler that dies stops renewing:
+   the lease runs out, and the next pass (of any scheduler) takes the manifest over;
+3. check again that it is still unrecorded (a record is always written before a claim is let
+   go, so a scheduler that read it before another one finished sees that record here);
+4. validate it (no valid line at all: refused), then ``start_batch`` it as
+   ``default_batch_id(name, sha)``;
+5. turn the claim into ``submitted`` for ``SUBMITTED_TTL_S``, then record it: a folder's file
+   moves to ``submitted/NAME`` (beside it ``NAME.submitted.json``); an S3 manifest stays and
+   gets ``.imagebatch/NAME.submitted.json`` (one PUT: nothing of the user's is deleted, and
+   only PutObject is needed). A claim found ``submitted`` only finishes the record.
+
+Refused manifests: a folder's moves to ``refused/NAME`` with ``refused/NAME.reason.txt``; an
+S3 one gets ``.imagebatch/NAME.refused.json``; a warning is logged. Either is retried only
+once its content changes (or, in a folder, it is put in the inbox again). Trouble that is not
+the manifest's (Redis, the output store, the inbox unreachable) leaves it for the next pass.
+Even a manifest submitted twice would not be bought twice: the batch id is derived from the
+content, and ``start_batch`` follows or resumes a batch it already knows.
+"""
 
 from __future__ import annotations
 
-from jobs.errors import ConfigError
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import stat
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol, cast
+
+import redis
+from botocore.exceptions import BotoCoreError, ClientError
+from celery.schedules import ParseException, crontab
+
+from jobs.errors import ConfigError, StorageError
 from jobs.settings import CoreSettings
+from jobs.storage import CHUNK, S3Store
+from jobs.text import shown
+from worker import keys, runtime
+from worker.app import QUEUE, app, configure
+from worker.environment import absolute_out, check_store, environment
+from worker.runtime import Runtime
+from worker.start import Spooled, default_batch_id, file_chunks, spool, start_batch
+from worker.steps import now_iso
+from worker.validation import tally
+
+log = logging.getLogger(__name__)
+
+CLAIM_LEASE_S = 120.0
+"""How long a claim outlives a scheduler that stopped renewing it (renewed every quarter)."""
+SUBMITTED_TTL_S = 30 * 24 * 3600
+"""How long Redis remembers a submitted manifest; the record in the inbox remembers it after."""
+SETTLE_S = 10.0
+"""A folder's file this recently modified may still be being written: left for later."""
+RECORDS = ".imagebatch"
+"""An S3 inbox's records: ``.imagebatch/NAME.submitted.json`` and ``NAME.refused.json``."""
+CRON_SHORTCUTS = {
+    "@hourly": "0 * * * *",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@weekly": "0 0 * * 0",
+    "@monthly": "0 0 1 * *",
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+}
 
 
-def run_schedule(settings: CoreSettings) -> None:
+claim_key = keys.inbox_claim
+
+
+def parse_cron(expression: str) -> crontab:
+    """Five cron fields (minute hour day-of-month month day-of-week) or ``@daily`` & co.
+
+    Raises:
+        ConfigError: the expression is not one; the message names ``IMAGEBATCH_SCHEDULE``.
+    """
+    text = CRON_SHORTCUTS.get(expression.strip().lower(), expression)
+    fields = text.split()
+    if len(fields) != 5:
+        raise ConfigError(
+            f"IMAGEBATCH_SCHEDULE '{shown(expression)}' is not a cron expression: give five "
+            "fields, minute hour day-of-month month day-of-week (e.g. '*/5 * * * *')"
+        )
+    minute, hour, day, month, weekday = fields
+    # cron allows 7 for Sunday; Celery counts 0-6.
+    weekday = ",".join("0" if part == "7" else part for part in weekday.split(","))
+    try:
+        return crontab(
+            minute=minute,
+            hour=hour,
+            day_of_month=day,
+            month_of_year=month,
+            day_of_week=weekday,
+        )
+    except (ValueError, ParseException) as exc:
+        raise ConfigError(
+            f"IMAGEBATCH_SCHEDULE '{shown(expression)}': {shown(str(exc))} "
+            "(fields: minute 0-59, hour 0-23, day-of-month 1-31, month 1-12, day-of-week 0-6)"
+        ) from None
+
+
+class Action(StrEnum):
+    SUBMITTED = "submitted"  # submitted by this pass
+    RECORDED = "recorded"  # submitted before (its claim says so); only its record was finished
+    REFUSED = "refused"  # unusable; recorded with the reason, not retried until it changes
+    BUSY = "busy"  # another scheduler holds its claim right now
+    LEFT = "left"  # left for the next pass: still being written, or infrastructure trouble
+
+
+@dataclass(frozen=True)
+class Outcome:
+    name: str
+    action: Action
+    batch: str | None = None
+    reason: str = ""
+
+    def describe(self) -> str:
+        name = shown(self.name)
+        if self.action is Action.SUBMITTED:
+            return f"submitted {name} as batch {self.batch}"
+        if self.action is Action.RECORDED:
+            return f"{name}: already submitted as batch {self.batch}; recorded"
+        if self.action is Action.REFUSED:
+            return f"refused {name}: {shown(self.reason, 300)}"
+        if self.action is Action.BUSY:
+            return f"{name}: another scheduler is submitting it"
+        return f"left {name} for the next pass: {shown(self.reason, 300)}"
+
+
+@dataclass
+class Pass:
+    inbox: str
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def of(self, action: Action) -> list[Outcome]:
+        return [o for o in self.outcomes if o.action is action]
+
+    def describe(self) -> list[str]:
+        counts = ", ".join(f"{len(self.of(a))} {a.value}" for a in Action if self.of(a))
+        return [o.describe() for o in self.outcomes] + [
+            f"inbox {shown(self.inbox)}: {counts or 'nothing new'}"
+        ]
+
+    def as_result(self) -> dict[str, Any]:
+        return {"inbox": self.inbox, "outcomes": [asdict(o) for o in self.outcomes]}
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a pass does: where it looks, where batches write, their default provider."""
+
+    inbox: str
+    out: str
+    provider: str
+
+
+# --- claims ----------------------------------------------------------------------------------
+
+
+class Claim:
+    """Our claim on one manifest: renewed while held, then ``submitted`` or released."""
+
+    def __init__(self, client: redis.Redis[str], key: str, value: dict[str, Any], lease_s: float):
+        self.client, self.key, self.value, self.lease_s = client, key, value, lease_s
+        self.token = str(value["owner"])
+        self.lost = False
+
+    @classmethod
+    def take(
+        cls, client: redis.Redis[str], key: str, lease_s: float
+    ) -> Claim | dict[str, Any] | None:
+        """Ours, or what another scheduler's claim says (None: it vanished; try later)."""
+        value: dict[str, Any] = {"state": "claimed", "owner": uuid.uuid4().hex}
+        value |= {"host": socket.gethostname(), "pid": os.getpid(), "at": now_iso()}
+        if client.set(key, json.dumps(value), nx=True, px=int(lease_s * 1000)):
+            return cls(client, key, value, lease_s)
+        held = client.get(key)
+        return json.loads(held) if held else None
+
+    @contextlib.contextmanager
+    def kept_alive(self) -> Iterator[Claim]:
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(self.lease_s / 4):
+                try:
+                    if not self._if_ours(lambda pipe: pipe.pexpire(self.key, self._ms())):
+                        self.lost = True
+                        log.error("inbox claim %s was lost while held", self.key)
+                        return
+                except redis.RedisError as exc:
+                    log.warning("inbox claim %s not renewed: %s", self.key, type(exc).__name__)
+
+        thread = threading.Thread(target=renew, name="imagebatch-inbox-claim", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join()
+
+    def submitted(self, record: dict[str, Any]) -> bool:
+        value = json.dumps({**self.value, **record, "state": "submitted", "at": now_iso()})
+        return self._if_ours(lambda pipe: pipe.set(self.key, value, ex=SUBMITTED_TTL_S))
+
+    def release(self) -> None:
+        with contextlib.suppress(redis.RedisError):  # the lease ends it anyway
+            self._if_ours(lambda pipe: pipe.delete(self.key))
+
+    def _ms(self) -> int:
+        return int(self.lease_s * 1000)
+
+    def _if_ours(self, write: Callable[[Any], object]) -> bool:
+        """Compare-and-write on the claim's owner (WATCH/MULTI: no Lua file of our own)."""
+        with self.client.pipeline() as pipe:
+            try:
+                pipe.watch(self.key)
+                current = cast("str | None", pipe.get(self.key))  # WATCHing: runs at once
+                if not current or json.loads(current).get("owner") != self.token:
+                    return False
+                pipe.multi()
+                write(pipe)
+                pipe.execute()
+                return True
+            except redis.WatchError:
+                return False
+
+
+# --- inboxes ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Found:
+    """A manifest seen in a listing; ``version`` tells one upload or write from the next."""
+
+    name: str
+    source: str
+    version: str
+    sha256: str = ""
+
+
+class Inbox(Protocol):
+    uri: str
+
+    def check(self) -> None:
+        """The inbox exists and takes our records, or a ``ConfigError`` naming the fix."""
+
+    def found(self) -> Iterator[Found | Outcome]:
+        """New manifests (already recorded ones left out), or outcomes for ones left."""
+
+    def read(self, item: Found) -> Spooled | str | None:
+        """Spool it (sets ``sha256``); a reason to leave it for later; None if it went."""
+
+    def unrecorded(self, item: Found) -> bool:
+        """Still there as read, and nobody recorded it meanwhile."""
+
+    def record_submitted(self, item: Found, record: dict[str, Any]) -> None: ...
+
+    def record_refused(self, item: Found, reason: str) -> None: ...
+
+
+def open_inbox(uri: str, settings: CoreSettings) -> Inbox:
+    if uri[:5].lower() == "s3://":
+        return S3Inbox(uri.rstrip("/"), settings)
+    return FolderInbox(absolute_out(uri))
+
+
+def _is_manifest_name(name: str) -> bool:
+    return name.endswith(".jsonl") and not name.startswith(".") and name.isprintable()
+
+
+class FolderInbox:
+    """A local (or shared) folder. Write manifests under a temporary name, then rename them
+    into place; a file is also only taken once it has been left alone for ``SETTLE_S``."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.path = Path(uri)
+
+    def check(self) -> None:
+        if not self.path.is_dir():
+            raise ConfigError(f"IMAGEBATCH_INBOX {self.uri} is not a folder: create it or fix it")
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"IMAGEBATCH_INBOX {self.uri} is not writable: the schedule moves manifests to "
+                "submitted/ and refused/ in it; give this user write access"
+            )
+
+    def found(self) -> Iterator[Found | Outcome]:
+        self.check()  # a worker may not see the folder the scheduler was given
+        now = time.time()
+        with os.scandir(self.path) as entries:
+            names = sorted(e.name for e in entries if _is_manifest_name(e.name) and e.is_file())
+        for name in names:
+            path = self.path / name
+            try:
+                info = path.stat()
+            except FileNotFoundError:
+                continue
+            if now - info.st_mtime < SETTLE_S:
+                reason = f"modified {now - info.st_mtime:.0f}s ago (still being written?)"
+                yield Outcome(name, Action.LEFT, reason=reason)
+                continue
+            yield Found(name, str(path), _version(info))
+
+    def read(self, item: Found) -> Spooled | str | None:
+        try:
+            handle = open(self.path / item.name, "rb")  # noqa: SIM115 - closed just below
+        except FileNotFoundError:
+            return None
+        with handle:
+            before = _version(os.fstat(handle.fileno()))
+            if before != item.version:
+                return "changed since it was listed"
+            spooled = spool(iter(lambda: handle.read(CHUNK), b""))
+            if _version(os.fstat(handle.fileno())) != before:
+                os.unlink(spooled.path)
+                return "changed while it was read (still being written?)"
+        item.sha256 = spooled.sha256
+        return spooled
+
+    def unrecorded(self, item: Found) -> bool:
+        try:
+            return _version((self.path / item.name).stat()) == item.version
+        except FileNotFoundError:
+            return False
+
+    def record_submitted(self, item: Found, record: dict[str, Any]) -> None:
+        folder = self.path / "submitted"
+        folder.mkdir(exist_ok=True)
+        target = folder / item.name
+        if target.exists():  # an earlier manifest of that name: keep it too
+            target = folder / f"{record['batch_id']}.jsonl"
+        if self._move(item, target):
+            _write(target.with_name(target.name + ".submitted.json"), _json(record))
+
+    def record_refused(self, item: Found, reason: str) -> None:
+        folder = self.path / "refused"
+        folder.mkdir(exist_ok=True)
+        # The reason first: a manifest in refused/ always has its reason beside it.
+        _write(folder / f"{item.name}.reason.txt", _reason_text(item, reason).encode())
+        self._move(item, folder / item.name)
+
+    def _move(self, item: Found, target: Path) -> bool:
+        """Move the very file we read (not a newer one that took its name) to ``target``."""
+        source = self.path / item.name
+        taken = self.path / f".{item.name}.{uuid.uuid4().hex[:8]}.moving"
+        try:
+            source.rename(taken)
+        except FileNotFoundError:
+            return False  # another scheduler moved it
+        if _version(taken.stat()) != item.version:  # a new file took the name just now
+            try:
+                os.link(taken, source)
+            except FileExistsError:
+                os.link(taken, self.path / f"{Path(item.name).stem}-{uuid.uuid4().hex[:8]}.jsonl")
+            taken.unlink()
+            return False
+        taken.rename(target)
+        return True
+
+
+class S3Inbox:
+    """A bucket and prefix. Manifests stay where they are; records go under ``.imagebatch/``."""
+
+    def __init__(self, uri: str, settings: CoreSettings) -> None:
+        self.uri = uri
+        self.store = S3Store(uri, settings)
+
+    def check(self) -> None:
+        try:
+            self.store.put(f"{RECORDS}/write-check", b"ok\n", "text/plain")
+        except StorageError as exc:
+            raise ConfigError(
+                f"cannot use IMAGEBATCH_INBOX {self.uri}: {exc.message}; check the bucket, "
+                "IMAGEBATCH_S3_ENDPOINT_URL and the AWS credentials (AWS_ACCESS_KEY_ID/"
+                "AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
+            ) from None
+
+    def _full(self, name: str) -> str:
+        return f"{self.store.prefix}/{name}" if self.store.prefix else name
+
+    def found(self) -> Iterator[Found | Outcome]:
+        base = self._full("")
+        listed: list[tuple[str, str]] = []
+        try:
+            pages = self.store.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.store.bucket, Prefix=base, Delimiter="/"
+            )
+            for page in pages:
+                for entry in page.get("Contents", []):
+                    name = entry["Key"][len(base) :]
+                    if _is_manifest_name(name) and "\\" not in name:
+                        listed.append((name, entry["ETag"]))
+        except (ClientError, BotoCoreError) as exc:
+            raise ConfigError(
+                f"cannot list IMAGEBATCH_INBOX {self.uri} ({type(exc).__name__}): check the "
+                "bucket, IMAGEBATCH_S3_ENDPOINT_URL and the AWS credentials"
+            ) from None
+        try:
+            records = set(self.store.list_keys(f"{RECORDS}/"))
+        except StorageError as exc:
+            raise ConfigError(f"cannot list IMAGEBATCH_INBOX {self.uri}: {exc.message}") from None
+        for name, etag in sorted(listed):
+            item = Found(name, f"s3://{self.store.bucket}/{self._full(name)}", etag)
+            if not self._recorded(item, records):
+                yield item
+
+    def _recorded(self, item: Found, records: set[str] | None = None) -> bool:
+        for state in ("submitted", "refused"):
+            key = f"{RECORDS}/{item.name}.{state}.json"
+            if records is not None and key not in records:
+                continue
+            data = self.store.get(key)
+            try:
+                if data is not None and json.loads(data).get("etag") == item.version:
+                    return True
+            except (ValueError, AttributeError):
+                log.warning("inbox %s: %s is not a record of ours; ignored", self.uri, key)
+        return False
+
+    def read(self, item: Found) -> Spooled | str | None:
+        try:
+            body = self.store.client.get_object(
+                Bucket=self.store.bucket, Key=self._full(item.name), IfMatch=item.version
+            )["Body"]
+            with contextlib.closing(body):
+                spooled = spool(body.iter_chunks(CHUNK))
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return None
+            if code in ("PreconditionFailed", "412"):
+                return "replaced since it was listed"
+            return f"S3 answered {code or 'an error'} reading it"
+        except BotoCoreError as exc:
+            return f"S3 could not be read ({type(exc).__name__})"
+        item.sha256 = spooled.sha256
+        return spooled
+
+    def unrecorded(self, item: Found) -> bool:
+        return not self._recorded(item)
+
+    def record_submitted(self, item: Found, record: dict[str, Any]) -> None:
+        value = {"name": item.name, "etag": item.version, **record}
+        self.store.put(f"{RECORDS}/{item.name}.submitted.json", _json(value), "application/json")
+
+    def record_refused(self, item: Found, reason: str) -> None:
+        value = {"name": item.name, "etag": item.version, "sha256": item.sha256}
+        value |= {"state": "refused", "reason": reason, "at": now_iso()}
+        self.store.put(f"{RECORDS}/{item.name}.refused.json", _json(value), "application/json")
+
+
+def _version(info: os.stat_result) -> str:
+    kind = "f" if stat.S_ISREG(info.st_mode) else "x"
+    return f"{kind}:{info.st_dev}:{info.st_ino}:{info.st_size}:{info.st_mtime_ns}"
+
+
+def _json(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, indent=2, sort_keys=True).encode() + b"\n"
+
+
+def _write(path: Path, data: bytes) -> None:
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
+    temp.write_bytes(data)
+    temp.replace(path)
+
+
+def _reason_text(item: Found, reason: str) -> str:
+    digest = f" (sha256 {item.sha256})" if item.sha256 else ""
+    return (
+        f"imagebatch refused {item.name} at {now_iso()}{digest}:\n\n"
+        f"{shown(reason, 4000)}\n\n"
+        "Nothing was submitted. Fix it and put it in the inbox again.\n"
+    )
+
+
+# --- one pass --------------------------------------------------------------------------------
+
+
+def scan(rt: Runtime, target: Target, *, lease_s: float = CLAIM_LEASE_S) -> Pass:
+    """One pass over the inbox: submit what is new, refuse what is unusable, once each."""
+    rt.provider(target.provider)  # no key for the provider: every manifest would be refused
+    inbox = open_inbox(target.inbox, rt.settings)
+    result = Pass(inbox.uri)
+    for item in inbox.found():
+        if isinstance(item, Outcome):
+            result.outcomes.append(item)
+            continue
+        outcome = _one(rt, inbox, item, target, lease_s)
+        if outcome is not None:
+            result.outcomes.append(outcome)
+    return result
+
+
+def _one(rt: Runtime, inbox: Inbox, item: Found, target: Target, lease_s: float) -> Outcome | None:
+    try:
+        read = inbox.read(item)
+    except PermissionError as exc:  # the file's own fault: refusing it tells someone
+        return _refuse_unread(inbox, item, f"unreadable: {exc.strerror}")
+    except (OSError, StorageError, ClientError, BotoCoreError) as exc:
+        return _left(item, f"unreadable now: {_why(exc)}")
+    if not isinstance(read, Spooled):
+        return None if read is None else _left(item, read)
+    try:
+        return _claimed(rt, inbox, item, read, target, lease_s)
+    except (redis.RedisError, StorageError, ClientError, BotoCoreError, OSError) as exc:
+        return _left(item, _why(exc))
+    except Exception as exc:  # a bug must not block the manifests listed after this one
+        log.exception("inbox %s: %s failed", inbox.uri, shown(item.name))
+        return _left(item, _why(exc))
+    finally:
+        Path(read.path).unlink(missing_ok=True)
+
+
+def _refuse_unread(inbox: Inbox, item: Found, reason: str) -> Outcome:
+    """A manifest we may not read has no sha256, so no claim: any scheduler may record it,
+    and both would write the same record."""
+    try:
+        inbox.record_refused(item, reason)
+    except (OSError, StorageError) as exc:
+        return _left(item, f"{reason}; and not recorded: {_why(exc)}")
+    log.warning("inbox %s: refused %s: %s", inbox.uri, shown(item.name), reason)
+    return Outcome(item.name, Action.REFUSED, reason=reason)
+
+
+def _why(exc: BaseException) -> str:
+    detail = getattr(exc, "message", None) or getattr(exc, "strerror", None) or str(exc)
+    return f"{type(exc).__name__}: {shown(str(detail), 300)}"
+
+
+def _claimed(
+    rt: Runtime, inbox: Inbox, item: Found, spooled: Spooled, target: Target, lease_s: float
+) -> Outcome | None:
+    batch = default_batch_id(item.name, spooled.sha256)
+    claim = Claim.take(rt.state.client, claim_key(item.name, spooled.sha256), lease_s)
+    if claim is None:
+        return _left(item, "its claim changed hands; trying again next pass")
+    if not isinstance(claim, Claim):
+        if claim.get("state") != "submitted":
+            return Outcome(item.name, Action.BUSY, claim.get("batch_id") or batch)
+        if not inbox.unrecorded(item):
+            return None
+        inbox.record_submitted(item, {k: v for k, v in claim.items() if k != "owner"})
+        return Outcome(item.name, Action.RECORDED, str(claim.get("batch_id", batch)))
+    try:
+        with claim.kept_alive():
+            if not inbox.unrecorded(item):  # another scheduler finished it while we read
+                claim.release()
+                return None
+            reason = _refusal(rt, spooled, target.provider)
+            if reason is None:
+                try:
+                    check_store(rt, target.out, batch)
+                except ConfigError as exc:  # the output store's fault, not the manifest's
+                    raise StorageError(exc.message) from None
+                try:
+                    started = start_batch(
+                        rt,
+                        spooled,
+                        batch=batch,
+                        out=target.out,
+                        provider=target.provider,
+                        source=item.source,
+                    )
+                except ConfigError as exc:
+                    reason = exc.message
+            if reason is not None:
+                inbox.record_refused(item, reason)
+                claim.release()
+                log.warning(
+                    "inbox %s: refused %s: %s", inbox.uri, shown(item.name), shown(reason, 300)
+                )
+                return Outcome(item.name, Action.REFUSED, reason=reason)
+            record = {
+                "state": "submitted",
+                "batch_id": batch,
+                "sha256": spooled.sha256,
+                "out": target.out,
+                "provider": target.provider,
+                "source": item.source,
+                "submitted_at": now_iso(),
+                "status": f"imagebatch status {batch} --out {target.out}",
+            }
+            if not claim.submitted(record):
+                log.error(
+                    "inbox %s: the claim on %s lapsed while it was submitted; another scheduler "
+                    "may submit it again (as the same batch %s, which resumes, not re-buys)",
+                    inbox.uri,
+                    shown(item.name),
+                    batch,
+                )
+    except BaseException:
+        if not claim.lost:
+            claim.release()
+        raise
+    if started.complete:
+        from worker import tasks
+
+        tasks.send_finalize(batch)
+    try:
+        inbox.record_submitted(item, record)
+    except (OSError, StorageError) as exc:  # the claim remembers it; the next pass records it
+        log.warning("inbox %s: %s submitted but not recorded: %s", inbox.uri, item.name, exc)
+    return Outcome(item.name, Action.SUBMITTED, batch)
+
+
+def _refusal(rt: Runtime, spooled: Spooled, provider: str) -> str | None:
+    """Why the manifest is not worth a batch: it has no valid line at all."""
+    plan = tally(file_chunks(spooled.path), rt.provider, provider)
+    if plan.valid:
+        return None
+    if not plan.lines:
+        return "no manifest lines: the file is empty, or only blank and # comment lines"
+    first = "; ".join(f"line {e.line}: {e.message}" for e in plan.first_rejections[:3])
+    return f"none of its {plan.lines} lines is valid ({first})"
+
+
+def _left(item: Found, reason: str) -> Outcome:
+    log.warning("inbox: left %s for the next pass: %s", shown(item.name), shown(reason))
+    return Outcome(item.name, Action.LEFT, reason=reason)
+
+
+# --- the task, the beat ----------------------------------------------------------------------
+
+
+def run_inbox(inbox: str, out: str, provider: str) -> dict[str, Any]:
+    """``imagebatch.inbox``: one pass, on a worker (with its own keys and endpoints)."""
+    try:
+        result = scan(runtime.current(), Target(inbox, out, provider))
+    except ConfigError as exc:
+        log.error("inbox %s: %s", shown(inbox), exc.message)
+        raise
+    for outcome in result.outcomes:
+        log.info("inbox %s: %s", shown(inbox), outcome.describe())
+    return result.as_result()
+
+
+inbox_task: Any = app.task(name="imagebatch.inbox", throws=(ConfigError,))(run_inbox)
+"""Registered on ``worker.app.app`` in a plain call: Celery's decorator is untyped."""
+
+
+def beat_schedule(cron: crontab, target: Target) -> dict[str, Any]:
+    """The beat's one entry; a pass not started before the next is due is dropped."""
+    now = datetime.now(UTC)
+    first = cron.remaining_estimate(now)
+    # The next firing after one a minute past the first: the gap, give or take that minute.
+    gap = cron.remaining_estimate(now + first + timedelta(seconds=61)) - first
+    return {
+        "imagebatch-inbox": {
+            "task": "imagebatch.inbox",
+            "schedule": cron,
+            "kwargs": asdict(target),
+            "options": {"queue": QUEUE, "expires": max(60.0, gap.total_seconds())},
+        }
+    }
+
+
+def run_schedule(
+    settings: CoreSettings,
+    provider: str,
+    *,
+    once: bool = False,
+    announce: Callable[[str], None] | None = None,
+) -> Pass | None:
+    """``imagebatch schedule``: the beat (until stopped), or with ``once`` one pass here.
+
+    Raises:
+        ConfigError: no inbox, a bad schedule, no broker, the inbox or provider unusable.
+    """
+    cron = parse_cron(settings.schedule)
     if not settings.inbox:
         raise ConfigError("no inbox: set IMAGEBATCH_INBOX to a folder or s3://bucket/prefix")
-    raise ConfigError("the inbox schedule is not available yet")
+    target = Target(open_inbox(settings.inbox, settings).uri, absolute_out(settings.out), provider)
+    with environment(settings, provider, embedded_ok=False) as (rt, _):
+        rt.provider(provider)
+        open_inbox(target.inbox, rt.settings).check()
+        if once:
+            return scan(rt, target)
+        _beat(rt.settings, cron, target, announce)
+    return None
+
+
+def _beat(
+    settings: CoreSettings,
+    cron: crontab,
+    target: Target,
+    announce: Callable[[str], None] | None,
+) -> None:
+    """Celery beat, its schedule file in a private temp dir (the root filesystem may be
+    read-only, and two schedulers on one host must not share one file)."""
+    assert settings.broker_url is not None
+    celery_app = configure(settings, settings.broker_url)
+    celery_app.conf.beat_schedule = beat_schedule(cron, target)
+    celery_app.conf.timezone = "UTC"
+    folder = tempfile.mkdtemp(prefix="imagebatch-beat-")
+    try:
+        if announce is not None:
+            announce(
+                f"schedule {settings.schedule!r} (UTC) · inbox {target.inbox} · out "
+                f"{target.out} · {target.provider} · imagebatch.inbox runs on the workers"
+            )
+        celery_app.Beat(
+            schedule=str(Path(folder) / "beat-schedule"),
+            loglevel=settings.log_level,
+            quiet=True,
+        ).run()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -23,6 +23,7 @@ Shared by every batch:
     ib:scheduler      string  the scheduler's leader lock (token lock)
     ib:wake           list    events that should wake the scheduler at once
     ib:worker:HOST    string  a worker's heartbeat (``imagebatch health --worker``)
+    ib:inbox:SHA:NAME string  an inbox manifest's claim (``worker.inbox``): state, owner, batch
 """
 
 from __future__ import annotations
@@ -104,6 +105,19 @@ def jobs(provider: str) -> str:
 
 def worker(host: str) -> str:
     return f"{PREFIX}:worker:{host}"
+
+
+def inbox_claim(name: str, sha256: str) -> str:
+    """By name and content, not the inbox's path: schedulers that mount one folder at
+    different paths agree, and the key matches the batch id derived from the same two."""
+    return f"{PREFIX}:inbox:{sha256}:{name}"
+
+
+RESERVED = frozenset(
+    {"batches", "providers", "ready", "flight", "store", "limit", "latency", "jobs"}
+    | {"scheduler", "wake", "worker", "inbox"}
+)
+"""Words of the shared keys: a batch with one of these ids would collide with them."""
 
 
 def member(b: str, idx: int) -> str:

@@ -9,7 +9,9 @@ install its own handlers over ours.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
 from typing import Any
 
 from celery.signals import setup_logging
@@ -46,6 +48,11 @@ def configure(
         )
     else:
         handler.setFormatter(ContextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    # Python warnings (Celery's "running as root", a library's deprecation) become log records
+    # in the same format: a JSON log must not have a raw, multi-line warning in it.
+    logging.captureWarnings(settings.log_format == "json")
+    if by_cli and not debug:
+        handler.addFilter(one_line)
     _configured["by_cli"] = _configured["by_cli"] or by_cli
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -58,6 +65,17 @@ def configure(
     # there unless asked for (a worker logs them at INFO).
     if not debug:
         logging.getLogger("imagebatch.lines").setLevel(logging.WARNING)
+
+
+def one_line(record: logging.LogRecord) -> bool:
+    """A command's terminal or cron log gets one line per problem: a task of the embedded
+    worker that failed (an output-store outage fails a flush, which is tried again) is named
+    with its error, without the traceback (``--debug`` shows it)."""
+    if record.exc_info or record.exc_text:
+        record.exc_info = None
+        record.exc_text = None
+        record.stack_info = None
+    return True
 
 
 class ContextFormatter(logging.Formatter):
@@ -92,6 +110,25 @@ def _celery_logging(loglevel: str | int | None = None, **_: Any) -> None:
     if debug:
         for name in NOISY:
             logging.getLogger(name).setLevel(logging.DEBUG)
+
+
+def stdout_to_log() -> None:
+    """A JSON-logging worker: what Celery writes straight to the stdout file descriptor (its
+    "Warm shutdown" and Ctrl-C notices bypass logging) becomes a log record as well, so that
+    every line of the worker's output is one JSON object."""
+    read_fd, write_fd = os.pipe()
+    sys.stdout.flush()
+    os.dup2(write_fd, sys.stdout.fileno())
+    os.close(write_fd)
+    said = logging.getLogger("celery.stdout")
+
+    def pump() -> None:
+        with os.fdopen(read_fd, "r", encoding="utf-8", errors="replace") as pipe:
+            for line in pipe:
+                if line.strip():
+                    said.info("%s", line.strip())
+
+    threading.Thread(target=pump, name="imagebatch-stdout", daemon=True).start()
 
 
 def for_worker() -> None:

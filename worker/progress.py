@@ -25,7 +25,7 @@ def eta_text(seconds: float | None) -> str:
     return f"ETA {seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def record(snap: Snapshot) -> str:
+def record(snap: Snapshot, waiting_for_storage: bool = False) -> str:
     """One progress line for a log file."""
     total = snap.total or 0
     share = f" ({100 * snap.done // total}%)" if total else ""
@@ -44,7 +44,7 @@ def record(snap: Snapshot) -> str:
         cost,
         eta_text(snap.eta_s()),
     ]
-    if snap.storage_waits:
+    if waiting_for_storage:
         parts.append("waiting for storage")
     return " · ".join(parts)
 
@@ -68,6 +68,9 @@ class Display:
             disable=not self.interactive,
         )
         self.task: Any = None
+        self.waiting_for_storage = False
+        self._seen: tuple[int, int] | None = None
+        """(storage waits, succeeded) at the last update."""
 
     def __enter__(self) -> Display:
         self.bar.__enter__()
@@ -83,27 +86,45 @@ class Display:
     ) -> None:
         self.bar.__exit__(exc_type, exc, tb)
 
+    def storage_state(self, snap: Snapshot) -> bool:
+        """Whether lines are waiting for the output store *now*. ``storage_waits`` only ever
+        grows: new waits with no line stored since mean it is away; a line stored (and no new
+        wait) means it is back. Both at once keep what was known."""
+        seen = (snap.storage_waits, snap.succeeded)
+        if self._seen is not None:
+            waited = seen[0] > self._seen[0]
+            stored = seen[1] > self._seen[1]
+            if waited and not stored:
+                self.waiting_for_storage = True
+            elif stored and not waited:
+                self.waiting_for_storage = False
+        self._seen = seen
+        return self.waiting_for_storage
+
     def update(self, snap: Snapshot) -> None:
+        was_waiting = self.waiting_for_storage
+        waiting = self.storage_state(snap)
         if self.interactive:
             projected = snap.projected()
             cost = snap.money.describe()
             if projected.by_currency and projected != snap.money:
                 cost += f" of ~{projected.describe()}"
-            waiting = " · waiting for storage" if snap.storage_waits else ""
             self.bar.update(
                 self.task,
                 total=snap.total,
                 completed=snap.done,
                 failed=snap.failed + snap.rejected,
                 cost=cost,
-                eta=eta_text(snap.eta_s()) + waiting,
+                eta=eta_text(snap.eta_s()) + (" · waiting for storage" if waiting else ""),
             )
             return
         decile = 10 * snap.done // snap.total if snap.total else -1
         now = time.monotonic()
         if snap.finished:
             return
-        if now - self.last_line >= self.interval_s or decile > self.last_decile >= 0:
-            self.console.print(record(snap), markup=False, highlight=False)
+        # A log shows when storage went away and when it came back, not only at the interval.
+        due = now - self.last_line >= self.interval_s or waiting != was_waiting
+        if due or decile > self.last_decile >= 0:
+            self.console.print(record(snap, waiting), markup=False, highlight=False)
             self.last_line = now
         self.last_decile = max(self.last_decile, decile)

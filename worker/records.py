@@ -229,6 +229,9 @@ class Transition:
     """``(reason, message)`` when no later submit of the batch can succeed (402, 401/403)."""
     outcome: str = ""
     """A word for logs and metrics: accepted, pending, completed, retry, failed…"""
+    payload: tuple[Any, ...] = ()
+    """Inline images received by this step (``jobs.providers.base.Artifact``), handed to the
+    store that follows in the same task; never written anywhere."""
 
     def __post_init__(self) -> None:
         if TABLE[self.status].terminal != (self.row is not None):

@@ -13,10 +13,13 @@ import logging
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
+
+import redis
 
 from jobs.errors import ImagebatchError
 from worker import steps
@@ -35,12 +38,20 @@ CLAIMED_STEPS = frozenset({Step.SUBMIT, Step.STORE})
 """Steps a second copy must never run at the same time (a paid POST, an upload)."""
 
 
+IMMEDIATE_COUNTS = frozenset({"reserved"})
+"""Counts applied with the transition itself (the budget reads them); the other counts are
+statistics, added up per task and written once at its end."""
+
+
 @dataclass
 class Report:
     """What one task did, for its Celery result (Flower shows it) and for logs."""
 
     outcomes: Counter[str] = field(default_factory=Counter)
     failed: list[str] = field(default_factory=list)
+    stats: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+    last: bool = False
+    """The batch's last line ended in this task: finalize it (after the stats are written)."""
 
     def as_result(self) -> dict[str, object]:
         return {"outcomes": dict(self.outcomes), "failed": self.failed}
@@ -103,41 +114,61 @@ class Runner:
         self.heartbeat = heartbeat
 
     def run(self, dispatched: Step, batch: str, lines: Sequence[tuple[int, int]]) -> Report:
+        """Run each line's step; then, for the lines whose images turned out ready, the store
+        (so one line's download never delays another line's poll, and its slot)."""
         report = Report()
-        meta = self.rt.state.batch(batch)
+        meta = self.rt.batch_meta(batch)
         if not meta:
             return report
+        ctx = self.rt.context(meta)
+        ready: list[tuple[LineRecord, Transition]] = []
         for idx, seq in lines:
-            try:
-                self._one(dispatched, batch, meta, idx, seq, report)
-            except ImagebatchError as exc:
-                # Only infrastructure (Redis, the store's setup) gets here: the line's lease
-                # runs out and the scheduler dispatches it again.
-                log.warning("line %s/%s: %s; it will be taken up again", batch, idx, exc.message)
-                report.outcomes["deferred"] += 1
+            work = partial(self._first, dispatched, ctx, idx, seq, report, ready)
+            self._guarded(batch, idx, report, work)
+        for rec, fetched in ready:
+            # The images are ready now: store them in this task, with the bytes in hand.
+            stored = rec.evolve(status=fetched.status, settled=rec.seq, owner="", **fetched.changes)
+            with_bytes = replace(ctx, payload=fetched.payload)
+            work = partial(self._step, with_bytes, stored, Step.STORE, report, [])
+            self._guarded(batch, rec.idx, report, work)
+        self._flush_stats(batch, report)
+        if report.last:
+            self.on_last(batch)
         return report
 
-    def _one(
-        self, dispatched: Step, batch: str, meta: dict[str, str], idx: int, seq: int, report: Report
+    def _guarded(self, batch: str, idx: int, report: Report, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except (ImagebatchError, redis.RedisError) as exc:
+            # Infrastructure trouble (Redis, the store's setup): the line's lease runs out and
+            # the scheduler dispatches it again.
+            message = getattr(exc, "message", None) or str(exc)
+            log.warning("line %s/%s: %s; it will be taken up again", batch, idx, message)
+            report.outcomes["deferred"] += 1
+
+    def _first(
+        self,
+        dispatched: Step,
+        ctx: steps.Context,
+        idx: int,
+        seq: int,
+        report: Report,
+        ready: list[tuple[LineRecord, Transition]],
     ) -> None:
-        state = self.rt.state
+        state, batch = self.rt.state, ctx.batch["batch_id"]
         owner = f"{seq}:{uuid.uuid4().hex[:12]}"
-        rec = (
-            state.begin(batch, idx, seq, owner)
-            if dispatched in CLAIMED_STEPS
-            else state.read(batch, idx)
-        )
+        claimed = dispatched in CLAIMED_STEPS
+        rec = state.begin(batch, idx, seq, owner) if claimed else state.read(batch, idx)
         if rec is None or rec.seq != seq or rec.info.terminal:
             report.outcomes["stale"] += 1
             return
         step = rec.info.step
         assert step is not None
-        if step in CLAIMED_STEPS and dispatched not in CLAIMED_STEPS:
+        if step in CLAIMED_STEPS and not claimed:
             rec = state.begin(batch, idx, seq, owner)
             if rec is None:
                 report.outcomes["stale"] += 1
                 return
-        ctx = self.rt.context(meta)
         if rec.starts > self.rt.settings.max_deliveries:
             poison = ImagebatchError(
                 f"the line's {step} step was started {rec.starts - 1} times without finishing "
@@ -146,18 +177,31 @@ class Runner:
             )
             self._apply(ctx, rec, steps.fail(ctx, rec, poison), report)
             return
-        while True:
-            with self._held(rec):
-                t = STEP_FUNCTIONS[step](ctx, rec)
-            inline = t.status is LineStatus.FETCHED and t.due_in == 0
-            if inline:
-                # Stored right here: the line is ours for a lease, like any dispatched step.
-                t = replace(t, due_in=self.rt.settings.lease_s)
-            if not self._apply(ctx, rec, t, report) or not inline:
-                return
-            # The images are ready now: store them in this task, with the bytes in hand.
-            rec = rec.evolve(status=t.status, settled=rec.seq, owner="", **t.changes)
-            step = Step.STORE
+        self._step(ctx, rec, step, report, ready)
+
+    def _step(
+        self,
+        ctx: steps.Context,
+        rec: LineRecord,
+        step: Step,
+        report: Report,
+        ready: list[tuple[LineRecord, Transition]],
+    ) -> None:
+        started = time.perf_counter()
+        with self._held(rec):
+            t = STEP_FUNCTIONS[step](ctx, rec)
+        seconds = time.perf_counter() - started
+        inline = t.status is LineStatus.FETCHED and t.due_in == 0
+        if inline:
+            # Stored by this task: the line is ours for a lease, like any dispatched step.
+            t = replace(t, due_in=self.rt.settings.lease_s)
+        if self._apply(ctx, rec, t, report, seconds) and inline:
+            ready.append((rec, t))
+
+    def _flush_stats(self, batch: str, report: Report) -> None:
+        if report.stats:
+            self.rt.state.add_counts(batch, **report.stats)
+            report.stats.clear()
 
     @contextmanager
     def _held(self, rec: LineRecord) -> Iterator[None]:
@@ -167,7 +211,14 @@ class Runner:
         with self.heartbeat.holding(home_key(rec.info.home, rec.provider), rec.member):
             yield
 
-    def _apply(self, ctx: steps.Context, rec: LineRecord, t: Transition, report: Report) -> bool:
+    def _apply(
+        self,
+        ctx: steps.Context,
+        rec: LineRecord,
+        t: Transition,
+        report: Report,
+        seconds: float | None = None,
+    ) -> bool:
         state = self.rt.state
         drop: list[str] = []
         if TABLE[t.status].terminal or t.status is LineStatus.READY:
@@ -178,11 +229,16 @@ class Runner:
             model=rec.request.model,
             index_jobs=self.rt.webhooks_on,
             drop_keys=drop,
+            immediate=IMMEDIATE_COUNTS,
+            total=int(ctx.batch.get("total", -1)),
         )
         if not applied.applied:
             report.outcomes["stale"] += 1
             return False
         report.outcomes[t.outcome or t.status.value] += 1
+        for name, amount in t.counts.items():
+            if name not in IMMEDIATE_COUNTS:
+                report.stats[name] += amount
         log.info(
             "%s",
             t.outcome or t.status.value,
@@ -197,7 +253,7 @@ class Runner:
         )
         if t.status is LineStatus.FAILED:
             report.failed.append(rec.id)
-        self.rt.observe(rec, t)
+        self.rt.observe(rec, t, seconds)
         if t.limit is not None:
             spec = self.rt.settings.provider_config(rec.provider)
             state.note_429(
@@ -216,5 +272,5 @@ class Runner:
             )
             state.wake("stop")
         if applied.last:
-            self.on_last(rec.batch)
+            report.last = True
         return True

@@ -8,6 +8,7 @@ httpx and boto3 clients are thread-safe, and are reused so connections are poole
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
     from worker.runner import Heartbeat
     from worker.steps import Context
 
-Observer = Callable[["LineRecord", "Transition"], None]
+Observer = Callable[["LineRecord", "Transition", "float | None"], None]
+"""Called after every applied transition, with how long its step took when it was timed."""
 
 
 def redis_url(settings: CoreSettings) -> str:
@@ -66,6 +68,8 @@ class Runtime:
         self._lock = threading.Lock()
         self._providers: dict[str, Provider] = {}
         self._stores: dict[str, Store] = {}
+        self._meta: dict[str, tuple[float, dict[str, str]]] = {}
+        self._latency: dict[tuple[str, str], tuple[float, float | None]] = {}
         self.downloads = httpx.Client(
             timeout=httpx.Timeout(60.0, connect=10.0),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
@@ -96,6 +100,32 @@ class Runtime:
         host = urlsplit(self.settings.provider_config(provider).base_url).hostname
         return frozenset({host}) if host else frozenset()
 
+    def batch_meta(self, batch: str) -> dict[str, str]:
+        """The batch record, read at most once a second per process (a cancel or stop is
+        seen within a second; every task of a busy batch does not read it again)."""
+        now = time.monotonic()
+        with self._lock:
+            cached = self._meta.get(batch)
+        if cached is not None and now - cached[0] < 1.0:
+            return cached[1]
+        meta = self.state.batch(batch)
+        with self._lock:
+            self._meta[batch] = (now, meta)
+        return meta
+
+    def expected_latency(self, provider: str, model: str) -> float | None:
+        """The learned latency of a provider's model, read at most every two seconds."""
+        now = time.monotonic()
+        key = (provider, model)
+        with self._lock:
+            cached = self._latency.get(key)
+        if cached is not None and now - cached[0] < 2.0:
+            return cached[1]
+        value = self.state.expected_latency(provider, model)
+        with self._lock:
+            self._latency[key] = (now, value)
+        return value
+
     def context(self, meta: dict[str, str]) -> Context:
         from worker import webhook
         from worker.steps import Context
@@ -109,7 +139,7 @@ class Runtime:
             store=self.store(meta["out"]),
             downloads=self.downloads,
             trusted_hosts=self.trusted_hosts,
-            expected_latency=state.expected_latency,
+            expected_latency=self.expected_latency,
             reserve=lambda amount, budget: state.reserve(batch, amount, budget),
             put_blob=lambda idx, k, data: state.put_blob(batch, idx, k, data, ttl),
             get_blob=state.get_blob,
@@ -117,9 +147,9 @@ class Runtime:
             webhook_url=webhook.callback_url(self.settings),
         )
 
-    def observe(self, rec: LineRecord, t: Transition) -> None:
+    def observe(self, rec: LineRecord, t: Transition, seconds: float | None = None) -> None:
         for observer in self.observers:
-            observer(rec, t)
+            observer(rec, t, seconds)
 
     def close(self) -> None:
         for adapter in self._providers.values():

@@ -25,6 +25,7 @@ from typing import Protocol
 
 import redis
 
+from jobs.errors import ImagebatchError
 from worker import keys
 from worker.limiter import Limiter
 from worker.records import TABLE, BatchStatus, Step
@@ -35,7 +36,11 @@ log = logging.getLogger(__name__)
 IDLE_S = 1.0
 """The longest the leader sleeps without an event: how late a newly due line can start."""
 BATCH_PASS_S = 0.5
+MIN_TICK_S = 0.1
+"""Events closer together than this are handled in one pass (a burst of lines ending)."""
 LEADER_TTL_S = 10.0
+EARLY_S = 0.05
+"""A poll due this soon is sent now, with the others of this pass (fewer, fuller tasks)."""
 GROUP = 8
 """At most this many lines per task; fewer when few are dispatched, so they run in parallel."""
 
@@ -48,9 +53,8 @@ class Dispatch(Protocol):
     def batch_task(self, name: str, batch: str) -> None: ...
 
 
-def groups(lines: Sequence[tuple[int, int]], spread: int = 16) -> Iterator[list[tuple[int, int]]]:
-    """Split lines into tasks: one line per task until there are more than ``spread``."""
-    size = max(1, min(GROUP, -(-len(lines) // spread)))
+def groups(lines: Sequence[tuple[int, int]], size: int = GROUP) -> Iterator[list[tuple[int, int]]]:
+    """Split lines into tasks of at most ``size`` (one, for calls that take long)."""
     for start in range(0, len(lines), size):
         yield list(lines[start : start + size])
 
@@ -68,30 +72,42 @@ class Scheduler:
         self.providers_at = 0.0
         self.sent: dict[tuple[str, str], tuple[float, str]] = {}
 
-    def tick(self, woken: bool = False) -> float:
-        """Dispatch what is due; returns how long nothing needs doing."""
+    def tick(self, events: frozenset[str] = frozenset()) -> float:
+        """Dispatch what is due (and what the woken ``events`` may have made possible);
+        returns how long nothing needs doing.
+
+        Events: ``line`` (a slot freed or a line ended), ``admit`` (new READY lines),
+        ``limit`` (a 429 changed a provider's limits), ``store`` (a store is due now),
+        ``batch``/``stop`` (a batch started, stopped or was cancelled)."""
         now = time.time()
-        if woken or now - self.providers_at > 2.0:
+        pump_all = bool(events & {"line", "admit", "limit", "batch", "stop"})
+        if events & {"admit", "batch"} or now - self.providers_at > 2.0:
             self.providers = self.rt.state.providers()
             self.providers_at = now
         wait = IDLE_S
         for provider in sorted(self.providers):
-            if woken or now >= self.next_due.get(provider, 0.0):
-                self.next_due[provider] = now + self._pump(provider, now, force=woken)
+            if pump_all or now >= self.next_due.get(provider, 0.0):
+                force = "limit" in events
+                self.next_due[provider] = now + self._pump(provider, now, force=force)
             wait = min(wait, self.next_due[provider] - now)
-        if woken or now >= self.next_store:
+        if "store" in events or now >= self.next_store:
             self.next_store = now + self._stores(now)
         wait = min(wait, self.next_store - now)
-        if woken or now >= self.next_batches:
+        urgent = bool(events & {"batch", "stop", "admit"})
+        if urgent or now >= self.next_batches or ("line" in events and self._may_feed(now)):
             self._batches(now)
             self.next_batches = now + BATCH_PASS_S
         return max(0.0, wait)
+
+    def _may_feed(self, now: float) -> bool:
+        """A line ended: a batch pass soon (the window may have room), but not on every line."""
+        return now >= self.next_batches - BATCH_PASS_S / 2
 
     def _pump(self, provider: str, now: float, *, force: bool) -> float:
         settings = self.rt.settings
         bucket = self.limiter.bucket(provider, now, force=force)
         budget = bucket.budget(now)
-        pumped = self.rt.state.pump(provider, now, settings.lease_s, bucket.cap, budget)
+        pumped = self.rt.state.pump(provider, now + EARLY_S, settings.lease_s, bucket.cap, budget)
         bucket.spend(len(pumped.polls) + len(pumped.submits))
         by_step: dict[tuple[Step, str], list[tuple[int, int]]] = defaultdict(list)
         for batch, idx, seq in pumped.submits:
@@ -99,8 +115,11 @@ class Scheduler:
         for batch, idx, seq, status in pumped.polls:
             step = TABLE[status].step or Step.POLL
             by_step[step, batch].append((idx, seq))
+        # A synchronous provider's submit holds its thread for the whole call: one per task.
+        polled = self.rt.provider(provider).polled if self._buildable(provider) else True
         for (step, batch), lines in by_step.items():
-            for group in groups(lines):
+            size = GROUP if polled or step is not Step.SUBMIT else 1
+            for group in groups(lines, size):
                 self.dispatch.step(step, batch, group)
         ready_due = pumped.next_ready is not None and pumped.next_ready <= now
         flight_due = pumped.next_flight is not None and pumped.next_flight <= now
@@ -121,6 +140,13 @@ class Scheduler:
             # the cap (until a slot frees, which wakes us).
             wait = bucket.next_token_in(now) if bucket.budget(now) == 0 else IDLE_S
         return max(0.005, wait)
+
+    def _buildable(self, provider: str) -> bool:
+        try:
+            self.rt.provider(provider)
+        except ImagebatchError:
+            return False
+        return True
 
     def _stores(self, now: float) -> float:
         claimed, nxt = self.rt.state.claim_stores(now, self.rt.settings.lease_s, 256)
@@ -185,7 +211,8 @@ class SchedulerThread(threading.Thread):
     def run(self) -> None:
         state = self.rt.state
         lock = state.client.lock(keys.SCHEDULER, timeout=LEADER_TTL_S, thread_local=False)
-        renewed, failures, woken = 0.0, 0, False
+        renewed, failures = 0.0, 0
+        events: frozenset[str] = frozenset({"batch"})
         while not self.stopped.is_set():
             try:
                 if not self.leading.is_set():
@@ -199,11 +226,13 @@ class SchedulerThread(threading.Thread):
                 if time.monotonic() - renewed > LEADER_TTL_S / 3:
                     lock.reacquire()
                     renewed = time.monotonic()
-                wait = self.scheduler.tick(woken)
-                woken = state.wait_for_wake(min(wait, LEADER_TTL_S / 4))
-                if woken:
+                ticked = time.monotonic()
+                wait = self.scheduler.tick(events)
+                events = state.wait_for_wake(min(wait, LEADER_TTL_S / 4))
+                if events:
                     # Let a burst of events (many lines ending at once) arrive, then act once.
-                    self.stopped.wait(0.01)
+                    self.stopped.wait(max(0.005, MIN_TICK_S - (time.monotonic() - ticked)))
+                    events |= state.drain_wakes()
                 failures = 0
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 failures += 1

@@ -26,7 +26,7 @@ from jobs import results
 from jobs.errors import ConfigError
 from jobs.manifest import Line
 from jobs.pricing import currency
-from worker import feeder
+from worker import feeder, keys
 from worker.records import BatchStatus
 from worker.runtime import Runtime
 from worker.steps import now_iso
@@ -61,6 +61,8 @@ class Started:
 def check_batch_id(batch_id: str) -> str:
     if not BATCH_ID.fullmatch(batch_id) or set(batch_id) == {"."}:
         raise ConfigError(f"--batch-id {batch_id!r}: use 1-100 letters, digits, '-', '_', '.'")
+    if batch_id in keys.RESERVED:
+        raise ConfigError(f"--batch-id {batch_id!r} is a word imagebatch keeps: choose another")
     return batch_id
 
 
@@ -157,7 +159,7 @@ def start_batch(
         for idx, text in part.items():
             if idx in rejected or idx >= plan.lines:
                 continue
-            row = json.loads(text)
+            row = _status_only(text)
             if row["status"] == "succeeded":
                 _set_bit(skip, idx)
                 carried += 1
@@ -246,12 +248,27 @@ def _budget(rt: Runtime, plan: Plan, budget: Budget | None) -> dict[str, Any]:
         return {"budget": budget.amount, "budget_currency": "USD", "budget_unit": "USD"}
     if len(used) > 1:
         raise ConfigError(
-            f"--max-credits: this manifest is billed in {' and '.join(sorted(used))}, which do "
+            f"--max-credits: this manifest is billed in {' and '.join(sorted(used, key=_usd_last))}, which do "
             "not add up; use --max-usd (with IMAGEBATCH_USD_PER_CREDIT_<NAME> set) instead"
         )
     name = next(iter(used), "credits")
     unit = "USD" if name == "USD" else "credits"
     return {"budget": budget.amount, "budget_currency": name, "budget_unit": unit}
+
+
+def _status_only(text: str) -> dict[str, Any]:
+    """What a resume needs of a stored row; a succeeded row (most of them, in a big resume)
+    is recognised without parsing it all."""
+    if '"status":"succeeded"' in text:
+        provider = text.partition('"provider":"')[2].partition('"')[0]
+        credits = text.partition('"credits":')[2].partition(",")[0]
+        return {"status": "succeeded", "provider": provider, "credits": float(credits or 0)}
+    row: dict[str, Any] = json.loads(text)
+    return row
+
+
+def _usd_last(name: str) -> tuple[bool, str]:
+    return name == "USD", name
 
 
 def write_info(rt: Runtime, batch: str, record: dict[str, Any], counts: dict[str, float]) -> None:

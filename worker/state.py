@@ -242,14 +242,20 @@ class State:
         self._run("limit", [keys.limit(provider)], args)
         self.client.lpush(keys.WAKE, "limit")
 
-    def wait_for_wake(self, timeout: float) -> bool:
-        """Block up to ``timeout`` for an event; drain the rest. True when one came."""
+    def wait_for_wake(self, timeout: float) -> frozenset[str]:
+        """Block up to ``timeout`` for the scheduler's next event; the events that came."""
         if timeout <= 0:
-            return False
+            return frozenset()
         got = self.client.blpop([keys.WAKE], timeout=max(0.01, timeout))
-        if got is not None:
-            self.client.delete(keys.WAKE)
-        return got is not None
+        return frozenset() if got is None else frozenset({got[1]})
+
+    def drain_wakes(self) -> frozenset[str]:
+        """Every event waiting, taken off the list at once."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.lrange(keys.WAKE, 0, -1)
+        pipe.delete(keys.WAKE)
+        found, _ = pipe.execute()
+        return frozenset(found)
 
     def wake(self, reason: str) -> None:
         self.client.lpush(keys.WAKE, reason)
@@ -274,7 +280,13 @@ class State:
         model: str,
         index_jobs: bool,
         drop_keys: Iterable[str] = (),
+        immediate: frozenset[str] | None = None,
+        total: int = -1,
     ) -> Applied:
+        """Apply ``t`` to ``rec`` if ``rec.seq`` is still current. Of ``t.counts``, only the
+        names in ``immediate`` are added here (all, when None); the caller adds the rest."""
+        if immediate is None:
+            immediate = frozenset(t.counts)
         now = time.time()
         old, new = rec.info.home, TABLE[t.status].home
         job_op = ""
@@ -284,8 +296,11 @@ class State:
                 job_op = f"set:{job}"
             elif old is Home.FLIGHT and new is not Home.FLIGHT and rec.job_id:
                 job_op = f"del:{rec.job_id}"
+        # Once a latency is learned, a sample of the jobs keeps it current.
+        learned = rec.expected_s > 0 and rec.idx % 4 != 0
+        latency = None if learned else t.latency_s
         fields = encode_changes(t.changes)
-        counts = {k: v for k, v in t.counts.items() if v}
+        counts = {k: v for k, v in t.counts.items() if v and k in immediate}
         if t.row is not None and t.row.credits:
             unit = REGISTRY[rec.provider].credit_unit
             name = f"credits:{currency(rec.provider, unit)}"
@@ -300,7 +315,8 @@ class State:
             t.row.model_dump_json() if t.row is not None else "",
             rec.idx,
             job_op,
-            "" if t.latency_s is None else repr(t.latency_s),
+            "" if latency is None else repr(latency),
+            "store" if new is Home.STORE and old is not Home.STORE and t.due_in <= 0 else "",
             len(fields),
         ]
         for name, value in fields.items():
@@ -310,6 +326,7 @@ class State:
             args += [name, repr(float(amount))]
         args.append(len(drop))
         args += drop
+        args.append(total)
         target = [
             keys.line(rec.batch, rec.idx),
             home_key(old, rec.provider),
@@ -319,7 +336,7 @@ class State:
             keys.WAKE,
             keys.batch(rec.batch),
             keys.jobs(rec.provider) if job_op else "-",
-            keys.latency(rec.provider, model) if t.latency_s is not None else "-",
+            keys.latency(rec.provider, model) if latency is not None else "-",
         ]
         applied, done, total = self._run("apply", target, args)
         return Applied(bool(applied), bool(applied) and int(total) >= 0 and done == total)

@@ -174,7 +174,7 @@ def listing(store: Store) -> Iterator[Snapshot]:
 
 def describe(snap: Snapshot) -> str:
     """One line: ``ID: state · 12/20 done · 10 succeeded · 1 failed · 1 rejected · 8 in
-    progress · 300 credits · ETA 41s``."""
+    progress · 300 credits · ETA 41s · out s3://bucket/runs/ID``."""
     total = snap.total if snap.total is not None else "?"
     parts = [
         f"{snap.batch_id}: {snap.status}",
@@ -191,4 +191,6 @@ def describe(snap: Snapshot) -> str:
         parts.append(f"ETA {eta:.0f}s")
     if snap.stop_reason:
         parts.append(f"stopped: {snap.stop_reason}")
+    if snap.out_uri:
+        parts.append(f"out {snap.out_uri}")
     return " · ".join(parts)

@@ -279,6 +279,7 @@ def _fetched(
         counts=counts,
         latency_s=max(0.0, latency) if ctx.adapter(rec.provider).polled else None,
         outcome="completed",
+        payload=tuple(outcome.artifacts),
     )
 
 

@@ -120,7 +120,9 @@ class Receiver:
             )
         else:
             return 200, "progress noted"
-        applied = self.rt.state.apply(rec, t, model=rec.request.model, index_jobs=True)
+        applied = self.rt.state.apply(
+            rec, t, model=rec.request.model, index_jobs=True, total=int(meta.get("total", -1))
+        )
         if applied.last:
             from worker import tasks
 

@@ -6,7 +6,7 @@
 -- KEYS[4]  the batch's counters                 ib:B:n
 -- KEYS[5]  the batch's unflushed rows           ib:B:rows
 -- KEYS[6]  the scheduler's wake list            ib:wake
--- KEYS[7]  the batch record                     ib:B
+-- KEYS[7]  (unused: kept so callers pass the batch record's key) ib:B
 -- KEYS[8]  the provider's job index             ib:jobs:P | "-"
 -- KEYS[9]  the learned latency                  ib:latency:P:M | "-"
 -- ARGV[1]  the seq the step ran under (a stale copy's seq no longer matches: nothing happens)
@@ -14,9 +14,11 @@
 -- ARGV[5]  "1" when the new status is terminal;  ARGV[6] its row (JSON);  ARGV[7] the line index
 -- ARGV[8]  job index change: "" | "set:<job id>" | "del:<job id>"
 -- ARGV[9]  latency sample in seconds, or ""
--- ARGV[10] n, the number of field pairs, then n field/value pairs,
+-- ARGV[10] an event for the scheduler besides 'line' (e.g. 'store': a store is due now), or ""
+-- ARGV[11] n, the number of field pairs, then n field/value pairs,
 --          then m, the number of counter pairs, then m counter/amount pairs,
---          then k, the number of extra keys to delete (inline image blobs), then k keys.
+--          then k, the number of extra keys to delete (inline image blobs), then k keys,
+--          then the batch's line count (to tell the caller the batch's last line ended).
 -- Returns {applied (1/0), done, total}: done == total means the batch's last line just ended.
 
 local seq = redis.call('HGET', KEYS[1], 'seq')
@@ -27,7 +29,7 @@ if KEYS[2] ~= KEYS[3] and KEYS[2] ~= '-' then redis.call('ZREM', KEYS[2], member
 if KEYS[3] ~= '-' then redis.call('ZADD', KEYS[3], score, member) end
 local wake = KEYS[2] ~= KEYS[3] and string.find(KEYS[2], ':flight:', 1, true) ~= nil
 
-local i = 10
+local i = 11
 local nfields = tonumber(ARGV[i]); i = i + 1
 local hset = {}
 for _ = 1, nfields do
@@ -39,6 +41,7 @@ for _ = 1, ncounts do
 end
 local ndel = tonumber(ARGV[i]); i = i + 1
 for _ = 1, ndel do redis.call('DEL', ARGV[i]); i = i + 1 end
+local line_count = tonumber(ARGV[i]) or -1
 
 if KEYS[8] ~= '-' and ARGV[8] ~= '' then
   local op, job = string.sub(ARGV[8], 1, 3), string.sub(ARGV[8], 5)
@@ -58,7 +61,7 @@ if KEYS[9] ~= '-' and ARGV[9] ~= '' then
     mean = mean + a * (x - mean)
   end
   redis.call('HSET', KEYS[9], 'mean', tostring(mean), 'dev', tostring(dev), 'n', n + 1)
-  redis.call('EXPIRE', KEYS[9], 86400)
+  if n == 0 then redis.call('EXPIRE', KEYS[9], 86400) end
 end
 
 local done, total = 0, -1
@@ -67,8 +70,7 @@ if ARGV[5] == '1' then
   redis.call('DEL', KEYS[1])
   done = redis.call('HINCRBY', KEYS[4], 'done', 1)
   redis.call('HINCRBY', KEYS[4], ARGV[3], 1)
-  total = tonumber(redis.call('HGET', KEYS[7], 'total') or '-1')
-  wake = true
+  total = line_count
 else
   hset[#hset + 1] = 'status'; hset[#hset + 1] = ARGV[3]
   hset[#hset + 1] = 'settled'; hset[#hset + 1] = ARGV[1]
@@ -76,4 +78,5 @@ else
   redis.call('HSET', KEYS[1], unpack(hset))
 end
 if wake then redis.call('LPUSH', KEYS[6], 'line') end
+if ARGV[10] ~= '' then redis.call('LPUSH', KEYS[6], ARGV[10]) end
 return {1, done, total}

@@ -1,0 +1,161 @@
+"""``jobs.policy``: when to try again and when to look again, as pure functions."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import pytest
+
+from jobs import policy
+
+
+class Highest(random.Random):
+    """Draws the top of every range: the bound a jittered delay may reach."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+class Lowest(random.Random):
+    def uniform(self, a: float, b: float) -> float:
+        return a
+
+
+@pytest.fixture(autouse=True)
+def _restore_testing_mode() -> Iterator[None]:
+    before = policy.testing()
+    yield
+    policy.set_testing(before)
+
+
+@pytest.fixture
+def no_waits() -> None:
+    policy.set_testing(True)
+
+
+# -- backoff ------------------------------------------------------------------------------------
+
+
+def test_backoff_ceiling_doubles_with_each_try_until_the_cap() -> None:
+    ceilings = [policy.backoff(tries, 1.0, 60.0, Highest()) for tries in range(1, 9)]
+
+    assert ceilings == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+
+
+def test_backoff_before_the_first_try_is_at_most_the_base() -> None:
+    assert policy.backoff(0, 0.5, 60.0, Highest()) == 0.5
+
+
+def test_backoff_has_full_jitter_down_to_zero() -> None:
+    assert policy.backoff(5, 1.0, 60.0, Lowest()) == 0.0
+
+
+def test_backoff_draws_stay_within_zero_and_the_ceiling() -> None:
+    rng = random.Random(7)
+    draws = [policy.backoff(4, 0.5, 3.0, rng) for _ in range(500)]
+
+    assert all(0.0 <= d <= 3.0 for d in draws)  # ceiling min(3, 0.5 * 2**3) = 3
+    assert max(draws) > 2.5 and min(draws) < 0.5  # full jitter: the whole range is used
+
+
+def test_backoff_is_off_with_a_zero_base_or_cap() -> None:
+    assert policy.backoff(3, 0.0, 60.0, Highest()) == 0.0
+    assert policy.backoff(3, 1.0, 0.0, Highest()) == 0.0
+
+
+# -- retry_wait -----------------------------------------------------------------------------------
+
+
+def test_retry_wait_is_exactly_the_retry_after_the_provider_asked_for() -> None:
+    assert policy.retry_wait(1, 1.0, 60.0, 7.0) == 7.0
+    assert policy.retry_wait(6, 1.0, 2.0, 30.0) == 30.0  # longer than our own cap: honoured
+
+
+def test_retry_wait_caps_an_absurd_retry_after() -> None:
+    assert policy.retry_wait(1, 1.0, 60.0, 1e9) == policy.MAX_RETRY_AFTER_S == 900.0
+
+
+def test_retry_wait_treats_a_negative_retry_after_as_now() -> None:
+    assert policy.retry_wait(1, 1.0, 60.0, -5.0) == 0.0
+
+
+def test_retry_wait_without_retry_after_is_backoff() -> None:
+    rng_state = random.getstate()
+    try:
+        random.seed(3)
+        waits = [policy.retry_wait(3, 1.0, 60.0, None) for _ in range(200)]
+    finally:
+        random.setstate(rng_state)
+
+    assert all(0.0 <= w <= 4.0 for w in waits) and max(waits) > 3.0
+
+
+# -- polls ----------------------------------------------------------------------------------------
+
+
+def test_first_poll_of_a_cold_model_is_the_initial_delay() -> None:
+    assert policy.first_poll(None, 2.0, None) == 2.0
+
+
+def test_first_poll_with_a_learned_latency_comes_just_after_it() -> None:
+    delay = policy.first_poll(10.0, 2.0, None)
+
+    assert 10.0 < delay <= 10.5  # never before it, and within a few percent
+    assert 100.0 < policy.first_poll(100.0, 2.0, None) <= 105.0
+
+
+def test_first_poll_with_webhooks_waits_for_the_webhook() -> None:
+    assert policy.first_poll(None, 2.0, 60.0) == 60.0
+    # A model slower than the fallback interval: three times its latency.
+    assert policy.first_poll(30.0, 2.0, 60.0) == 90.0
+
+
+def test_next_poll_of_a_cold_model_grows_by_half_from_the_initial_delay() -> None:
+    delays = [policy.next_poll(polls, None, 2.0, 100.0, Lowest()) for polls in range(1, 5)]
+
+    assert delays == pytest.approx([1.6, 2.4, 3.6, 5.4])  # 2 * 1.5**k, jitter at -20 %
+
+
+def test_next_poll_of_a_learned_model_steps_by_a_fraction_of_its_latency() -> None:
+    slow = policy.next_poll(1, 100.0, 2.0, 1000.0, Highest())
+    slower = policy.next_poll(1, 200.0, 2.0, 1000.0, Highest())
+
+    assert 0 < slow <= 0.2 * 100.0  # a small step, not a second wait as long as the job
+    assert slower == pytest.approx(2 * slow)  # in proportion to the latency
+    # A very fast model still waits a moment between polls: never a tight loop.
+    assert policy.next_poll(1, 0.001, 2.0, 100.0, Lowest()) >= 0.1
+
+
+def test_next_poll_is_capped_at_poll_max_with_its_jitter() -> None:
+    assert policy.next_poll(30, None, 2.0, 10.0, Highest()) == pytest.approx(12.0)
+    assert policy.next_poll(30, None, 2.0, 10.0, Lowest()) == pytest.approx(8.0)
+
+
+def test_next_poll_jitter_spreads_polls_of_jobs_submitted_together() -> None:
+    rng = random.Random(11)
+    delays = {round(policy.next_poll(2, None, 2.0, 10.0, rng), 6) for _ in range(50)}
+
+    assert len(delays) > 40
+    assert all(2.4 <= d <= 3.6 for d in delays)
+
+
+# -- testing mode ---------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("no_waits")
+def test_testing_mode_removes_every_wait() -> None:
+    assert policy.testing()
+    assert policy.backoff(8, 1.0, 60.0, Highest()) == 0.0
+    assert policy.retry_wait(2, 1.0, 60.0, 30.0) == 0.0
+    assert policy.retry_wait(2, 1.0, 60.0, None) == 0.0
+    assert policy.first_poll(10.0, 2.0, 60.0) == 0.0
+    assert policy.first_poll(None, 2.0, None) == 0.0
+    assert policy.next_poll(5, None, 2.0, 10.0, Highest()) == 0.0
+
+
+def test_testing_mode_is_off_by_default_and_can_be_turned_off() -> None:
+    assert not policy.testing()
+    policy.set_testing(True)
+    policy.set_testing(False)
+    assert policy.backoff(1, 1.0, 60.0, Highest()) == 1.0

@@ -1,0 +1,175 @@
+"""Resuming: whatever status a crash leaves a line in, the scheduler knows its next step (the
+defect: a line left as ``"new"`` made the resume fail with ``KeyError``), and a resume after
+Redis is wiped reads what earlier runs stored from the part files, in bulk."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from pydantic import SecretStr
+
+from jobs import results
+from jobs.settings import Settings
+from worker import keys, runtime, start
+from worker.records import ACTIVE, TABLE, LineRecord, LineStatus, Step
+from worker.runtime import Runtime
+from worker.scheduler import Scheduler
+
+
+class Recorded:
+    """The scheduler's dispatch boundary, recorded instead of sent to Celery."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[Step, str, list[tuple[int, int]]]] = []
+        self.batch_tasks: list[tuple[str, str]] = []
+
+    def step(self, step: Step, batch: str, lines: Sequence[tuple[int, int]]) -> None:
+        self.steps.append((step, batch, list(lines)))
+
+    def batch_task(self, name: str, batch: str) -> None:
+        self.batch_tasks.append((name, batch))
+
+
+@pytest.fixture
+def rt(redis_url: str, redis_client: redis.Redis[Any], tmp_path: Path) -> Iterator[Runtime]:
+    settings = Settings(
+        broker_url=redis_url,
+        apiframe_api_key=SecretStr("afk_resume_test"),
+        apiframe_base_url="http://127.0.0.1:9",
+        out=str(tmp_path / "out"),
+    )
+    made = runtime.configure(settings)
+    try:
+        yield made
+    finally:
+        runtime.reset()
+
+
+def manifest(path: Path, count: int) -> Path:
+    lines = [{"id": f"cup-{i}", "prompt": f"A tea cup, style {i}"} for i in range(count)]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize("status", sorted(ACTIVE))
+def test_a_line_left_in_any_status_is_dispatched_for_the_step_that_status_needs(
+    rt: Runtime, tmp_path: Path, status: LineStatus
+) -> None:
+    # Given a batch whose one line a crash left in `status`, its lease long run out
+    source = manifest(tmp_path / "cups.jsonl", 1)
+    spooled = start.spool([source.read_bytes()])
+    started = start.start_batch(
+        rt, spooled, batch="cups", out=str(tmp_path / "out"), provider="apiframe"
+    )
+    Path(spooled.path).unlink()
+    assert started.plan.valid == 1
+    rec = LineRecord.from_hash("cups", 0, rt.state.client.hgetall(keys.line("cups", 0)))
+    client = rt.state.client
+    client.zrem(keys.ready("apiframe"), rec.member)
+    client.hset(keys.line("cups", 0), mapping={"status": status.value, "job_id": "j-1"})
+    home = {"ready": keys.ready("apiframe"), "flight": keys.flight("apiframe"), "store": keys.STORE}
+    client.zadd(home[TABLE[status].home.value], {rec.member: time.time() - 60})
+    # When the scheduler looks
+    dispatch = Recorded()
+    Scheduler(rt, dispatch).tick(frozenset({"batch"}))
+    # Then it sends the one step that status needs, for that line, under a new seq
+    expected = TABLE[status].step
+    assert [(step, batch, [idx for idx, _ in lines]) for step, batch, lines in dispatch.steps] == [
+        (expected, "cups", [0])
+    ]
+    seq = dispatch.steps[0][2][0][1]
+    assert seq == int(client.hget(keys.line("cups", 0), "seq"))
+
+
+def test_every_status_has_a_next_step_or_is_terminal() -> None:
+    assert set(TABLE) == set(LineStatus)
+    for status, info in TABLE.items():
+        assert (info.step is None) == info.terminal, status
+        assert info.terminal == (status in {"succeeded", "failed", "rejected"}), status
+
+
+def test_a_resume_reads_every_part_file_once_and_retries_only_the_failed_lines(
+    rt: Runtime, tmp_path: Path
+) -> None:
+    # Given a batch whose earlier run left part files: lines 0-4 succeeded, 5 failed
+    source = manifest(tmp_path / "cups.jsonl", 8)
+    out = tmp_path / "out"
+    store = rt.store(str(out))
+    rows = {}
+    for idx in range(6):
+        status = "succeeded" if idx < 5 else "failed"
+        row = {
+            "line": idx + 1,
+            "id": f"cup-{idx}",
+            "status": status,
+            "provider": "apiframe",
+            "attempts": 1,
+            "credits": 4.0 if status == "succeeded" else 0.0,
+            "images": [],
+            "error": None if status == "succeeded" else {"type": "job_failed", "message": "x"},
+        }
+        rows[idx] = json.dumps(row)
+    results.write_part(store, "cups", 0, rows)
+    reads: list[str] = []
+    original = store.get
+
+    def counting(key: str) -> bytes | None:
+        reads.append(key)
+        return original(key)
+
+    store.get = counting  # type: ignore[method-assign]
+    # When the batch is started again (Redis knows nothing of it)
+    spooled = start.spool([source.read_bytes()])
+    started = start.start_batch(rt, spooled, batch="cups", out=str(out), provider="apiframe")
+    Path(spooled.path).unlink()
+    # Then the part file was read once, 5 lines are carried over, 1 retried with attempt 2,
+    # and only the 3 lines without a stored success are in the window
+    assert reads.count(results.part_key("cups", 0)) == 1
+    assert (started.carried, started.retrying) == (5, 1)
+    admitted = {rec.idx: rec for rec in rt.state.lines("cups")}
+    assert sorted(admitted) == [5, 6, 7]
+    assert admitted[5].attempt == 2 and admitted[6].attempt == 1
+    assert int(float(rt.state.counters("cups")["done"])) == 5
+
+
+def test_a_step_that_outlives_its_lease_cannot_undo_the_copy_that_took_over(
+    rt: Runtime, tmp_path: Path
+) -> None:
+    """The defect: a lease was released with a plain DEL, so a step that outlived its lease
+    deleted the lease of the copy that took over. Now a dispatch's seq is its lease token."""
+    from worker.records import Transition
+
+    source = manifest(tmp_path / "cups.jsonl", 1)
+    spooled = start.spool([source.read_bytes()])
+    start.start_batch(rt, spooled, batch="cups", out=str(tmp_path / "out"), provider="apiframe")
+    Path(spooled.path).unlink()
+    state, member = rt.state, keys.member("cups", 0)
+    # Given a submit dispatched to a worker that then stalls past its lease...
+    first = state.pump("apiframe", time.time(), 30, cap=4, budget=4)
+    (_, _, seq1), = first.submits
+    slow = state.begin("cups", 0, seq1, f"{seq1}:slow")
+    assert slow is not None
+    state.client.zadd(keys.flight("apiframe"), {member: time.time() - 1})
+    # ...so the scheduler dispatches the line again, and the new copy begins
+    second = state.pump("apiframe", time.time(), 30, cap=4, budget=4)
+    (_, _, seq2, status), = second.polls
+    assert seq2 == seq1 + 1 and status is LineStatus.SUBMITTING
+    fresh = state.begin("cups", 0, seq2, f"{seq2}:fresh")
+    assert fresh is not None
+    lease = state.client.zscore(keys.flight("apiframe"), member)
+    # When the stalled step finally finishes and tries to record its outcome
+    late = Transition(LineStatus.SUBMITTED, {"job_id": "from-the-slow-copy"}, due_in=1.0)
+    applied = state.apply(slow, late, model="gpt-image-1.5", index_jobs=False)
+    # Then nothing happens: the line, its owner and the new copy's lease are untouched
+    assert not applied.applied
+    line = state.client.hgetall(keys.line("cups", 0))
+    assert line["owner"] == f"{seq2}:fresh" and line.get("job_id", "") == ""
+    assert state.client.zscore(keys.flight("apiframe"), member) == lease
+    # ...and a second copy of the new dispatch cannot begin while the first holds it
+    assert state.begin("cups", 0, seq2, f"{seq2}:duplicate") is None
