@@ -17,9 +17,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from worker.submission import file_chunks
-
 from jobs.manifest import read_manifest
+from worker.start import file_chunks
 
 
 def write_manifest(path: Path, lines: int) -> None:

@@ -18,16 +18,21 @@ second) are set as the case says, and prints, from that one run:
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.fleet import Run, manifest, redis_server, run_batch  # noqa: E402
-from jobs.simulator import Simulator, SimulatorConfig  # noqa: E402
+from bench.fleet import CLI, Run, env_for, manifest, redis_server, run_batch
+from jobs.simulator import Simulator, SimulatorConfig
+from tests.servers import free_port
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,7 @@ class Case:
     settings: dict[str, str] = field(default_factory=dict)
     """imagebatch's own settings (its configured caps may be above the account's)."""
     image_mode: str = "full"
+    webhooks: bool = False
 
     def ideal(self, cap: int, rps: float) -> float:
         return max(math.ceil(self.lines / cap) * self.latency_s, self.lines / rps)
@@ -63,6 +69,28 @@ def cases() -> dict[str, Case]:
                 "IMAGEBATCH_APIFRAME_REQUESTS_PER_SECOND": "25",
             },
         ),
+        # Orchestration-bound: fast jobs, tiny images, limits far above what one worker drives.
+        "scaling": Case(
+            "scaling_1500",
+            1500,
+            0.2,
+            None,
+            None,
+            image_mode="tiny",
+            settings={
+                "IMAGEBATCH_APIFRAME_MAX_IN_FLIGHT": "400",
+                "IMAGEBATCH_APIFRAME_REQUESTS_PER_SECOND": "2000",
+                "IMAGEBATCH_WINDOW": "2000",
+            },
+        ),
+        "webhooks": Case(
+            "webhooks_200",
+            200,
+            3.0,
+            16,
+            10.0,
+            webhooks=True,
+        ),
         "big": Case(
             "big_2000",
             2000,
@@ -77,7 +105,7 @@ def cases() -> dict[str, Case]:
     }
 
 
-def measure(case: Case, server: Any) -> tuple[Run, float]:
+def measure(case: Case, server: Any, workers: int | None = None) -> tuple[Run, float]:
     config = SimulatorConfig(
         latency_s=case.latency_s,
         max_in_flight=case.account_cap,
@@ -87,10 +115,37 @@ def measure(case: Case, server: Any) -> tuple[Run, float]:
     )
     with Simulator(config) as sim, tempfile.TemporaryDirectory() as tmp:
         source = manifest(Path(tmp) / f"{case.name}.jsonl", case.lines)
-        run = run_batch(server, sim, source, workers=case.workers, extra=case.settings)
+        settings = dict(case.settings)
+        with receiving(case, server, sim, settings):
+            run = run_batch(server, sim, source, workers=workers or case.workers, extra=settings)
     cap = case.account_cap or 10**9
-    rps = case.account_rps or float(case.settings.get("IMAGEBATCH_APIFRAME_REQUESTS_PER_SECOND", 20))
+    rps = case.account_rps or float(
+        case.settings.get("IMAGEBATCH_APIFRAME_REQUESTS_PER_SECOND", 20)
+    )
     return run, case.ideal(cap, rps)
+
+
+@contextmanager
+def receiving(case: Case, server: Any, sim: Any, settings: dict[str, str]) -> Iterator[None]:
+    """For a webhook case: ``imagebatch webhook`` running, and submits asking for webhooks."""
+    if not case.webhooks:
+        yield
+        return
+    port = free_port()
+    settings["IMAGEBATCH_WEBHOOK_URL"] = f"http://127.0.0.1:{port}"
+    env = env_for(server.url, sim.base_url, Path(tempfile.gettempdir()), settings)
+    process = subprocess.Popen(
+        [*CLI, "webhook", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(3)
+        yield
+    finally:
+        process.terminate()
+        process.wait(20)
 
 
 def report(case: Case, run: Run, ideal: float) -> str:
@@ -100,30 +155,83 @@ def report(case: Case, run: Run, ideal: float) -> str:
     limited = ledger.get("rate_limited", {})
     throttled = sum(int(v) for v in limited.values()) if isinstance(limited, dict) else 0
     requests = sum(ledger["requests"].values())
-    images = sum(
-        job["images"] for job in ledger["jobs"] if job["status"] == "COMPLETED"
-    ) or summary["succeeded"]
+    images = (
+        sum(job["images"] for job in ledger["jobs"] if job["status"] == "COMPLETED")
+        or summary["succeeded"]
+    )
     return (
         f"{case.name:<12} {summary['succeeded']:>5} ok {summary['failed']:>3} failed · "
         f"wall {run.wall_s:6.1f}s ideal {ideal:6.1f}s → wall/ideal {run.wall_s / ideal:4.2f} · "
-        f"polls/job {polls / jobs:4.2f} · 429s {throttled} ({100 * throttled / max(1, requests):.1f}%"
-        f" of {requests} requests) · cpu/1k {1000 * run.cpu_s / max(1, images):5.1f}s "
+        f"polls/job {polls / jobs:4.2f} · 429s {throttled} "
+        f"({100 * throttled / max(1, requests):.1f}% of {requests} requests) · "
+        f"cpu/1k {1000 * run.cpu_s / max(1, images):5.1f}s "
         f"({', '.join(f'{k} {v:.1f}' for k, v in run.cpu_by_process.items())}) · "
         f"redis/img {run.redis_commands / max(1, images):5.1f}"
     )
 
 
+def timeline(run: Run, cap: int | None) -> str:
+    """Where the wall time went, from the simulator's own job times: startup until the first
+    submit, the ramp to the account's cap, how full the cap was kept, and the tail."""
+    jobs = sorted(
+        (job["created_ms"] / 1000 - run.started_wall, job["duration_s"])
+        for job in run.ledger["jobs"]
+        if job["status"] == "COMPLETED"
+    )
+    if not jobs:
+        return "   timeline: no completed jobs"
+    first, last_submit = jobs[0][0], jobs[-1][0]
+    last_done = max(start + duration for start, duration in jobs)
+    events = sorted([(s, 1) for s, _ in jobs] + [(s + d, -1) for s, d in jobs])
+    level, peak_at, busy, previous = 0, None, 0.0, first
+    for at, step in events:
+        if previous < last_submit:
+            busy += level * (min(at, last_submit) - previous)
+        previous = at
+        level += step
+        if cap and peak_at is None and level >= cap:
+            peak_at = at
+    span = max(1e-9, last_submit - first)
+    occupancy = busy / span / cap if cap else float("nan")
+    refill = ""
+    if cap and len(jobs) > 2 * cap:
+        # Once the cap binds, the k-th job to end frees the slot the (k + cap)-th job takes.
+        ends = sorted(start + duration for start, duration in jobs)
+        gaps = sorted(jobs[k + cap][0] - ends[k] for k in range(len(jobs) - cap))
+        refill = (
+            f" · slot refill after a job ends: median {1000 * gaps[len(gaps) // 2]:.0f} ms, "
+            f"p90 {1000 * gaps[9 * len(gaps) // 10]:.0f} ms"
+        )
+    ramp = "never" if peak_at is None else f"{peak_at - first:.2f}s later"
+    return (
+        f"   timeline: first submit {first:.2f}s · cap reached {ramp} "
+        f"· occupancy while submitting {occupancy:.1%} · last job done {last_done:.2f}s · "
+        f"run ended {run.wall_s - last_done:.2f}s after it{refill}"
+    )
+
+
 def main() -> None:
-    wanted = sys.argv[1:] or ["catalog"]
+    wanted = [a for a in sys.argv[1:] if not a.startswith("-")] or ["catalog"]
     table = cases()
     with redis_server() as server:
         for name in wanted:
             case = table[name]
+            if name == "scaling":
+                one, ideal = measure(case, server, workers=1)
+                print(report(case, one, ideal) + " · 1 worker", flush=True)
+                two, ideal = measure(case, server, workers=2)
+                print(report(case, two, ideal) + " · 2 workers", flush=True)
+                print(
+                    f"scaling      2 workers vs 1: {one.wall_s / two.wall_s:.2f}x the throughput",
+                    flush=True,
+                )
+                continue
             run, ideal = measure(case, server)
             print(report(case, run, ideal), flush=True)
-            if "-v" in sys.argv or True:
+            if "-v" in sys.argv:
                 top = sorted(run.commands_by_name.items(), key=lambda kv: -kv[1])[:14]
                 print("   top commands:", ", ".join(f"{k} {v}" for k, v in top), flush=True)
+                print(timeline(run, case.account_cap), flush=True)
 
 
 if __name__ == "__main__":

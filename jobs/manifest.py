@@ -55,9 +55,11 @@ class Line:
         return raw_id if isinstance(raw_id, str) else None
 
 
-def split_lines(chunks: Iterable[bytes]) -> Iterator[tuple[int, bytes | None]]:
-    """Yield (line number, bytes) per physical line; ``None`` for a line over the size cap."""
-    number = 0
+def physical_lines(
+    chunks: Iterable[bytes], offset: int = 0, number: int = 0
+) -> Iterator[tuple[int, bytes | None, int]]:
+    """Every physical line as (line number, bytes, offset just past its newline), from
+    ``offset``/``number`` on; the bytes are ``None`` for a line over the size cap (never held)."""
     pending = bytearray()
     overlong = False
     for chunk in chunks:
@@ -71,14 +73,24 @@ def split_lines(chunks: Iterable[bytes]) -> Iterator[tuple[int, bytes | None]]:
                         overlong, pending = True, bytearray()
                 break
             number += 1
-            if overlong or len(pending) + end - start > MAX_LINE_BYTES:
-                yield number, None
-            else:
-                yield number, bytes(pending + chunk[start:end])
+            too_long = overlong or len(pending) + end - start > MAX_LINE_BYTES
+            yield number, None if too_long else bytes(pending + chunk[start:end]), offset + end + 1
             pending, overlong = bytearray(), False
             start = end + 1
+        offset += len(chunk)
     if pending or overlong:
-        yield number + 1, None if overlong else bytes(pending)
+        yield number + 1, None if overlong else bytes(pending), offset
+
+
+def content(number: int, data: bytes) -> bytes | None:
+    """A line's text as it is read (BOM and CR stripped), or None when it is not counted:
+    blank, or a ``#`` comment."""
+    if number == 1 and data.startswith(BOM):
+        data = data[len(BOM) :]
+    data = data.rstrip(b"\r")
+    if not data.strip() or data.lstrip().startswith(b"#"):
+        return None
+    return data
 
 
 def read_manifest(
@@ -86,14 +98,12 @@ def read_manifest(
 ) -> Iterator[Line]:
     """Yield every counted line in order; blank and ``#`` lines are skipped and get no row."""
     seen: set[str] = set()
-    for number, data in split_lines(chunks):
-        if data is None:
+    for number, raw, _ in physical_lines(chunks):
+        if raw is None:
             yield Line(number, None, ManifestError(number, f"line is over {MAX_LINE_BYTES} bytes"))
             continue
-        if number == 1 and data.startswith(BOM):
-            data = data[len(BOM) :]
-        data = data.rstrip(b"\r")
-        if not data.strip() or data.lstrip().startswith(b"#"):
+        data = content(number, raw)
+        if data is None:
             continue
         line = parse_line(number, data, check_provider)
         if line.request is not None:

@@ -133,10 +133,24 @@ def rows_in_order(store: Store, batch: str) -> Iterator[tuple[int, str]]:
 
 @dataclass
 class ProviderTotal:
+    """One provider's share of a batch: lines, images, and what they cost (or are estimated to
+    cost) in its own unit."""
+
     lines: int = 0
     images: int = 0
     credits: float = 0.0
     unit: str = "credits"
+
+
+def money_of(by_provider: Mapping[str, ProviderTotal]) -> Money:
+    """Each provider's credits in its own currency: never adds one provider's credits to
+    another's, or to dollars."""
+    amounts: dict[str, float] = {}
+    for name, part in by_provider.items():
+        if part.credits:
+            key = currency(name, part.unit)
+            amounts[key] = round(amounts.get(key, 0.0) + part.credits, 6)
+    return Money(amounts)
 
 
 @dataclass
@@ -152,12 +166,7 @@ class Tally:
 
     @property
     def money(self) -> Money:
-        amounts: dict[str, float] = {}
-        for name, part in self.by_provider.items():
-            if part.credits:
-                key = currency(name, part.unit)
-                amounts[key] = round(amounts.get(key, 0.0) + part.credits, 6)
-        return Money(amounts)
+        return money_of(self.by_provider)
 
     def add(self, row: Mapping[str, Any], unit_of: Callable[[str], str]) -> None:
         self.total += 1

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +40,10 @@ def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def run_cli(
-    *args: str, env: Mapping[str, str] | None = None, cwd: Path | None = None, timeout: float = 120
+    *args: str | Path,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    timeout: float = 120,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*CLI, *args],
@@ -56,7 +59,7 @@ def run_cli(
 def run_batch(
     manifest: Path | str,
     provider: str,
-    out: Path,
+    out: Path | str,
     batch: str,
     *extra: str,
     env: Mapping[str, str] | None = None,
@@ -69,12 +72,12 @@ def run_batch(
 
 
 def start_worker(
-    env: Mapping[str, str], name: str, log: Path, concurrency: int = 4
+    env: Mapping[str, str], name: str, log: Path, concurrency: int = 4, *options: str
 ) -> subprocess.Popen[bytes]:
-    """A real ``imagebatch worker`` process, logging to a file."""
+    """A real ``imagebatch worker`` process, logging to a file; ``options`` go to Celery."""
     with open(log, "wb") as handle:
         return subprocess.Popen(
-            [*CLI, "worker", f"--concurrency={concurrency}", f"--hostname={name}@%h"],
+            [*CLI, "worker", f"--concurrency={concurrency}", f"--hostname={name}@%h", *options],
             env=cli_env(env),
             stdout=handle,
             stderr=subprocess.STDOUT,
@@ -200,7 +203,7 @@ def check_invariants(
     assert summary["total"] == len(rows) == sum(statuses.values())
     for status in ("succeeded", "failed", "rejected"):
         assert summary[status] == statuses[status], status
-    by_currency: Counter[str] = Counter()
+    by_currency: defaultdict[str, float] = defaultdict(float)
     for row in rows:
         if row.credits and row.provider:
             unit = REGISTRY[row.provider].credit_unit

@@ -8,13 +8,11 @@ stopped with SIGTERM, then SIGKILL after a grace period.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import json
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +29,8 @@ import pytest
 import redis
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+
+from worker.embedded import die_with_parent
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -77,19 +77,6 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn asking Linux to SIGKILL the child when the test process dies."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-    return preexec
-
-
 @dataclass
 class ManagedProcess:
     """A server subprocess and its log file; ``stop`` may be called any number of times."""
@@ -112,7 +99,7 @@ class ManagedProcess:
                 cwd=workdir,
                 env=env,
                 start_new_session=True,  # Ctrl-C goes to pytest, which then stops the server
-                preexec_fn=_die_with_parent(),
+                preexec_fn=die_with_parent(),
             )
         return cls(name, process, log)
 

@@ -111,9 +111,11 @@ def test_both_result_shapes_are_read(result: object, urls: list[str]) -> None:
 def test_queued_processing_and_unknown_statuses_are_pending() -> None:
     for status in ("QUEUED", "PROCESSING", "WARMING_UP"):
         job = {"id": "j", "status": status, "progress": 40}
-        assert adapter(lambda _, j=job: httpx.Response(200, json=j)).poll("j") == Pending(
-            status, 40
-        )
+
+        def reply(_: httpx.Request, j: dict[str, int | str] = job) -> httpx.Response:
+            return httpx.Response(200, json=j)
+
+        assert adapter(reply).poll("j") == Pending(status, 40)
 
 
 def test_failed_jobs_are_classified_by_reason() -> None:

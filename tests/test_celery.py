@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import redis
 
 from jobs.simulator import Simulator, SimulatorConfig
@@ -175,3 +176,42 @@ def test_a_plain_celery_worker_runs_a_batch_and_flower_shows_it_and_its_failed_t
     assert len(failed) == 1, failed
     assert "cel-policy" in (failed[0].get("exception") or ""), failed[0]
     assert {t["state"] for t in seen.values()} <= {"SUCCESS", "FAILURE"}, seen
+
+
+STOPPED_WORKER = """
+import sys
+from celery.signals import celeryd_init
+from worker import app as celery_app
+
+
+class Stopped:
+    # What celery's WorkController holds once it stopped: EX_FAILURE after an
+    # "Unrecoverable error" (as kombu's reconnect race in test_outages causes), EX_OK else.
+    exitcode = int(sys.argv[1])
+
+
+def worker_main(argv):
+    celeryd_init.send(sender="stopped@host", instance=Stopped(), conf=None, options={})
+
+
+celery_app.app.worker_main = worker_main
+from worker.cli import main
+
+main(["worker"])
+"""
+
+
+@pytest.mark.parametrize("exitcode", [0, 1])
+def test_imagebatch_worker_exits_with_the_status_celery_stopped_with(exitcode: int) -> None:
+    """A worker that died on an unrecoverable error must not exit 0, or a supervisor
+    restarting only on failure leaves it down (``app.worker_main`` drops the status)."""
+    result = subprocess.run(
+        [sys.executable, "-c", STOPPED_WORKER, str(exitcode)],
+        env=cli_env({"IMAGEBATCH_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
+    )
+    assert result.returncode == exitcode, result.stdout + result.stderr

@@ -45,7 +45,7 @@ def test_a_402_mid_run_fails_the_rest_and_the_same_run_after_a_top_up_buys_only_
     manifest = tmp_path / "credits.jsonl"
     write_manifest(manifest)
     out = tmp_path / "out"
-    args = ("run", str(manifest), "--provider", "apiframe", "--out", str(out))
+    args: tuple[str, ...] = ("run", str(manifest), "--provider", "apiframe", "--out", str(out))
     args += ("--batch-id", "credits")
     with Simulator(SimulatorConfig(latency_s=0.3, credits=AFFORDABLE * PER_LINE)) as sim:
         env = {"IMAGEBATCH_APIFRAME_API_KEY": KEY, "IMAGEBATCH_APIFRAME_BASE_URL": sim.base_url}

@@ -756,7 +756,7 @@ def test_keda_schema_rejects_broken_scaledobjects() -> None:
     """The hand-written schema must catch what it is there for, or it proves nothing."""
     good = find("ScaledObject", "imagebatch-worker")
 
-    def meta(resource: dict[str, Any]) -> dict[str, str]:
+    def meta(resource: dict[str, Any]) -> dict[str, object]:
         return resource["spec"]["triggers"][0]["metadata"]  # type: ignore[no-any-return]
 
     def scale_down(resource: dict[str, Any]) -> dict[str, Any]:
@@ -769,7 +769,7 @@ def test_keda_schema_rejects_broken_scaledobjects() -> None:
         "no triggers": lambda s: s["spec"].update(triggers=[]),
         "a redis trigger without listName": lambda s: meta(s).pop("listName"),
         "a redis trigger without an address": lambda s: meta(s).pop("addressFromEnv"),
-        "listLength as a number": lambda s: meta(s).update(listLength=16),  # type: ignore[dict-item]
+        "listLength as a number": lambda s: meta(s).update(listLength=16),
         "a misspelt metadata key": lambda s: meta(s).update(listLenght="16"),
         "a scale-down window over an hour": lambda s: scale_down(s).update(
             stabilizationWindowSeconds=7200

@@ -18,7 +18,6 @@ import httpx
 import pytest
 from PIL import Image
 
-from jobs import download
 from jobs.download import fetch, verify
 from jobs.errors import DownloadError, ImageMissing, ImageRefused
 from jobs.providers.base import Artifact
@@ -64,7 +63,7 @@ def no_dns(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (RESOLVES[host], port or 443))]
 
-    monkeypatch.setattr(download.socket, "getaddrinfo", fake)
+    monkeypatch.setattr(socket, "getaddrinfo", fake)  # the socket module jobs.download uses
     return looked_up
 
 

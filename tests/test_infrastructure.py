@@ -400,7 +400,7 @@ def test_a_relative_out_is_stored_and_shown_as_an_absolute_path(tmp_path: Path) 
     assert str(where) in shown.stdout, shown.stdout
 
 
-SURFACE = re.compile(r"(APIFrame|OpenAI|AI/ML API|Omixa|Oxen) at `?(/[a-z0-9]+)`?")
+SURFACE = re.compile(r"(APIFrame|OpenAI|AI/ML API|Omixa|Oxen) (?:at|under) `?(/[a-z0-9]+)`?")
 PROBES = {
     # One real endpoint of each surface, relative to where it is said to be served.
     "APIFrame": "/images/generate",

@@ -123,13 +123,6 @@ def test_a_json_worker_logs_one_object_per_line_with_each_lines_context(
     assert leaks(key, {"worker log": raw.encode()}) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: worker/steps.py logs a line's failure, retries and new attempts "
-    "(log.warning/log.info 'line %s failed: ...') without the line's context (no batch, "
-    "job_id, provider, step), and worker/runner.py logs the line's context-carrying 'failed' "
-    "event at INFO, so a fleet filtering WARNING+ sees failures it cannot attribute",
-)
 def test_every_record_about_a_line_carries_its_context_and_failures_are_warnings(
     info_run: tuple[str, list[dict[str, Any]], str],
 ) -> None:

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from jobs.manifest import MAX_LINE_BYTES, read_manifest, split_lines
+from jobs.manifest import MAX_LINE_BYTES, Line, physical_lines, read_manifest
 from jobs.request import ImageRequest
 
 
-def lines_of(data: bytes, chunk: int = 7) -> list:
+def lines_of(data: bytes, chunk: int = 7) -> list[Line]:
     chunks = [data[i : i + chunk] for i in range(0, len(data), chunk)]
     return list(read_manifest(chunks))
 
@@ -102,7 +102,7 @@ def test_a_line_over_the_size_cap_is_rejected_without_stopping_the_next() -> Non
 
 
 def test_last_line_without_newline_is_read() -> None:
-    assert [n for n, _ in split_lines([b"a\nb"])] == [1, 2]
+    assert [(n, end) for n, _, end in physical_lines([b"a\nb"])] == [(1, 2), (2, 3)]
 
 
 def test_derived_id_is_stable_across_runs() -> None:

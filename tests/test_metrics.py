@@ -27,7 +27,7 @@ from jobs.settings import Settings
 from jobs.simulator import Simulator, SimulatorConfig
 from tests.harness import check_invariants, read_local, wait_for
 from tests.servers import free_port
-from worker import keys, metrics
+from worker import fleet_metrics, keys, metrics
 from worker.app import QUEUE
 from worker.records import LimitEvent, LineRecord, LineStatus, Transition
 from worker.runtime import Runtime
@@ -198,9 +198,9 @@ def test_observer_is_thread_safe_and_a_line_bought_in_parts_counts_each_image_on
 
 
 def test_a_surprising_label_value_is_made_safe() -> None:
-    assert metrics.label("Failed (Weird Type!)") == "failed_weird_type"
-    assert metrics.label("x" * 100) == "x" * 40
-    assert metrics.label("") == "none"
+    assert fleet_metrics.label("Failed (Weird Type!)") == "failed_weird_type"
+    assert fleet_metrics.label("x" * 100) == "x" * 40
+    assert fleet_metrics.label("") == "none"
     t = Transition(LineStatus.FETCHED, outcome="image not there yet")
     assert metrics.outcome_label(t) == "image_not_there_yet"
 
@@ -292,7 +292,7 @@ def test_collector_says_redis_is_down_quickly_instead_of_failing_the_scrape() ->
         started = time.monotonic()
         assert value(m.registry, "imagebatch_redis_up") == 0
         assert value(m.registry, "imagebatch_in_flight", provider="apiframe") is None
-        assert time.monotonic() - started < metrics.SCRAPE_TIMEOUT_S + 1
+        assert time.monotonic() - started < fleet_metrics.SCRAPE_TIMEOUT_S + 1
         # the process's own metrics are still there
         assert value(m.registry, "process_cpu_seconds_total") is not None
     finally:

@@ -231,13 +231,14 @@ def test_cancel_records_the_reason_and_a_watching_status_exits_1(
         submitted = run_cli(*args, env=env)
         assert submitted.returncode == 0, submitted.stderr
         # A cron job follows the batch until it ends
-        watcher = subprocess.Popen(
-            [*CLI, "status", "halt", "--watch", "--exit-status"],
-            env=cli_env(env),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        watch_log = tmp_path / "watch.log"
+        with open(watch_log, "wb") as handle:
+            watcher = subprocess.Popen(
+                [*CLI, "status", "halt", "--watch", "--exit-status"],
+                env=cli_env(env),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+            )
         worker = start_worker(env, "canceller", tmp_path / "worker.log", concurrency=2)
         try:
             wait_for(
@@ -249,12 +250,11 @@ def test_cancel_records_the_reason_and_a_watching_status_exits_1(
             cancelled = run_cli("cancel", "halt", env=env)
             assert cancelled.returncode == 0, cancelled.stderr
             assert "cancelled" in cancelled.stdout
-            watched_out, _ = watcher.communicate(timeout=90)
+            watcher.wait(90)
         finally:
-            if watcher.poll() is None:
-                watcher.kill()
-                watcher.wait(5)
+            stop(watcher)
             stop(worker)
+        watched_out = watch_log.read_text()
         ledger = sim.ledger()
 
     # Then the watcher exited as run would have: 1, some lines did not succeed

@@ -40,6 +40,7 @@ EVERY_FIELD: dict[str, Any] = {
     "submitted_at": "2026-12-01T21:25:10Z",
     "deadline": 1796162110.25,
     "tries": 2,
+    "ambiguous": 1,
     "polls": 5,
     "credits": 48.5,
     "reserved": 24.0,

@@ -221,11 +221,6 @@ def test_the_provider_option_lists_every_registry_entry(command: str) -> None:
     assert ", ".join(REGISTRY) in " ".join(result.output.split())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: `imagebatch --help` names no provider (only `run/plan/submit --help` do), "
-    "so the top-level help does not say which --provider values exist",
-)
 def test_the_top_level_help_names_every_provider() -> None:
     result = CliRunner().invoke(main, ["--help"])
 

@@ -31,7 +31,7 @@ from tests import servers
 from tests.servers import S3Server
 
 if TYPE_CHECKING:
-    from playwright.sync_api import BrowserContext, Page
+    from playwright.sync_api import BrowserContext, Dialog, Page
 
 BATCH = "b1"
 SUMMARY: dict[str, Any] = {
@@ -527,7 +527,11 @@ class Watched:
         page.on("pageerror", lambda e: self.errors.append(str(e)))
         page.on("requestfailed", lambda r: self.failed.append(r.url))
         page.on("response", lambda r: None if r.ok else self.failed.append(f"{r.status} {r.url}"))
-        page.on("dialog", lambda d: (self.dialogs.append(d.message), d.dismiss()))
+        page.on("dialog", self.dismiss)
+
+    def dismiss(self, dialog: Dialog) -> None:
+        self.dialogs.append(dialog.message)
+        dialog.dismiss()
 
 
 def open_report(context: BrowserContext, url: str) -> tuple[Page, Watched]:

@@ -38,12 +38,12 @@ class Recorded:
 
 @pytest.fixture
 def rt(redis_url: str, redis_client: redis.Redis[Any], tmp_path: Path) -> Iterator[Runtime]:
-    settings = Settings(
-        broker_url=redis_url,
-        apiframe_api_key=SecretStr("afk_resume_test"),
-        apiframe_base_url="http://127.0.0.1:9",
-        out=str(tmp_path / "out"),
-    )
+    # Per-provider fields are generated from the registry: mypy does not know them.
+    apiframe: dict[str, Any] = {
+        "apiframe_api_key": SecretStr("afk_resume_test"),
+        "apiframe_base_url": "http://127.0.0.1:9",
+    }
+    settings = Settings(broker_url=redis_url, **apiframe, out=str(tmp_path / "out"))
     made = runtime.configure(settings)
     try:
         yield made
@@ -84,7 +84,9 @@ def test_a_line_left_in_any_status_is_dispatched_for_the_step_that_status_needs(
         (expected, "cups", [0])
     ]
     seq = dispatch.steps[0][2][0][1]
-    assert seq == int(client.hget(keys.line("cups", 0), "seq"))
+    stored = client.hget(keys.line("cups", 0), "seq")
+    assert stored is not None
+    assert seq == int(stored)
 
 
 def test_every_status_has_a_next_step_or_is_terminal() -> None:
@@ -152,13 +154,13 @@ def test_a_step_that_outlives_its_lease_cannot_undo_the_copy_that_took_over(
     state, member = rt.state, keys.member("cups", 0)
     # Given a submit dispatched to a worker that then stalls past its lease...
     first = state.pump("apiframe", time.time(), 30, cap=4, budget=4)
-    (_, _, seq1), = first.submits
+    ((_, _, seq1),) = first.submits
     slow = state.begin("cups", 0, seq1, f"{seq1}:slow")
     assert slow is not None
     state.client.zadd(keys.flight("apiframe"), {member: time.time() - 1})
     # ...so the scheduler dispatches the line again, and the new copy begins
     second = state.pump("apiframe", time.time(), 30, cap=4, budget=4)
-    (_, _, seq2, status), = second.polls
+    ((_, _, seq2, status),) = second.polls
     assert seq2 == seq1 + 1 and status is LineStatus.SUBMITTING
     fresh = state.begin("cups", 0, seq2, f"{seq2}:fresh")
     assert fresh is not None

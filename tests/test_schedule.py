@@ -263,8 +263,8 @@ def test_an_s3_inbox_with_two_schedulers_records_each_manifest_once(
         "notes.txt": ["not a manifest name"],
     }
     bodies = {name: ("\n".join(lines) + "\n").encode() for name, lines in manifests.items()}
-    for name, body in bodies.items():
-        client.put_object(Bucket=s3_bucket, Key=f"inbox/{name}", Body=body)
+    for name, content in bodies.items():
+        client.put_object(Bucket=s3_bucket, Key=f"inbox/{name}", Body=content)
     batches = [batch_of(n, bodies[n]) for n in ("catalog-one.jsonl", "catalog-two.jsonl")]
     out = f"s3://{s3_bucket}/runs"
     env = sched_env(redis_url, sim, f"s3://{s3_bucket}/inbox/", out, **s3.env())

@@ -409,41 +409,39 @@ def limiter(make: Any, **values: Any) -> tuple[Limiter, State]:
     return scheduler.limiter, state
 
 
-def test_a_binding_cap_is_not_raised_within_raise_every_s_of_a_429(make: Any) -> None:
+def test_a_cap_binding_since_a_429_is_not_raised_within_raise_every_s_of_it(make: Any) -> None:
     limits, state = limiter(make)
     cut = time.time()
     state.set_limits(PROVIDER, cap=5, decreased_at=cut)
     bucket = limits.bucket(PROVIDER, cut)
 
-    limits.raise_if_due(bucket, cut + RAISE_EVERY_S - 1, cap_bound=True, rate_bound=False)
+    for offset in range(0, int(RAISE_EVERY_S), 5):  # binding at every pass since the cut
+        limits.raise_if_due(bucket, cut + offset, cap_bound=True, rate_bound=False)
 
     assert bucket.cap == 5 and state.limits(PROVIDER)["cap"] == "5"
 
 
-def test_a_cap_binding_with_no_429_for_raise_every_s_goes_up_by_one(make: Any) -> None:
+def test_a_cap_binding_for_raise_every_s_without_a_429_goes_up_by_one(make: Any) -> None:
     limits, state = limiter(make)
     cut = time.time()
     state.set_limits(PROVIDER, cap=5, decreased_at=cut)
     bucket = limits.bucket(PROVIDER, cut)
 
-    later = cut + RAISE_EVERY_S + 1
-    limits.raise_if_due(bucket, later, cap_bound=True, rate_bound=False)
+    binds = cut + 1
+    limits.raise_if_due(bucket, binds, cap_bound=True, rate_bound=False)
+    limits.raise_if_due(bucket, binds + RAISE_EVERY_S, cap_bound=True, rate_bound=False)
 
     assert bucket.cap == 6 and state.limits(PROVIDER)["cap"] == "6"
     assert float(state.limits(PROVIDER)["raised_at"]) > 0
-    # Raised: the next step up waits another RAISE_EVERY_S.
-    limits.raise_if_due(bucket, later + 1, cap_bound=True, rate_bound=False)
+    # Raised: the next step up needs another RAISE_EVERY_S of binding.
+    again = binds + RAISE_EVERY_S + 1
+    limits.raise_if_due(bucket, again, cap_bound=True, rate_bound=False)
+    limits.raise_if_due(bucket, again + RAISE_EVERY_S - 2, cap_bound=True, rate_bound=False)
     assert bucket.cap == 6
-    limits.raise_if_due(bucket, later + RAISE_EVERY_S + 1, cap_bound=True, rate_bound=False)
+    limits.raise_if_due(bucket, again + RAISE_EVERY_S, cap_bound=True, rate_bound=False)
     assert bucket.cap == 7
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: Limiter.raise_if_due counts RAISE_EVERY_S from the last change, not from when "
-    "the limit began to bind: after a quiet spell, the first pass where the cap holds a line "
-    "back raises it at once (the module promises a raise after binding 'for a while')",
-)
 def test_a_cap_that_only_just_began_to_bind_is_not_raised_yet(make: Any) -> None:
     limits, state = limiter(make)
     cut = time.time()
@@ -456,12 +454,27 @@ def test_a_cap_that_only_just_began_to_bind_is_not_raised_yet(make: Any) -> None
     assert bucket.cap == 5
 
 
+def test_a_break_in_binding_starts_the_wait_again(make: Any) -> None:
+    limits, state = limiter(make)
+    state.set_limits(PROVIDER, cap=5, decreased_at=0)
+    bucket = limits.bucket(PROVIDER, time.time())
+    start = time.time()
+
+    limits.raise_if_due(bucket, start, cap_bound=True, rate_bound=False)
+    limits.raise_if_due(bucket, start + 20, cap_bound=False, rate_bound=False)  # room again
+    limits.raise_if_due(bucket, start + 25, cap_bound=True, rate_bound=False)
+    limits.raise_if_due(bucket, start + RAISE_EVERY_S + 1, cap_bound=True, rate_bound=False)
+
+    assert bucket.cap == 5  # bound 6 s in a row, not RAISE_EVERY_S
+
+
 def test_a_cap_that_does_not_hold_work_back_is_never_raised(make: Any) -> None:
     limits, state = limiter(make)
     state.set_limits(PROVIDER, cap=5, decreased_at=0)
     bucket = limits.bucket(PROVIDER, time.time())
 
-    limits.raise_if_due(bucket, time.time() + 3600, cap_bound=False, rate_bound=False)
+    for hours in range(3):
+        limits.raise_if_due(bucket, time.time() + 3600 * hours, cap_bound=False, rate_bound=False)
 
     assert bucket.cap == 5 and "raised_at" not in state.limits(PROVIDER)
 
@@ -472,7 +485,9 @@ def test_a_limit_is_never_raised_past_its_configured_ceiling(make: Any) -> None:
     bucket = limits.bucket(PROVIDER, time.time())
     assert (bucket.cap, bucket.rate) == (5, 4.0)
 
-    limits.raise_if_due(bucket, time.time() + 3600, cap_bound=True, rate_bound=True)
+    now = time.time()
+    for offset in (0, RAISE_EVERY_S, 2 * RAISE_EVERY_S):
+        limits.raise_if_due(bucket, now + offset, cap_bound=True, rate_bound=True)
 
     assert (bucket.cap, bucket.rate) == (5, 4.0)
 
@@ -481,24 +496,30 @@ def test_a_binding_rate_goes_up_by_a_twentieth_of_its_ceiling(make: Any) -> None
     limits, state = limiter(make)
     state.set_limits(PROVIDER, rate=10.0, decreased_at=0)
     bucket = limits.bucket(PROVIDER, time.time())
+    now = time.time()
 
-    limits.raise_if_due(bucket, time.time(), cap_bound=False, rate_bound=True)
+    limits.raise_if_due(bucket, now, cap_bound=False, rate_bound=True)
+    limits.raise_if_due(bucket, now + RAISE_EVERY_S, cap_bound=False, rate_bound=True)
 
     assert bucket.rate == pytest.approx(10.0 + 0.05 * RATE)
     assert float(state.limits(PROVIDER)["rate"]) == pytest.approx(12.5)
 
 
-def test_the_scheduler_raises_a_cap_that_holds_ready_lines_back(make: Any) -> None:
+def test_the_scheduler_raises_a_cap_that_has_held_ready_lines_back(make: Any) -> None:
     scheduler, sent, state = make()
-    state.set_limits(PROVIDER, cap=1, decreased_at=time.time() - RAISE_EVERY_S - 5)
+    state.set_limits(PROVIDER, cap=1, decreased_at=time.time() - 10 * RAISE_EVERY_S)
     ready(state, 3)
 
-    scheduler.tick()
-    assert len(sent.lines()) == 1 and state.limits(PROVIDER)["cap"] == "2"
+    scheduler.tick()  # one slot, three lines: the cap binds from this pass on
+    assert len(sent.lines()) == 1 and state.limits(PROVIDER)["cap"] == "1"
 
+    bucket = scheduler.limiter.buckets[PROVIDER]
+    assert bucket.cap_bound_since is not None
+    bucket.cap_bound_since -= RAISE_EVERY_S  # as if its passes had found it binding since
     time.sleep(2 / RATE)  # a request token to spend (the first tick used the only one)
-    scheduler.tick(frozenset({"limit"}))  # the next pass uses the new slot, and waits again
-    assert len(sent.lines()) == 2 and state.limits(PROVIDER)["cap"] == "2"
+    scheduler.tick(frozenset({"line"}))
+
+    assert state.limits(PROVIDER)["cap"] == "2"
 
 
 def test_the_scheduler_does_not_raise_a_cap_a_429_just_cut(make: Any) -> None:
@@ -507,6 +528,7 @@ def test_the_scheduler_does_not_raise_a_cap_a_429_just_cut(make: Any) -> None:
     ready(state, 3)
 
     scheduler.tick()
+    scheduler.limiter.buckets[PROVIDER].cap_bound_since = time.time() - 10 * RAISE_EVERY_S
     scheduler.tick(frozenset({"limit"}))
 
     assert len(sent.lines()) == 1 and state.limits(PROVIDER)["cap"] == "1"

@@ -16,6 +16,7 @@ import subprocess
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -102,7 +103,7 @@ def read_database(conn: redis.Redis[bytes], label: str) -> dict[str, bytes]:
     for key in conn.scan_iter(count=1000):
         name = f"{label} {key!r}"
         places[name + " (key)"] = key
-        kind = conn.type(key).decode()
+        kind = conn.type(key).decode()  # type: ignore[no-untyped-call]
         values: list[bytes] = []
         if kind == "string":
             values = [conn.get(key) or b""]
@@ -278,7 +279,8 @@ def test_the_key_is_in_no_output_log_object_or_redis_value_of_a_fleet_run(
 
 def test_settings_and_provider_configs_never_show_a_key() -> None:
     keys = {name: new_key() for name in PROVIDER_NAMES}
-    settings = Settings(**{f"{name}_api_key": key for name, key in keys.items()})
+    api_keys: dict[str, Any] = {f"{name}_api_key": key for name, key in keys.items()}
+    settings = Settings(**api_keys)
     shown = [repr(settings), str(settings), f"{settings}", settings.model_dump_json()]
     shown.append(json.dumps(settings.model_dump(mode="json")))
     for name, key in keys.items():
@@ -324,7 +326,8 @@ def test_a_provider_error_that_quotes_the_key_does_not_carry_it_into_the_error(
 ) -> None:
     # Given a provider whose error message echoes the credentials of the request
     key = new_key()
-    settings = Settings(**{f"{name}_api_key": key, f"{name}_base_url": "https://provider.test"})
+    fields: dict[str, Any] = {f"{name}_api_key": key, f"{name}_base_url": "https://provider.test"}
+    settings = Settings(**fields)
     config = settings.provider_config(name)
     adapter_class = REGISTRY[name].adapter_class()
     adapter = adapter_class(config, client=httpx.Client(transport=echoing(status)))  # type: ignore[call-arg]

@@ -13,8 +13,8 @@ import httpx
 import pytest
 from PIL import Image, UnidentifiedImageError
 
-from jobs.pricing import PRICES
-from jobs.request import ImageRequest
+from jobs.pricing import PRICES, PriceTable
+from jobs.request import ImageRequest, Quality
 from jobs.simulator import Faults, Simulator, SimulatorConfig
 
 KEY = "afk_test_key"
@@ -100,8 +100,9 @@ def oxen(sim: Simulator, **body: Any) -> httpx.Response:
     return sync(sim, "oxen", "/api/ai/images/generate", payload)
 
 
-def cost(provider: str, quality: str | None = None, n: int = 1) -> float:
-    return PRICES[provider].cost(ImageRequest(prompt="x", quality=quality, n=n))  # type: ignore[arg-type]
+def cost(provider: str, quality: Quality | None = None, n: int = 1) -> float:
+    table: PriceTable = PRICES[provider]
+    return table.cost(ImageRequest(prompt="x", quality=quality, n=n))
 
 
 # --- APIFrame -------------------------------------------------------------------------------

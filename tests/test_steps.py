@@ -25,7 +25,7 @@ from jobs.errors import JobFailed
 from jobs.providers.base import Artifact, Finished
 from jobs.simulator import Simulator, SimulatorConfig
 from tests.runtime_support import BATCH, put_line, record, runtime
-from worker import keys, steps, webhook
+from worker import keys, steps, storing, webhook
 from worker.records import LimitEvent, LineRecord, LineStatus, Transition
 from worker.runtime import Runtime
 from worker.steps import Context
@@ -289,12 +289,6 @@ def test_an_ambiguous_submit_keeps_its_slot_and_is_counted_when_tried_again(
     assert submits(sim) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: steps.submit counts ambiguous_submits whenever a SUBMITTING line has tries, "
-    "but pump.lua makes every dispatched line SUBMITTING, so the retry after a plain 5xx "
-    "(which bought nothing) is counted as a possibly billed submit",
-)
 def test_a_submit_retried_after_a_5xx_is_not_counted_as_ambiguous(
     rt: Runtime, out: Path, sim: Simulator
 ) -> None:
@@ -523,11 +517,6 @@ def test_a_pending_job_stays_submitted_and_is_polled_again(
     assert t.counts == {"polls": 1}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: jobs/simulator/state.py Job.progress divides by the job's duration, which is "
-    "0 with latency_s=0, so polling a [[never-finish]] job answers 500 (ZeroDivisionError)",
-)
 def test_a_job_that_never_finishes_on_a_zero_latency_simulator_polls_as_pending(
     rt: Runtime, out: Path, sim: Simulator
 ) -> None:
@@ -745,7 +734,7 @@ def test_store_uploads_every_image_with_its_checksum_and_ends_the_line(
     ctx = context(rt, out)
     rec = fetched(ctx, n=2, metadata={"sku": "1001"})
 
-    t = steps.store(ctx, rec)
+    t = storing.store(ctx, rec)
 
     assert t.status is LineStatus.SUCCEEDED and t.row is not None
     row = t.row
@@ -774,7 +763,7 @@ def test_store_of_a_sync_line_uploads_the_images_kept_in_redis(
     (spec,) = rec.artifacts
     blob = rt.state.get_blob(spec["blob"])
 
-    t = steps.store(ctx, rec)
+    t = storing.store(ctx, rec)
 
     assert t.row is not None and t.row.status == "succeeded"
     assert Path(t.row.images[0].uri).read_bytes() == blob
@@ -787,13 +776,13 @@ def test_an_image_not_on_the_cdn_yet_is_fetched_again_without_buying_again(
     rec = fetched(ctx)
     sim.update(faults={"cdn_lag": 1.0})
 
-    lagging = steps.store(ctx, rec)
+    lagging = storing.store(ctx, rec)
 
     assert lagging.status is LineStatus.FETCHED and lagging.changes == {"misses": 1}
     assert lagging.due_in > 0
     assert not (out / BATCH / "images").exists()
 
-    t = steps.store(ctx, advance(rec, lagging))
+    t = storing.store(ctx, advance(rec, lagging))
 
     assert t.status is LineStatus.SUCCEEDED
     assert submits(sim) == 1
@@ -809,7 +798,7 @@ def test_an_image_that_stays_missing_reads_the_job_again_for_fresh_urls(
         misses=rt.settings.download_retries,
     )
 
-    t = steps.store(ctx, stale)
+    t = storing.store(ctx, stale)
 
     assert t.status is LineStatus.FETCHED and t.outcome == "fresh URLs"
     assert t.changes["artifacts"] == rec.artifacts
@@ -827,7 +816,7 @@ def test_a_missing_image_whose_job_is_gone_is_bought_again(
         misses=rt.settings.download_retries,
     )
 
-    t = steps.store(ctx, lost)
+    t = storing.store(ctx, lost)
 
     assert t.status is LineStatus.READY and t.changes["attempt"] == 2
 
@@ -843,17 +832,12 @@ def test_a_missing_image_whose_job_cannot_be_read_now_is_looked_at_later(
     )
     sim.update(faults={"error_5xx": 1.0})  # the API is down; its CDN answers
 
-    t = steps.store(ctx, stale)
+    t = storing.store(ctx, stale)
 
     assert t.status is LineStatus.FETCHED and t.outcome == "retry"
     assert t.changes == {"misses": rt.settings.download_retries + 1}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: steps._missing hands regenerate() an ImageExpired, whose retryable is False, "
-    "so a job whose images expired fails the line instead of buying a new attempt",
-)
 def test_an_expired_image_means_a_new_attempt_owned_up_to(
     rt: Runtime, out: Path, sim: Simulator
 ) -> None:
@@ -861,10 +845,10 @@ def test_an_expired_image_means_a_new_attempt_owned_up_to(
     rec = fetched(ctx)
     sim.update(cdn_ttl_s=0.0)  # purged from the CDN as soon as it finished
 
-    seen = [steps.store(ctx, rec)]
+    seen = [storing.store(ctx, rec)]
     while seen[-1].status is LineStatus.FETCHED:  # 404s: looked at again, then the job re-read
         rec = advance(rec, seen[-1])
-        seen.append(steps.store(ctx, rec))
+        seen.append(storing.store(ctx, rec))
         assert len(seen) <= 5
 
     t = seen[-1]
@@ -880,7 +864,7 @@ def test_an_inline_image_lost_before_it_was_stored_is_bought_again(
     rec = accepted(ctx, submitting("openai"))
     rt.state.client.delete(rec.artifacts[0]["blob"])  # its TTL ran out
 
-    t = steps.store(ctx, rec)
+    t = storing.store(ctx, rec)
 
     assert t.status is LineStatus.READY
     assert t.changes["attempt"] == 2 and t.changes["artifacts"] == ()
@@ -895,7 +879,7 @@ def test_storage_trouble_waits_with_the_images_instead_of_failing(
     (out / BATCH).mkdir(parents=True)
     (out / BATCH / "images").write_text("a file where the folder should be")
 
-    t = steps.store(ctx, rec)
+    t = storing.store(ctx, rec)
 
     assert t.status is LineStatus.FETCHED and t.row is None
     assert t.changes["tries"] == 1 and t.changes["artifacts"] == rec.artifacts
@@ -912,7 +896,7 @@ def test_storage_trouble_past_the_storage_deadline_fails_the_line(
     (out / BATCH).mkdir(parents=True)
     (out / BATCH / "images").write_text("a file where the folder should be")
 
-    t = steps.store(ctx, rec.evolve(fetched_at=long_ago))
+    t = storing.store(ctx, rec.evolve(fetched_at=long_ago))
 
     assert t.row is not None and t.row.error is not None
     assert t.row.error.type == "storage_failed"
@@ -927,7 +911,7 @@ def test_an_image_key_taken_by_other_bytes_fails_the_line(
     taken.parent.mkdir(parents=True)
     taken.write_bytes(b"somebody else's image")
 
-    t = steps.store(ctx, rec)
+    t = storing.store(ctx, rec)
 
     assert t.row is not None and t.row.error is not None
     assert t.row.error.type == "object_exists"
@@ -940,7 +924,7 @@ def test_a_store_that_ran_before_stores_the_same_bytes_again(
     ctx = context(rt, out)
     rec = fetched(ctx)
 
-    first, second = steps.store(ctx, rec), steps.store(ctx, rec)
+    first, second = storing.store(ctx, rec), storing.store(ctx, rec)
 
     assert first.row is not None and second.row is not None
     assert first.row.images == second.row.images
@@ -953,8 +937,8 @@ def test_a_truncated_download_is_tried_again_then_fails_the_line(
     rec = fetched(ctx)
     sim.update(faults={"cdn_truncated": 1.0})
 
-    retry = steps.store(ctx, rec)
-    last = steps.store(ctx, rec.evolve(tries=HTTP_RETRIES))
+    retry = storing.store(ctx, rec)
+    last = storing.store(ctx, rec.evolve(tries=HTTP_RETRIES))
 
     assert retry.status is LineStatus.FETCHED and retry.changes == {"tries": 1}
     assert last.row is not None and last.row.error is not None
@@ -969,13 +953,13 @@ def test_a_line_bought_in_parts_goes_back_for_the_next_part_and_keeps_the_first(
     rec = submitting("aimlapi", n=2)  # AI/ML API: one image per call
 
     first = accepted(ctx, rec)
-    part = steps.store(ctx, first)
+    part = storing.store(ctx, first)
 
     assert part.status is LineStatus.READY and part.outcome == "next part"
     assert len(part.changes["images"]) == 1
 
     second = accepted(ctx, advance(first, part).evolve(status=LineStatus.SUBMITTING))
-    t = steps.store(ctx, second)
+    t = storing.store(ctx, second)
 
     assert t.row is not None and t.row.status == "succeeded"
     assert [Path(image.uri).name for image in t.row.images] == ["0.png", "1.png"]

@@ -256,12 +256,6 @@ def test_the_receiver_answers_only_its_path_and_its_health_check(served: str) ->
     assert (unsigned.status_code, unsigned.json()) == (401, {"status": "bad signature"})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: worker/webhook.py answers a POST to another path (or one over MAX_BODY) "
-    "without reading its body on a kept-alive HTTP/1.1 connection, so the next request on "
-    "that connection (a proxy's pooled one) is misparsed and answered 501",
-)
 def test_a_refused_request_leaves_the_connection_usable_for_the_next(served: str) -> None:
     with httpx.Client(base_url=served, timeout=5) as client:  # one kept-alive connection
         assert client.post("/somewhere", content=b"{}").status_code == 404

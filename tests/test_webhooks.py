@@ -165,7 +165,7 @@ def test_forged_deliveries_change_nothing_and_polling_finishes_lines_whose_webho
                 # When someone posts completions for those jobs: unsigned, badly signed,
                 # and signed with another key
                 results = []
-                for key, job in submitted:
+                for _line, job in submitted:
                     body = json.dumps(
                         {
                             "event": "completed",

@@ -9,58 +9,51 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shlex
-import signal
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
-from typing import NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import redis
 from pydantic import ValidationError
-from rich.console import Console
 
 from jobs import providers, results
 from jobs.errors import ConfigError, ImagebatchError
-from jobs.manifest import Line
 from jobs.providers.registry import REGISTRY
 from jobs.settings import PROVIDER_NAMES, CoreSettings, Settings
 from jobs.sources import read_chunks
 from jobs.storage import open_store
 from jobs.text import shown
-from worker import finish, logs, plans, status, tasks
-from worker.environment import absolute_out, check_provider, check_store, environment
-from worker.progress import Display
-from worker.runtime import Runtime
+from worker import finish, logs, metrics, plans, status, tasks
+from worker.environment import absolute_out, check_provider, environment
+from worker.foreground import (
+    Interrupted,
+    begin,
+    budget_of,
+    err_console,
+    header,
+    interruptible,
+    land,
+    out_console,
+    prepared,
+    print_rejection,
+    print_summary,
+    wait,
+)
 from worker.start import (
-    Budget,
-    Spooled,
-    Started,
-    check_batch_id,
-    default_batch_id,
-    file_chunks,
     spool,
     start_batch,
 )
 from worker.validation import tally
 
-out_console = Console(highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+if TYPE_CHECKING:
+    from celery import Celery
+
 DEBUG = {"on": False}
-
-
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM during ``run``: stop submitting, let paid jobs land, exit 130/143."""
-
-    def __init__(self, code: int) -> None:
-        super().__init__(code)
-        self.code = code
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -125,203 +118,6 @@ def choose_provider(settings: CoreSettings, option: str | None) -> str:
     )
 
 
-def print_rejection(source: str) -> Callable[[Line], None]:
-    def show(line: Line) -> None:
-        if line.rejection is not None:
-            err_console.print(
-                f"{shown(source)}:{line.number}: rejected: {shown(line.rejection.message, 300)}",
-                markup=False,
-            )
-
-    return show
-
-
-def budget_of(max_credits: float | None, max_usd: float | None) -> Budget | None:
-    if max_credits is not None and max_usd is not None:
-        raise ConfigError("give --max-credits or --max-usd, not both")
-    if max_usd is not None:
-        return Budget(max_usd, usd=True)
-    return Budget(max_credits) if max_credits is not None else None
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """What a command checks before it starts anything: the manifest read (spooled), the
-    batch named, the output store written to."""
-
-    manifest: str
-    spooled: Spooled
-    batch: str
-    out: str
-
-
-@contextmanager
-def prepared(
-    settings: CoreSettings,
-    manifest: str,
-    out: str,
-    batch_id: str | None,
-    *,
-    provider: str,
-    strict: bool = False,
-) -> Iterator[Prepared]:
-    """Read the manifest and check the output location before Redis, the embedded worker or
-    the simulator start: a missing manifest or an unwritable bucket fails in a second, with
-    nothing started and nothing spent (``--strict`` refuses a bad manifest before the output
-    is touched). The spooled copy is removed when the block ends."""
-    spooled = spool(read_chunks(manifest, settings))
-    try:
-        batch = check_batch_id(batch_id or default_batch_id(manifest, spooled.sha256))
-        if strict:
-            checked = tally(
-                file_chunks(spooled.path),
-                plans.Adapters(settings),
-                provider,
-                print_rejection(manifest),
-            )
-            if checked.rejected:
-                raise ConfigError(
-                    f"--strict: {checked.rejected} of {checked.lines} lines rejected; "
-                    "nothing was submitted"
-                )
-        check_store(open_store(out, settings), out, batch)
-        yield Prepared(manifest, spooled, batch, out)
-    finally:
-        Path(spooled.path).unlink(missing_ok=True)
-
-
-def begin(
-    rt: Runtime,
-    ready: Prepared,
-    provider: str,
-    *,
-    strict: bool,
-    budget: Budget | None,
-) -> Started:
-    """Validate and start the batch (printing rejections); nothing is spent on error."""
-    rt.provider(provider)
-    started = start_batch(
-        rt,
-        ready.spooled,
-        batch=ready.batch,
-        out=ready.out,
-        provider=provider,
-        source=ready.manifest,
-        strict=strict,
-        budget=budget,
-        on_line=print_rejection(ready.manifest),
-    )
-    if started.complete:
-        tasks.send_finalize(started.batch)
-    return started
-
-
-def header(rt: Runtime, started: Started, provider: str) -> None:
-    plan = started.plan
-    spec = REGISTRY[provider]
-    out_console.print(
-        f"batch {started.batch} · {plan.lines} lines ({plan.valid} valid, {plan.rejected} "
-        f"rejected) · {provider} ({spec.description}) · est. {plan.estimate.describe()}",
-        markup=False,
-    )
-    if started.attached:
-        out_console.print("already running: following it", markup=False)
-    elif started.carried or started.retrying:
-        out_console.print(
-            f"resuming: {started.carried} lines already stored, {started.retrying} to retry",
-            markup=False,
-        )
-
-
-def wait(rt: Runtime, batch: str) -> status.Snapshot:
-    """Block until the batch is finalized, showing progress the way the output can take it."""
-    display = Display(out_console, rt.settings.progress_interval_s)
-    lost_since: float | None = None
-    with display:
-        while True:
-            try:
-                snap = status.from_redis(rt.state, batch)
-                lost_since = None
-            except (redis.ConnectionError, redis.TimeoutError):
-                lost_since = lost_since or time.monotonic()
-                if time.monotonic() - lost_since > 300:
-                    raise
-                time.sleep(1.0)
-                continue
-            if snap is None:
-                raise ImagebatchError(
-                    f"batch {batch} vanished from Redis (was it flushed?); "
-                    "run the same command again to resume"
-                )
-            display.update(snap)
-            if snap.finished:
-                return snap
-            time.sleep(0.5 if display.interactive else 1.0)
-
-
-def print_summary(snap: status.Snapshot) -> int:
-    summary = snap.summary or {}
-    out_console.print(
-        f"done · {snap.succeeded} succeeded · {snap.failed} failed · {snap.rejected} rejected · "
-        f"{snap.money.describe()} · {summary.get('results_uri')}",
-        markup=False,
-    )
-    if summary.get("ambiguous_submits"):
-        out_console.print(
-            f"warning: {summary['ambiguous_submits']} submits may have been "
-            "billed twice (connection lost after sending)",
-            markup=False,
-        )
-    return snap.exit_code()
-
-
-def resume_command(argv: list[str], batch: str, out: str) -> str:
-    if "-" in argv[1:]:
-        return f"imagebatch retry {batch} --out {shlex.quote(out)}"
-    words = ["imagebatch", *argv[1:]]
-    if "--batch-id" not in words:
-        words += ["--batch-id", batch]
-    return shlex.join(words)
-
-
-def land(rt: Runtime, batch: str, out: str, code: int) -> NoReturn:
-    """After Ctrl-C: no new submits; wait (up to the grace period) for paid jobs to land."""
-    finish.interrupt(rt, batch)
-    grace = rt.settings.interrupt_grace_s
-    err_console.print(
-        f"interrupted: no new submits; waiting up to {grace:.0f}s for paid jobs to land "
-        "(Ctrl-C again to stop now)",
-        markup=False,
-    )
-    deadline = time.monotonic() + grace
-    try:
-        while time.monotonic() < deadline and finish.in_flight(rt, batch):
-            time.sleep(0.5)
-        finish.flush(rt, batch)
-    except KeyboardInterrupt:
-        pass
-    left = len(finish.in_flight(rt, batch))
-    note = f" ({left} jobs in flight will be picked up again)" if left else ""
-    err_console.print(
-        f"stopped{note}; resume with: {resume_command(sys.argv, batch, out)}", markup=False
-    )
-    sys.exit(code)
-
-
-@contextmanager
-def interruptible() -> Iterator[None]:
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise Interrupted(143)
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    except KeyboardInterrupt:
-        raise Interrupted(130) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 manifest_arg = click.argument("manifest")
 provider_opt = click.option("--provider", help=", ".join(REGISTRY))
 out_opt = click.option("--out", help="s3://bucket/prefix or a local directory [IMAGEBATCH_OUT]")
@@ -342,7 +138,10 @@ def _debug(value: bool) -> None:
     DEBUG["on"] = value
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=f"Providers (--provider): {', '.join(REGISTRY)}.",
+)
 def main() -> None:
     """Generate images in bulk through paid image APIs."""
 
@@ -377,6 +176,7 @@ def run(
         with (
             prepared(settings, manifest, target, batch_id, provider=name, strict=strict) as ready,
             environment(settings, name, embedded_ok=True) as (rt, is_embedded),
+            metrics.serving(rt),
         ):
             started = begin(rt, ready, name, strict=strict, budget=budget)
             header(rt, started, name)
@@ -527,7 +327,27 @@ def worker(ctx: click.Context) -> None:
         "--task-events",
         *ctx.args,
     ]
-    app.worker_main(argv)
+    sys.exit(run_worker(app, argv))
+
+
+def run_worker(app: Celery, argv: list[str]) -> int:
+    """Run ``celery worker`` and return its exit status, as ``celery worker`` itself would:
+    ``app.worker_main`` drops it, so a worker that stopped on an unrecoverable error would
+    otherwise exit 0 and a supervisor with ``Restart=on-failure`` would leave it down."""
+    from celery.signals import celeryd_init
+
+    started: list[Any] = []
+
+    def keep(sender: Any = None, instance: Any = None, **_: Any) -> None:
+        started.append(instance)
+
+    celeryd_init.connect(keep, weak=False)
+    try:
+        app.worker_main(argv)
+    finally:
+        celeryd_init.disconnect(keep)
+    code = getattr(started[-1], "exitcode", None) if started else None
+    return code if isinstance(code, int) else 0
 
 
 @main.command()
@@ -730,7 +550,7 @@ def schedule(once: bool, debug: bool) -> None:
     """Run the inbox schedule (IMAGEBATCH_INBOX, IMAGEBATCH_SCHEDULE): each new manifest is
     submitted exactly once, even with two schedulers running. Exit 1 if --once refused one."""
     _debug(debug)
-    from worker import inbox
+    from worker import inbox, inboxes
 
     with user_errors():
         settings = settings_from_env()
@@ -739,4 +559,4 @@ def schedule(once: bool, debug: bool) -> None:
         )
     for line in done.describe() if done else []:
         click.echo(line)
-    sys.exit(1 if done and done.of(inbox.Action.REFUSED) else 0)
+    sys.exit(1 if done and done.of(inboxes.Action.REFUSED) else 0)

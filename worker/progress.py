@@ -14,15 +14,18 @@ from worker.status import Snapshot
 from worker.steps import now_iso
 
 
+def duration(seconds: float) -> str:
+    """How long, for people: ``41s``, ``6m05s``, ``2h04m``."""
+    whole = max(0, round(seconds))
+    if whole < 90:
+        return f"{whole}s"
+    if whole < 5400:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
 def eta_text(seconds: float | None) -> str:
-    if seconds is None:
-        return "ETA –"
-    seconds = int(seconds)
-    if seconds < 90:
-        return f"ETA {seconds}s"
-    if seconds < 5400:
-        return f"ETA {seconds // 60}m{seconds % 60:02d}s"
-    return f"ETA {seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return "ETA –" if seconds is None else f"ETA {duration(seconds)}"
 
 
 def record(snap: Snapshot, waiting_for_storage: bool = False) -> str:

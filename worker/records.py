@@ -121,6 +121,8 @@ class LineRecord:
     deadline: float = 0.0
     tries: int = 0
     """Transient failures of the current step (429s never count)."""
+    ambiguous: int = 0
+    """1 when the last submit's connection broke after sending: it may have been billed."""
     polls: int = 0
     credits: float = 0.0
     reserved: float = 0.0
@@ -173,6 +175,7 @@ class LineRecord:
 
 _FIELD = {"request_json": "request"}
 _INTS = {"line", "seq", "settled", "attempt", "first_attempt", "tries", "polls", "misses"}
+_INTS |= {"ambiguous"}
 _FLOATS = {"accepted_at", "deadline", "credits", "reserved", "expected_s", "fetched_at"}
 _JSON = {"artifacts", "images"}
 
@@ -229,6 +232,8 @@ class Transition:
     """``(reason, message)`` when no later submit of the batch can succeed (402, 401/403)."""
     outcome: str = ""
     """A word for logs and metrics: accepted, pending, completed, retry, failed…"""
+    detail: str = ""
+    """Why, for people: the provider's message, the wait before the next try…"""
     payload: tuple[Any, ...] = ()
     """Inline images received by this step (``jobs.providers.base.Artifact``), handed to the
     store that follows in the same task; never written anywhere."""

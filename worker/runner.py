@@ -22,7 +22,7 @@ from functools import partial
 import redis
 
 from jobs.errors import ImagebatchError
-from worker import steps
+from worker import steps, storing
 from worker.records import TABLE, BatchStatus, LineRecord, LineStatus, Step, Transition
 from worker.runtime import Runtime
 from worker.state import home_key
@@ -32,7 +32,7 @@ log = logging.getLogger("imagebatch.lines")
 STEP_FUNCTIONS: dict[Step, Callable[[steps.Context, LineRecord], Transition]] = {
     Step.SUBMIT: steps.submit,
     Step.POLL: steps.poll,
-    Step.STORE: steps.store,
+    Step.STORE: storing.store,
 }
 CLAIMED_STEPS = frozenset({Step.SUBMIT, Step.STORE})
 """Steps a second copy must never run at the same time (a paid POST, an upload)."""
@@ -143,7 +143,13 @@ class Runner:
             # Infrastructure trouble (Redis, the store's setup): the line's lease runs out and
             # the scheduler dispatches it again.
             message = getattr(exc, "message", None) or str(exc)
-            log.warning("line %s/%s: %s; it will be taken up again", batch, idx, message)
+            log.warning(
+                "line %s/%s: %s; it will be taken up again",
+                batch,
+                idx,
+                message,
+                extra={"batch": batch, "step": "deferred", "outcome": "deferred"},
+            )
             report.outcomes["deferred"] += 1
 
     def _first(
@@ -239,16 +245,20 @@ class Runner:
         for name, amount in t.counts.items():
             if name not in IMMEDIATE_COUNTS:
                 report.stats[name] += amount
-        log.info(
-            "%s",
-            t.outcome or t.status.value,
+        outcome = t.outcome or t.status.value
+        log.log(
+            logging.WARNING if t.status is LineStatus.FAILED else logging.INFO,
+            "line %s: %s%s",
+            rec.id,
+            outcome,
+            f": {t.detail}" if t.detail else "",
             extra={
                 "batch": rec.batch,
                 "line_id": rec.id,
                 "job_id": str(t.changes.get("job_id") or rec.job_id) or None,
                 "provider": rec.provider,
-                "step": (rec.info.step or "").__str__(),
-                "outcome": t.outcome or t.status.value,
+                "step": str(rec.info.step or ""),
+                "outcome": outcome,
             },
         )
         if t.status is LineStatus.FAILED:

@@ -248,8 +248,9 @@ def _budget(rt: Runtime, plan: Plan, budget: Budget | None) -> dict[str, Any]:
         return {"budget": budget.amount, "budget_currency": "USD", "budget_unit": "USD"}
     if len(used) > 1:
         raise ConfigError(
-            f"--max-credits: this manifest is billed in {' and '.join(sorted(used, key=_usd_last))}, which do "
-            "not add up; use --max-usd (with IMAGEBATCH_USD_PER_CREDIT_<NAME> set) instead"
+            f"--max-credits: this manifest is billed in "
+            f"{' and '.join(sorted(used, key=_usd_last))}, which do not add up; use --max-usd "
+            "(with IMAGEBATCH_USD_PER_CREDIT_<NAME> set) instead"
         )
     name = next(iter(used), "credits")
     unit = "USD" if name == "USD" else "credits"
@@ -258,8 +259,9 @@ def _budget(rt: Runtime, plan: Plan, budget: Budget | None) -> dict[str, Any]:
 
 def _status_only(text: str) -> dict[str, Any]:
     """What a resume needs of a stored row; a succeeded row (most of them, in a big resume)
-    is recognised without parsing it all."""
-    if '"status":"succeeded"' in text:
+    is recognised without parsing it all. The fields read come before any text a user or a
+    provider wrote into the row (and such text has its quotes escaped)."""
+    if text.partition('"status":"')[2].startswith('succeeded"'):
         provider = text.partition('"provider":"')[2].partition('"')[0]
         credits = text.partition('"credits":')[2].partition(",")[0]
         return {"status": "succeeded", "provider": provider, "credits": float(credits or 0)}

@@ -10,36 +10,29 @@ other bytes and accept the same bytes again.
 from __future__ import annotations
 
 import hashlib
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from jobs import download, policy, results
+from jobs import policy
 from jobs.errors import (
     AmbiguousSubmit,
     BatchStop,
-    DownloadError,
     ImagebatchError,
-    ImageExpired,
-    ImageMissing,
     JobFailed,
     ProviderError,
     RateLimited,
-    StorageError,
     TransientProviderError,
 )
 from jobs.pricing import currency
 from jobs.providers.base import Artifact, Finished, Provider
-from jobs.request import ImageRef, ResultRow
+from jobs.request import ResultRow
 from jobs.settings import CoreSettings
 from jobs.storage import Store
 from worker.faults import crash_point
 from worker.records import BatchStatus, LimitEvent, LineRecord, LineStatus, Transition
-
-log = logging.getLogger(__name__)
 
 
 def now_iso() -> str:
@@ -113,7 +106,7 @@ def submit(ctx: Context, rec: LineRecord) -> Transition:
         )
     key = idempotency_key(rec.batch, rec.id, rec.attempt, part=have)
     counts: dict[str, float] = {"submit_requests": 1}
-    if rec.status is LineStatus.SUBMITTING and rec.tries and not adapter.idempotent_submit:
+    if rec.ambiguous and not adapter.idempotent_submit:
         counts["ambiguous_submits"] = 1  # the last try may have been billed
     if not rec.submitted_at:
         changes["submitted_at"] = now_iso()
@@ -122,18 +115,18 @@ def submit(ctx: Context, rec: LineRecord) -> Transition:
         outcome = adapter.submit(request, key, **_webhook(ctx, adapter))
         crash_point(settings, "after_submit")
     except RateLimited as exc:
-        return _throttled(ctx, rec, exc, LineStatus.READY, changes, counts)
+        return _again(ctx, rec, exc, LineStatus.READY, changes, counts)
     except AmbiguousSubmit as exc:
         # The job may exist: keep the slot, and try again with the same key.
-        return _transient(ctx, rec, exc, LineStatus.SUBMITTING, changes, counts)
+        return _again(ctx, rec, exc, LineStatus.SUBMITTING, changes | {"ambiguous": 1}, counts)
     except TransientProviderError as exc:
-        return _transient(ctx, rec, exc, LineStatus.READY, changes, counts)
+        return _again(ctx, rec, exc, LineStatus.READY, changes, counts)
     except BatchStop as exc:
         return fail(ctx, rec, exc, changes=changes, counts=counts, stop=(exc.type, exc.message))
     except ProviderError as exc:
         return fail(ctx, rec, exc, changes=changes, counts=counts)
     counts["jobs_accepted"] = 1
-    changes |= {"tries": 0, "polls": 0, "misses": 0, "accepted_at": now}
+    changes |= {"tries": 0, "polls": 0, "misses": 0, "ambiguous": 0, "accepted_at": now}
     if isinstance(outcome, Finished):
         return _fetched(ctx, rec, outcome, changes, counts, latency=time.time() - now)
     expected = ctx.expected_latency(rec.provider, rec.request.model)
@@ -199,7 +192,7 @@ def poll(ctx: Context, rec: LineRecord) -> Transition:
     try:
         outcome = adapter.poll(rec.job_id)
     except RateLimited as exc:
-        return _throttled(ctx, rec, exc, LineStatus.SUBMITTED, {}, {"polls": 1})
+        return _again(ctx, rec, exc, LineStatus.SUBMITTED, {}, {"polls": 1})
     except TransientProviderError as exc:
         # Polling may go on to the line's deadline: a read is never billed.
         wait = policy.retry_wait(rec.tries + 1, settings.retry_base_s, settings.retry_max_s, None)
@@ -293,120 +286,15 @@ def regenerate(
         return fail(ctx, rec, exc, counts=counts)
     if exc.type == "image_expired":
         counts["rebought_after_expiry"] = 1  # the expired job was paid for: owned up to
-    log.info("line %s: %s; new job (attempt %d)", rec.id, exc.message, rec.attempt + 1)
     wait = policy.backoff(tried, ctx.settings.retry_base_s, ctx.settings.retry_max_s)
     changes = {"attempt": rec.attempt + 1, "job_id": "", "artifacts": (), "tries": 0, "polls": 0}
-    return Transition(LineStatus.READY, changes, due_in=wait, counts=counts, outcome="new job")
-
-
-# -- store --------------------------------------------------------------------------------------
-
-
-def store(ctx: Context, rec: LineRecord) -> Transition:
-    """Download and verify every image first, then upload: a failed download uploads none."""
-    settings = ctx.settings
-    inline = {k: a.data for k, a in enumerate(ctx.payload) if a.data is not None}
-    fetched: list[download.Fetched] = []
-    try:
-        for k, spec in enumerate(rec.artifacts):
-            data: bytes | None = None
-            if "blob" in spec:
-                data = inline.get(k) or ctx.get_blob(spec["blob"])
-                if data is None:
-                    raise ImageExpired("the inline image was lost before it was stored")
-            artifact = Artifact(url=spec.get("url"), data=data)
-            fetched.append(
-                download.fetch(
-                    ctx.downloads,
-                    artifact,
-                    max_bytes=settings.download_max_bytes,
-                    expected_format=rec.request.output_format,
-                    trusted_hosts=ctx.trusted_hosts(rec.provider),
-                )
-            )
-    except ImageMissing as exc:
-        return _missing(ctx, rec, exc)
-    except ImageExpired as exc:
-        return regenerate(ctx, rec, JobFailed(exc.message, retryable=True, type=exc.type))
-    except DownloadError as exc:
-        if not exc.retryable or rec.tries >= settings.http_retries:
-            return fail(ctx, rec, exc)
-        wait = policy.backoff(rec.tries + 1, settings.retry_base_s, settings.retry_max_s)
-        return Transition(
-            LineStatus.FETCHED, {"tries": rec.tries + 1}, due_in=wait, outcome="retry download"
-        )
-    crash_point(settings, "before_upload")
-    images = list(rec.images)
-    try:
-        for image in fetched:
-            k = len(images)
-            key = results.image_key(rec.batch, rec.id, k, image.extension)
-            ctx.store.put_new(key, image.data, image.content_type, image.sha256)
-            crash_point(settings, "mid_upload")
-            ref = ImageRef(
-                uri=ctx.store.uri(key),
-                sha256=image.sha256,
-                bytes=len(image.data),
-                content_type=image.content_type,
-                width=image.width,
-                height=image.height,
-            )
-            images.append(ref.model_dump())
-    except StorageError as exc:
-        return _storage_trouble(ctx, rec, exc, images)
-    if len(images) < rec.request.n:
-        changes = {"images": tuple(images), "artifacts": (), "job_id": "", "tries": 0}
-        return Transition(LineStatus.READY, changes, outcome="next part")
     return Transition(
-        LineStatus.SUCCEEDED,
-        row=make_row(rec.evolve(images=tuple(images)), "succeeded"),
-        outcome="succeeded",
-    )
-
-
-def _missing(ctx: Context, rec: LineRecord, exc: ImageMissing) -> Transition:
-    """A finished job's image answered 404: fetch it again a few times (CDN propagation),
-    then read the job again for fresh URLs; only an expired job, or a URL that stays gone,
-    means buying the line again."""
-    settings = ctx.settings
-    misses = rec.misses + 1
-    if misses <= settings.download_retries:
-        wait = policy.backoff(misses, max(0.5, settings.retry_base_s), settings.retry_max_s)
-        return Transition(
-            LineStatus.FETCHED, {"misses": misses}, due_in=wait, outcome="image not there yet"
-        )
-    adapter = ctx.adapter(rec.provider)
-    if not adapter.polled or not rec.job_id or misses > 2 * settings.download_retries + 1:
-        return regenerate(ctx, rec, ImageExpired(f"{exc.message}, and it stayed so"))
-    try:
-        outcome = adapter.poll(rec.job_id)
-    except JobFailed as failed:
-        return regenerate(ctx, rec, failed)
-    except ProviderError:
-        wait = policy.backoff(misses, settings.retry_base_s, settings.retry_max_s)
-        return Transition(LineStatus.FETCHED, {"misses": misses}, due_in=wait, outcome="retry")
-    if not isinstance(outcome, Finished) or outcome.expired:
-        return regenerate(ctx, rec, ImageExpired(f"job {rec.job_id}'s images have expired"))
-    urls = [{"url": a.url or ""} for a in outcome.artifacts]
-    return Transition(
-        LineStatus.FETCHED, {"misses": misses, "artifacts": tuple(urls)}, outcome="fresh URLs"
-    )
-
-
-def _storage_trouble(
-    ctx: Context, rec: LineRecord, exc: StorageError, images: list[dict[str, Any]]
-) -> Transition:
-    """Waiting for the output store is not failing: the line keeps its images (inline ones
-    are already in Redis) and tries again, until the storage deadline."""
-    settings = ctx.settings
-    changes: dict[str, Any] = {"images": tuple(images), "tries": rec.tries + 1}
-    changes["artifacts"] = rec.artifacts[len(images) - len(rec.images) :]
-    since = rec.fetched_at or time.time()
-    if not exc.retryable or time.time() - since > settings.storage_deadline_s:
-        return fail(ctx, rec.evolve(images=tuple(images)), exc)
-    wait = min(60.0, policy.backoff(rec.tries + 1, settings.retry_base_s, 30.0) + 1.0)
-    return Transition(
-        LineStatus.FETCHED, changes, due_in=wait, counts={"storage_waits": 1}, outcome="storage"
+        LineStatus.READY,
+        changes,
+        due_in=wait,
+        counts=counts,
+        outcome="new job",
+        detail=f"{exc.message}; attempt {rec.attempt + 1} in {wait:.1f}s",
     )
 
 
@@ -444,7 +332,6 @@ def fail(
     counts: dict[str, float] | None = None,
     stop: tuple[str, str] | None = None,
 ) -> Transition:
-    log.warning("line %s failed: %s (%s)", rec.id, exc.message, exc.type)
     rec = rec.evolve(**(changes or {}))
     counts = dict(counts or {})
     if rec.reserved and not rec.credits:
@@ -455,33 +342,11 @@ def fail(
         counts=counts,
         stop=stop,
         outcome=f"failed ({exc.type})",
+        detail=exc.message,
     )
 
 
-def _throttled(
-    ctx: Context,
-    rec: LineRecord,
-    exc: RateLimited,
-    back_to: LineStatus,
-    changes: dict[str, Any],
-    counts: dict[str, float],
-) -> Transition:
-    """A 429 slows the provider's shared limiter down; the line waits, and loses no try."""
-    settings = ctx.settings
-    if rec.deadline and time.time() > rec.deadline:
-        return fail(ctx, rec, exc, changes=changes, counts=counts)
-    retry_after = exc.retry_after if exc.retry_after is not None else 1.0
-    return Transition(
-        back_to,
-        changes,
-        due_in=policy.retry_wait(0, settings.retry_base_s, settings.retry_max_s, retry_after),
-        counts=counts | {"throttled": 1},
-        limit=LimitEvent(exc.kind, retry_after),
-        outcome=f"429 ({exc.kind})",
-    )
-
-
-def _transient(
+def _again(
     ctx: Context,
     rec: LineRecord,
     exc: TransientProviderError,
@@ -489,12 +354,32 @@ def _transient(
     changes: dict[str, Any],
     counts: dict[str, float],
 ) -> Transition:
+    """Try again later. A 429 is back-pressure: it slows the provider's shared limiter down
+    and costs the line no try (only its deadline ends the wait); anything else transient
+    counts a try, and the line fails after ``http_retries``."""
     settings = ctx.settings
-    tries = rec.tries + 1
-    if tries > settings.http_retries:
+    throttled = isinstance(exc, RateLimited)
+    tries = rec.tries if throttled else rec.tries + 1
+    late = throttled and bool(rec.deadline) and time.time() > rec.deadline
+    if late or tries > settings.http_retries:
         return fail(ctx, rec, exc, changes=changes, counts=counts)
-    wait = policy.retry_wait(tries, settings.retry_base_s, settings.retry_max_s, exc.retry_after)
-    log.info("line %s: %s; trying again in %.1fs", rec.id, exc.message, wait)
+    retry_after = exc.retry_after
+    if throttled and retry_after is None:
+        retry_after = 1.0
+    wait = policy.retry_wait(tries, settings.retry_base_s, settings.retry_max_s, retry_after)
+    if isinstance(exc, RateLimited):
+        limit = LimitEvent(exc.kind, retry_after or 1.0)
+        counts = counts | {"throttled": 1}
+        outcome = f"429 ({exc.kind})"
+    else:
+        limit, outcome = None, "retry"
+        changes = changes | {"tries": tries}
     return Transition(
-        back_to, changes | {"tries": tries}, due_in=wait, counts=counts, outcome="retry"
+        back_to,
+        changes,
+        due_in=wait,
+        counts=counts,
+        limit=limit,
+        outcome=outcome,
+        detail=f"{exc.message}; trying again in {wait:.1f}s",
     )

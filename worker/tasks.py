@@ -7,14 +7,17 @@ lines whose seq moved on.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
-from jobs.errors import ImagebatchError
+from jobs.errors import ImagebatchError, StorageError
 from worker import feeder, finish, runtime
 from worker.app import QUEUE, app
 from worker.records import Step
 from worker.runner import Runner
+
+log = logging.getLogger(__name__)
 
 
 class LinesFailed(ImagebatchError):
@@ -54,7 +57,12 @@ def feed(batch: str) -> int:
 
 @app.task(name="imagebatch.flush")
 def flush(batch: str) -> int:
-    return finish.flush(runtime.current(), batch)
+    try:
+        return finish.flush(runtime.current(), batch)
+    except StorageError as exc:
+        # The rows stay in Redis; the scheduler sends the flush again.
+        log.warning("batch %s: waiting for storage to write rows: %s", batch, exc.message)
+        return 0
 
 
 @app.task(name="imagebatch.drain")
@@ -64,7 +72,11 @@ def drain(batch: str) -> int:
 
 @app.task(name="imagebatch.finalize")
 def finalize(batch: str) -> dict[str, Any] | None:
-    return finish.finalize(runtime.current(), batch)
+    try:
+        return finish.finalize(runtime.current(), batch)
+    except StorageError as exc:
+        log.warning("batch %s: waiting for storage to finalize: %s", batch, exc.message)
+        return None
 
 
 STEP_TASKS: dict[Step, Any] = {Step.SUBMIT: submit, Step.POLL: poll, Step.STORE: store}

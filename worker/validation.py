@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from jobs import manifest
 from jobs.errors import ConfigError, ManifestError
 from jobs.manifest import Line
-from jobs.pricing import Money, currency
+from jobs.pricing import Money
 from jobs.providers.base import Provider
 from jobs.request import ImageRequest
+from jobs.results import ProviderTotal, money_of
 
 AdapterFor = Callable[[str], Provider]
 
@@ -36,14 +37,6 @@ class Checker:
 
 
 @dataclass
-class ProviderPlan:
-    lines: int = 0
-    images: int = 0
-    estimate: float = 0.0
-    unit: str = "credits"
-
-
-@dataclass
 class Plan:
     """What validating a manifest found, before anything is spent."""
 
@@ -51,15 +44,13 @@ class Plan:
     valid: int = 0
     images: int = 0
     rejected: int = 0
-    by_provider: dict[str, ProviderPlan] = field(default_factory=dict)
+    by_provider: dict[str, ProviderTotal] = field(default_factory=dict)
+    """Per provider; ``credits`` is the estimate."""
     first_rejections: list[ManifestError] = field(default_factory=list)
 
     @property
     def estimate(self) -> Money:
-        money = Money()
-        for name, part in self.by_provider.items():
-            money = money.plus(currency(name, part.unit), part.estimate)
-        return money
+        return money_of(self.by_provider)
 
     def add(self, line: Line, adapter_for: AdapterFor, check: Checker) -> None:
         self.lines += 1
@@ -70,10 +61,10 @@ class Plan:
             return
         name = check.provider_of(line.request)
         adapter = adapter_for(name)
-        part = self.by_provider.setdefault(name, ProviderPlan(unit=adapter.credit_unit))
+        part = self.by_provider.setdefault(name, ProviderTotal(unit=adapter.credit_unit))
         part.lines += 1
         part.images += line.request.n
-        part.estimate = round(part.estimate + adapter.estimate(line.request), 6)
+        part.credits = round(part.credits + adapter.estimate(line.request), 6)
         self.valid += 1
         self.images += line.request.n
 

@@ -139,11 +139,16 @@ def serve(rt: Runtime, host: str, port: int) -> ThreadingHTTPServer:
 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
+            refusal = None
             if self.path.split("?")[0] != PATH:
-                self._answer(404, "not found")
-                return
-            if length > MAX_BODY:
-                self._answer(413, "too large")
+                refusal = (404, "not found")
+            elif length > MAX_BODY:
+                refusal = (413, "too large")
+            if refusal is not None:
+                # The unread body would be taken for the next request on a kept-alive
+                # connection: close it after answering.
+                self.close_connection = True
+                self._answer(*refusal)
                 return
             body = self.rfile.read(length)
             try:
@@ -161,6 +166,8 @@ def serve(rt: Runtime, host: str, port: int) -> ThreadingHTTPServer:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
             self.wfile.write(data)
 

@@ -10,7 +10,7 @@ it without importing every adapter).
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 from jobs.pricing import PriceTable
@@ -60,88 +60,99 @@ class ProviderSpec:
 APIFRAME_PRICES = PriceTable({"low": 4, "medium": 9, "auto": 24, "high": 24}, "auto")
 """Credits per image of gpt-image-1.5 by quality (apiframe.ai/docs, the newer of its tables)."""
 
+
+def synchronous(
+    name: str,
+    description: str,
+    adapter: str,
+    base_url: str,
+    prices: PriceTable,
+    credit_unit: CreditUnit,
+    expected_latency_s: float,
+) -> ProviderSpec:
+    """An OpenAI-style provider: one long call returns the images, so its defaults keep few
+    calls in flight (a worker's threads stay free) with a generous read timeout."""
+    return ProviderSpec(
+        name=name,
+        description=description,
+        adapter=adapter,
+        base_url=base_url,
+        prices=prices,
+        credit_unit=credit_unit,
+        max_in_flight=4,
+        requests_per_second=2.0,
+        timeout_s=180.0,
+        expected_latency_s=expected_latency_s,
+        simulator_surface=name,
+    )
+
+
+APIFRAME = ProviderSpec(
+    name="apiframe",
+    description="APIFrame API",
+    adapter="jobs.providers.apiframe:APIFrame",
+    base_url="https://api.apiframe.ai",
+    prices=APIFRAME_PRICES,
+    credit_unit="credits",
+    max_in_flight=64,
+    requests_per_second=20.0,
+    timeout_s=30.0,
+    expected_latency_s=15.0,
+    simulator_surface="apiframe",
+)
+
+SIMULATOR = replace(
+    APIFRAME,
+    name="simulator",
+    description="APIFrame API on the built-in simulator",
+    base_url="",
+    requests_per_second=50.0,
+    expected_latency_s=1.5,
+    default_api_key="afk_simulator",
+    builtin_simulator=True,
+)
+"""``--provider simulator``: APIFrame's adapter and prices against the simulator ``run`` starts."""
+
 SPECS: tuple[ProviderSpec, ...] = (
-    ProviderSpec(
-        name="apiframe",
-        description="APIFrame API",
-        adapter="jobs.providers.apiframe:APIFrame",
-        base_url="https://api.apiframe.ai",
-        prices=APIFRAME_PRICES,
-        credit_unit="credits",
-        max_in_flight=64,
-        requests_per_second=20.0,
-        timeout_s=30.0,
-        expected_latency_s=15.0,
-        simulator_surface="apiframe",
-    ),
-    ProviderSpec(
-        name="openai",
-        description="OpenAI Images API",
-        adapter="jobs.providers.openai:OpenAI",
-        base_url="https://api.openai.com",
-        prices=PriceTable({"low": 0.009, "medium": 0.034, "high": 0.133, "auto": 0.133}, "auto"),
-        credit_unit="USD",
-        max_in_flight=4,
-        requests_per_second=2.0,
-        timeout_s=180.0,
+    APIFRAME,
+    synchronous(
+        "openai",
+        "OpenAI Images API",
+        "jobs.providers.openai:OpenAI",
+        "https://api.openai.com",
+        PriceTable({"low": 0.009, "medium": 0.034, "high": 0.133, "auto": 0.133}, "auto"),
+        "USD",
         expected_latency_s=30.0,
-        simulator_surface="openai",
     ),
-    ProviderSpec(
-        name="aimlapi",
-        description="AI/ML API",
-        adapter="jobs.providers.aimlapi:AIMLAPI",
-        base_url="https://api.aimlapi.com",
-        # AI/ML API bills in its own credits; its docs default quality to medium.
-        prices=PriceTable({"low": 23.4, "medium": 88.4, "high": 345.8}, "medium"),
-        credit_unit="credits",
-        max_in_flight=4,
-        requests_per_second=2.0,
-        timeout_s=180.0,
+    # AI/ML API bills in its own credits; its docs default quality to medium.
+    synchronous(
+        "aimlapi",
+        "AI/ML API",
+        "jobs.providers.aimlapi:AIMLAPI",
+        "https://api.aimlapi.com",
+        PriceTable({"low": 23.4, "medium": 88.4, "high": 345.8}, "medium"),
+        "credits",
         expected_latency_s=30.0,
-        simulator_surface="aimlapi",
     ),
-    ProviderSpec(
-        name="omixa",
-        description="Omixa gateway",
-        adapter="jobs.providers.omixa:Omixa",
-        base_url="https://www.omixa.cloud",
-        prices=PriceTable({"low": 0.011, "medium": 0.039, "high": 0.156, "auto": 0.039}, "auto"),
-        credit_unit="USD",
-        max_in_flight=4,
-        requests_per_second=2.0,
-        timeout_s=180.0,
+    synchronous(
+        "omixa",
+        "Omixa gateway",
+        "jobs.providers.omixa:Omixa",
+        "https://www.omixa.cloud",
+        PriceTable({"low": 0.011, "medium": 0.039, "high": 0.156, "auto": 0.039}, "auto"),
+        "USD",
         expected_latency_s=30.0,
-        simulator_surface="omixa",
     ),
-    ProviderSpec(
-        name="oxen",
-        description="Oxen.ai",
-        adapter="jobs.providers.oxen:Oxen",
-        base_url="https://hub.oxen.ai",
-        prices=PriceTable({"low": 0.011, "medium": 0.042, "high": 0.167, "auto": 0.042}, "auto"),
-        credit_unit="USD",
-        max_in_flight=4,
-        requests_per_second=2.0,
-        timeout_s=180.0,
+    synchronous(
+        "oxen",
+        "Oxen.ai",
+        "jobs.providers.oxen:Oxen",
+        "https://hub.oxen.ai",
+        PriceTable({"low": 0.011, "medium": 0.042, "high": 0.167, "auto": 0.042}, "auto"),
+        "USD",
         expected_latency_s=20.0,
-        simulator_surface="oxen",
     ),
-    ProviderSpec(
-        name="simulator",
-        description="APIFrame API on the built-in simulator",
-        adapter="jobs.providers.apiframe:APIFrame",
-        base_url="",
-        prices=APIFRAME_PRICES,
-        credit_unit="credits",
-        max_in_flight=64,
-        requests_per_second=50.0,
-        timeout_s=30.0,
-        expected_latency_s=1.5,
-        simulator_surface="apiframe",
-        default_api_key="afk_simulator",
-        builtin_simulator=True,
-    ),
+    SIMULATOR,
 )
 
 REGISTRY: dict[str, ProviderSpec] = {spec.name: spec for spec in SPECS}

@@ -113,6 +113,8 @@ class Job:
         status = self.status(now)
         if status != "PROCESSING":
             return 100 if status == "COMPLETED" else 0
+        if self.duration <= 0:  # a job of no duration that has not ended never finishes
+            return 0
         share = (now - self.created - 0.2 * self.duration) / (0.8 * self.duration)
         return max(0, min(99, int(share * 100)))
 
@@ -284,6 +286,8 @@ class State:
                         "images": job.n,
                         "dropped": job.dropped,
                         "webhook_status": job.webhook.status if job.webhook else None,
+                        "created_ms": job.created_ms,
+                        "duration_s": job.duration,
                     }
                     for job in self.jobs.values()
                 ],

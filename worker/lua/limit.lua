@@ -15,12 +15,18 @@ local cap = tonumber(s[1]) or tonumber(ARGV[5])
 local rate = tonumber(s[2]) or tonumber(ARGV[6])
 local pause = math.max(tonumber(s[3]) or 0, now + tonumber(ARGV[3]))
 local last = tonumber(s[4]) or 0
+local acted = false
 if ARGV[1] == 'concurrency' then
-  cap = math.max(1, math.min(cap, tonumber(ARGV[4])))
+  local lower = math.max(1, math.min(cap, tonumber(ARGV[4])))
+  acted = lower < cap
+  cap = lower
 elseif now - last >= 1 then
   rate = math.max(tonumber(ARGV[7]), rate * 0.7)
+  acted = true
 end
-redis.call('HSET', KEYS[1], 'cap', cap, 'rate', tostring(rate), 'pause_until', tostring(pause),
-  'decreased_at', tostring(now))
+redis.call('HSET', KEYS[1], 'cap', cap, 'rate', tostring(rate), 'pause_until', tostring(pause))
+-- Only a decrease starts the clock: 429s that change nothing (within the second, or a cap
+-- already that low) must not keep postponing the next cut, nor the next raise.
+if acted then redis.call('HSET', KEYS[1], 'decreased_at', tostring(now)) end
 redis.call('HINCRBY', KEYS[1], 'throttled', 1)
 return {cap, tostring(rate)}
