@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -96,6 +97,10 @@ class Run:
     commands_by_name: dict[str, int] = field(default_factory=dict)
     started_wall: float = 0.0
     """Unix time the run command started, to place the simulator's job times in the run."""
+    plan_cold_s: float = 0.0
+    """``plan``'s estimate before the run, from the configured limits and latency."""
+    plan_learned_s: float = 0.0
+    """``plan``'s estimate after it, from what the run taught Redis."""
 
 
 def env_for(
@@ -116,6 +121,22 @@ def env_for(
     }
 
 
+def plan_seconds(source: Path, env: Mapping[str, str]) -> float:
+    """The time ``imagebatch plan`` estimates (its ``est. 4m12s`` as seconds)."""
+    result = subprocess.run(
+        [*CLI, "plan", str(source), "--provider", "apiframe"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    found = re.search(r"est\. (?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$", result.stdout.strip())
+    if found is None:
+        return float("nan")
+    hours, minutes, seconds = (int(part or 0) for part in found.groups())
+    return 3600.0 * hours + 60.0 * minutes + seconds
+
+
 def run_batch(
     server: Redis,
     sim: Any,
@@ -131,6 +152,7 @@ def run_batch(
     with tempfile.TemporaryDirectory(prefix="imagebatch-bench-") as tmp:
         out = Path(tmp) / "out"
         env = env_for(server.url, sim.base_url, out, extra)
+        plan_cold = plan_seconds(source, env)
         logs = [open(Path(tmp) / f"w{i}.log", "wb") for i in range(workers)]  # noqa: SIM115
         procs = [
             subprocess.Popen(
@@ -170,6 +192,7 @@ def run_batch(
             if code not in (0, 1):
                 raise RuntimeError(f"run failed ({code}):\n{cli_log.read_text()[-3000:]}")
             summary = json.loads((out / "bench" / "summary.json").read_text())
+            plan_learned = plan_seconds(source, env)
         finally:
             for proc in procs:
                 proc.terminate()
@@ -191,6 +214,8 @@ def run_batch(
         by_process,
         by_command,
         started_wall,
+        plan_cold,
+        plan_learned,
     )
 
 

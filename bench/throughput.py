@@ -11,6 +11,8 @@ second) are set as the case says, and prints, from that one run:
     cpu/1k        CPU-seconds per 1,000 images: workers + the run command + Redis
     redis/img     Redis commands per image (INFO commandstats: Celery's and imagebatch's,
                   including the ones run inside Lua scripts)
+    plan/wall     ``plan``'s time estimate over the wall time: cold (configured limits and
+                  latency) and learned (after the run, from what it taught Redis)
 
     .venv/bin/python bench/throughput.py [catalog] [fleet] [big] [scaling] [webhooks]
 """
@@ -166,7 +168,9 @@ def report(case: Case, run: Run, ideal: float) -> str:
         f"({100 * throttled / max(1, requests):.1f}% of {requests} requests) · "
         f"cpu/1k {1000 * run.cpu_s / max(1, images):5.1f}s "
         f"({', '.join(f'{k} {v:.1f}' for k, v in run.cpu_by_process.items())}) · "
-        f"redis/img {run.redis_commands / max(1, images):5.1f}"
+        f"redis/img {run.redis_commands / max(1, images):5.1f} · "
+        f"plan/wall cold {run.plan_cold_s / run.wall_s:4.2f} "
+        f"learned {run.plan_learned_s / run.wall_s:4.2f}"
     )
 
 

@@ -391,6 +391,26 @@ def test_apply_with_a_stale_seq_changes_nothing(state: State) -> None:
     assert snapshot(state.client) == before
 
 
+def test_a_copy_that_read_a_status_the_line_has_left_changes_nothing(state: State) -> None:
+    # Given two copies of one poll that both read the line SUBMITTED; the first found the job
+    # done and moved the line on with its cost
+    seed_batch(state)
+    read_by_both = record(status=LineStatus.SUBMITTED, seq=5, job_id="j1")
+    put_line(state, read_by_both, score=123.0)
+    fetched = Transition(LineStatus.FETCHED, {"artifacts": ({"url": "u"},), "credits": 24.0})
+    assert apply(state, read_by_both, fetched)
+    before = snapshot(state.client)
+
+    # When the second copy, whose GET came a moment earlier, lands its "still pending"
+    pending = Transition(LineStatus.SUBMITTED, {"polls": 1}, due_in=0.4)
+
+    # Then it is stale: the line stays FETCHED (polling it again would add the cost twice)
+    assert not apply(state, read_by_both, pending)
+    assert snapshot(state.client) == before
+    line = state.read(BATCH, read_by_both.idx)
+    assert line is not None and line.status is LineStatus.FETCHED and line.credits == 24.0
+
+
 def test_a_line_walks_from_ready_through_flight_and_store_to_its_row(state: State) -> None:
     seed_batch(state, total=5)
     now = time.time()

@@ -34,7 +34,7 @@ def manifest(path: Path, count: int) -> Path:
 
 class Sampler(threading.Thread):
     """Samples Redis while a batch runs: line records held, and slots left idle while READY
-    lines that are due wait."""
+    lines that are due wait (from the first job in flight on)."""
 
     def __init__(self, url: str, batch: str, provider: str, cap: int) -> None:
         super().__init__(daemon=True)
@@ -44,6 +44,7 @@ class Sampler(threading.Thread):
         self.samples = 0
         self.idle_since: float | None = None
         self.longest_idle = 0.0
+        self.working = False
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -57,7 +58,10 @@ class Sampler(threading.Thread):
             self.samples += 1
             self.most_lines = max(self.most_lines, held)
             now = time.monotonic()
-            if due and in_flight < self.cap:
+            # Idle slots count once the workers are up (the first job in flight), not while
+            # they start.
+            self.working = self.working or in_flight > 0
+            if self.working and due and in_flight < self.cap:
                 self.idle_since = self.idle_since or now
                 self.longest_idle = max(self.longest_idle, now - self.idle_since)
             else:

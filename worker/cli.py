@@ -362,7 +362,8 @@ def plan(manifest: str, provider: str | None, debug: bool) -> None:
         name = choose_provider(settings, provider)
         adapters = plans.Adapters(settings)
         result = tally(read_chunks(manifest, settings), adapters, name, print_rejection(manifest))
-        seconds = plans.estimate_seconds(settings, result)
+        known = plans.learned(settings, list(result.by_provider))
+        seconds = plans.estimate_seconds(settings, result, adapters, known)
     click.echo(
         f"{result.lines} lines · {result.valid} valid · {result.rejected} rejected · "
         f"{result.images} images · est. {result.estimate.describe()} · "

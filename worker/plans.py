@@ -1,18 +1,28 @@
 """``plan``'s time estimate, from the same model the scheduler runs by: each provider's
-in-flight cap and request rate (submits and polls share it), and its expected job latency
-(learned, else configured). Providers run side by side, so the slowest one sets the time."""
+in-flight cap and request rate (submits and polls share it), and its expected job latency.
+Where the fleet's Redis already learned them (the account's real limits after its 429s, the
+jobs' latency), those count; else the configured ones. Providers run side by side, so the
+slowest one sets the time."""
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import dataclass
+
+import redis
 
 from jobs import providers
 from jobs.providers.base import Provider
 from jobs.settings import CoreSettings
+from worker import keys, runtime
 from worker.progress import duration
+from worker.state import State
 from worker.validation import Plan
 
-__all__ = ["Adapters", "duration", "estimate_seconds"]
+__all__ = ["Adapters", "Learned", "duration", "estimate_seconds", "learned"]
+
+log = logging.getLogger(__name__)
 
 POLLS_PER_JOB = 1.2
 """What a learned first poll costs on average: most jobs are done at the first look."""
@@ -33,6 +43,50 @@ class Adapters:
         return self.made[name]
 
 
+@dataclass(frozen=True)
+class Learned:
+    """What earlier runs taught the fleet about one provider's account."""
+
+    cap: int | None = None
+    rate: float | None = None
+    latency_s: float | None = None
+
+
+def learned(settings: CoreSettings, names: list[str]) -> dict[str, Learned]:
+    """The learned limits and latencies in the configured Redis; none without one, or when it
+    does not answer at once (``plan`` needs no Redis)."""
+    if settings.broker_url is None and settings.redis_url is None:
+        return {}
+    client: redis.Redis[str] = redis.Redis.from_url(
+        runtime.redis_url(settings),
+        socket_connect_timeout=1.0,
+        socket_timeout=1.0,
+        decode_responses=True,
+    )
+    try:
+        state = State(client)
+        found = {}
+        for name in names:
+            limits = state.limits(name)
+            prefix = keys.latency(name, "")
+            latencies = [
+                state.expected_latency(name, key.removeprefix(prefix))
+                for key in client.scan_iter(match=prefix + "*")
+            ]
+            known = [x for x in latencies if x is not None]
+            found[name] = Learned(
+                cap=int(float(limits["cap"])) if "cap" in limits else None,
+                rate=float(limits["rate"]) if "rate" in limits else None,
+                latency_s=max(known) if known else None,
+            )
+        return found
+    except redis.RedisError as exc:
+        log.debug("no learned limits: %s", exc)
+        return {}
+    finally:
+        client.close()
+
+
 def latency_of(settings: CoreSettings, name: str) -> float:
     spec = settings.provider_spec(name)
     if spec.builtin_simulator and not settings.provider_config(name).base_url:
@@ -40,18 +94,27 @@ def latency_of(settings: CoreSettings, name: str) -> float:
     return settings.provider_config(name).expected_latency_s
 
 
-def estimate_seconds(settings: CoreSettings, plan: Plan, adapters: Adapters | None = None) -> float:
+def estimate_seconds(
+    settings: CoreSettings,
+    plan: Plan,
+    adapters: Adapters | None = None,
+    known: dict[str, Learned] | None = None,
+) -> float:
     adapters = adapters or Adapters(settings)
+    known = known or {}
     slowest = 0.0
     for name, part in plan.by_provider.items():
         config = settings.provider_config(name)
         adapter = adapters(name)
         per_request = adapter.max_images_per_request
         jobs = part.images if per_request == 1 else part.lines
-        latency = latency_of(settings, name)
-        cap = max(1, min(config.max_in_flight, settings.worker_concurrency * 8))
+        account = known.get(name, Learned())
+        latency = account.latency_s or latency_of(settings, name)
+        ceiling = min(config.max_in_flight, settings.worker_concurrency * 8)
+        cap = max(1, min(account.cap or ceiling, ceiling))
+        rate = min(account.rate or config.requests_per_second, config.requests_per_second)
         requests = jobs * (1 + (POLLS_PER_JOB if adapter.polled else 0))
         by_slots = math.ceil(jobs / cap) * latency
-        by_rate = requests / config.requests_per_second
+        by_rate = requests / rate
         slowest = max(slowest, by_slots, by_rate)
     return slowest + OVERHEAD_S if plan.valid else 0.0

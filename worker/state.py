@@ -283,8 +283,9 @@ class State:
         immediate: frozenset[str] | None = None,
         total: int = -1,
     ) -> Applied:
-        """Apply ``t`` to ``rec`` if ``rec.seq`` is still current. Of ``t.counts``, only the
-        names in ``immediate`` are added here (all, when None); the caller adds the rest."""
+        """Apply ``t`` to ``rec`` if ``rec.seq`` and ``rec.status`` are still current. Of
+        ``t.counts``, only the names in ``immediate`` are added here (all, when None); the
+        caller adds the rest."""
         if immediate is None:
             immediate = frozenset(t.counts)
         now = time.time()
@@ -317,6 +318,7 @@ class State:
             job_op,
             "" if latency is None else repr(latency),
             "store" if new is Home.STORE and old is not Home.STORE and t.due_in <= 0 else "",
+            rec.status.value,
             len(fields),
         ]
         for name, value in fields.items():

@@ -15,21 +15,23 @@
 -- ARGV[8]  job index change: "" | "set:<job id>" | "del:<job id>"
 -- ARGV[9]  latency sample in seconds, or ""
 -- ARGV[10] an event for the scheduler besides 'line' (e.g. 'store': a store is due now), or ""
--- ARGV[11] n, the number of field pairs, then n field/value pairs,
+-- ARGV[11] the status the step read: a transition decided from a status the line has since
+--          left (a second copy of a poll landing after the first moved the line on) is stale
+-- ARGV[12] n, the number of field pairs, then n field/value pairs,
 --          then m, the number of counter pairs, then m counter/amount pairs,
 --          then k, the number of extra keys to delete (inline image blobs), then k keys,
 --          then the batch's line count (to tell the caller the batch's last line ended).
 -- Returns {applied (1/0), done, total}: done == total means the batch's last line just ended.
 
-local seq = redis.call('HGET', KEYS[1], 'seq')
-if seq ~= ARGV[1] then return {0, 0, -1} end
+local line = redis.call('HMGET', KEYS[1], 'seq', 'status')
+if line[1] ~= ARGV[1] or line[2] ~= ARGV[11] then return {0, 0, -1} end
 
 local member, score = ARGV[2], tonumber(ARGV[4])
 if KEYS[2] ~= KEYS[3] and KEYS[2] ~= '-' then redis.call('ZREM', KEYS[2], member) end
 if KEYS[3] ~= '-' then redis.call('ZADD', KEYS[3], score, member) end
 local wake = KEYS[2] ~= KEYS[3] and string.find(KEYS[2], ':flight:', 1, true) ~= nil
 
-local i = 11
+local i = 12
 local nfields = tonumber(ARGV[i]); i = i + 1
 local hset = {}
 for _ = 1, nfields do

@@ -1,0 +1,104 @@
+"""``plan``'s time estimate: the scheduler's model, with what the fleet's Redis has learned."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from jobs.settings import CoreSettings
+from tests.harness import run_cli
+from tests.runtime_support import settings, text_client
+from worker import plans
+from worker.state import State
+from worker.validation import Plan, tally
+
+LINES = [json.dumps({"id": f"p{n}", "prompt": f"a chair, view {n}"}).encode() for n in range(200)]
+
+
+def planned(configured: CoreSettings) -> Plan:
+    return tally([b"\n".join(LINES) + b"\n"], plans.Adapters(configured), "simulator")
+
+
+def estimate(configured: CoreSettings, known: dict[str, plans.Learned] | None = None) -> float:
+    return plans.estimate_seconds(configured, planned(configured), known=known)
+
+
+@pytest.fixture
+def configured(redis_client: redis.Redis[bytes], redis_url: str) -> CoreSettings:
+    return settings(
+        redis_url,
+        simulator_max_in_flight=50,
+        simulator_requests_per_second=25,
+        simulator_expected_latency_s=5.0,
+        simulator_base_url="http://127.0.0.1:9/v2",
+    )
+
+
+def test_a_cold_estimate_is_rounds_of_the_configured_cap_times_the_latency(
+    configured: CoreSettings,
+) -> None:
+    # 200 jobs at 50 in flight: four rounds of 5 s, plus validating and finalizing.
+    assert estimate(configured) == pytest.approx(4 * 5.0 + plans.OVERHEAD_S)
+
+
+def test_learned_account_limits_and_latency_lengthen_the_estimate(
+    configured: CoreSettings, redis_url: str
+) -> None:
+    state = State(text_client(redis_url))
+    state.set_limits("simulator", cap=16, rate=10.0)
+    state.client.hset("ib:latency:simulator:gpt-image-1.5", mapping={"mean": 3.0, "dev": 0.0})
+
+    known = plans.learned(configured, ["simulator"])
+
+    assert known == {"simulator": plans.Learned(cap=16, rate=10.0, latency_s=3.0)}
+    # 200 jobs at 16 in flight: 13 rounds of 3 s; 440 requests at 10/s take 44 s: the rate rules.
+    assert estimate(configured, known) == pytest.approx(200 * 2.2 / 10.0 + plans.OVERHEAD_S)
+
+
+def test_a_learned_cap_never_lifts_the_estimate_above_the_configured_ceiling(
+    configured: CoreSettings, redis_url: str
+) -> None:
+    State(text_client(redis_url)).set_limits("simulator", cap=500, rate=400.0)
+
+    known = plans.learned(configured, ["simulator"])
+
+    assert estimate(configured, known) == estimate(configured)
+
+
+def test_plan_without_any_redis_uses_the_configured_model() -> None:
+    alone = settings(None)  # type: ignore[arg-type]
+
+    assert plans.learned(alone, ["simulator"]) == {}
+
+
+def test_plan_gives_up_on_a_redis_that_does_not_answer_within_a_second() -> None:
+    dead = settings("redis://127.0.0.1:9/0")
+    began = time.monotonic()
+
+    assert plans.learned(dead, ["simulator"]) == {}
+    assert time.monotonic() - began < 3
+
+
+def test_plan_prints_the_learned_estimate(
+    configured: CoreSettings, redis_url: str, tmp_path: Path
+) -> None:
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_bytes(b"\n".join(LINES) + b"\n")
+    env = {
+        "IMAGEBATCH_REDIS_URL": redis_url,
+        "IMAGEBATCH_SIMULATOR_BASE_URL": "http://127.0.0.1:9/v2",
+        "IMAGEBATCH_SIMULATOR_MAX_IN_FLIGHT": "50",
+        "IMAGEBATCH_SIMULATOR_REQUESTS_PER_SECOND": "25",
+        "IMAGEBATCH_SIMULATOR_EXPECTED_LATENCY_S": "5",
+    }
+    cold = run_cli("plan", manifest, "--provider", "simulator", env=env)
+    State(text_client(redis_url)).set_limits("simulator", cap=4, rate=25.0)
+    warm = run_cli("plan", manifest, "--provider", "simulator", env=env)
+
+    assert cold.returncode == warm.returncode == 0, cold.stderr + warm.stderr
+    assert cold.stdout.rstrip().endswith("est. 22s"), cold.stdout
+    assert warm.stdout.rstrip().endswith("est. 4m12s"), warm.stdout  # 50 rounds of 5 s
