@@ -20,8 +20,9 @@ import heapq
 import json
 import os
 import tempfile
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,15 +97,21 @@ def part_chunks(store: Store, batch: str) -> list[int]:
 
 
 def read_parts(store: Store, batch: str, threads: int = 16) -> Iterator[dict[int, str]]:
-    """Every part file's rows, fetched in parallel (a resume reads them all at once)."""
-    chunks = part_chunks(store, batch)
+    """Every part file's rows, fetched in parallel (a resume reads them all at once), at most
+    ``2 * threads`` ahead of the reader: memory stays bounded however many parts there are."""
 
     def load(chunk: int) -> dict[int, str]:
         data = store.get(part_key(batch, chunk))
         return decode_entries(data) if data else {}
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        yield from pool.map(load, chunks)
+        ahead: deque[Future[dict[int, str]]] = deque()
+        for chunk in part_chunks(store, batch):
+            ahead.append(pool.submit(load, chunk))
+            if len(ahead) >= 2 * threads:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
 
 
 def rows_in_order(store: Store, batch: str) -> Iterator[tuple[int, str]]:

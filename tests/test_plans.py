@@ -23,7 +23,7 @@ def planned(configured: CoreSettings) -> Plan:
     return tally([b"\n".join(LINES) + b"\n"], plans.Adapters(configured), "simulator")
 
 
-def estimate(configured: CoreSettings, known: dict[str, plans.Learned] | None = None) -> float:
+def estimate(configured: CoreSettings, known: plans.Known | None = None) -> float:
     return plans.estimate_seconds(configured, planned(configured), known=known)
 
 
@@ -54,7 +54,7 @@ def test_learned_account_limits_and_latency_lengthen_the_estimate(
 
     known = plans.learned(configured, ["simulator"])
 
-    assert known == {"simulator": plans.Learned(cap=16, rate=10.0, latency_s=3.0)}
+    assert known.accounts == {"simulator": plans.Learned(cap=16, rate=10.0, latency_s=3.0)}
     # 200 jobs at 16 in flight: 13 rounds of 3 s; 440 requests at 10/s take 44 s: the rate rules.
     assert estimate(configured, known) == pytest.approx(200 * 2.2 / 10.0 + plans.OVERHEAD_S)
 
@@ -69,17 +69,42 @@ def test_a_learned_cap_never_lifts_the_estimate_above_the_configured_ceiling(
     assert estimate(configured, known) == estimate(configured)
 
 
+def test_fast_jobs_on_high_limits_are_bound_by_the_workers_alive(
+    configured: CoreSettings, redis_url: str
+) -> None:
+    quick = configured.model_copy(
+        update={
+            "simulator_expected_latency_s": 0.2,
+            "simulator_max_in_flight": 400,
+            "simulator_requests_per_second": 1000,
+        }
+    )
+    one = plans.learned(quick, ["simulator"])
+    state = State(text_client(redis_url))
+    for host in ("w1@a", "w2@b", "w3@c", "w4@d"):
+        state.worker_alive(host, ttl=60)
+
+    four = plans.learned(quick, ["simulator"])
+
+    assert (one.workers, four.workers) == (1, 4)
+    # 200 jobs of 0.2 s: the provider could take them in a second; one worker needs 5 s.
+    assert estimate(quick, one) == pytest.approx(200 / plans.JOBS_PER_WORKER_S + plans.OVERHEAD_S)
+    assert estimate(quick, four) == pytest.approx(
+        200 / (4 * plans.JOBS_PER_WORKER_S) + plans.OVERHEAD_S
+    )
+
+
 def test_plan_without_any_redis_uses_the_configured_model() -> None:
     alone = settings(None)  # type: ignore[arg-type]
 
-    assert plans.learned(alone, ["simulator"]) == {}
+    assert plans.learned(alone, ["simulator"]) == plans.Known()
 
 
 def test_plan_gives_up_on_a_redis_that_does_not_answer_within_a_second() -> None:
     dead = settings("redis://127.0.0.1:9/0")
     began = time.monotonic()
 
-    assert plans.learned(dead, ["simulator"]) == {}
+    assert plans.learned(dead, ["simulator"]) == plans.Known()
     assert time.monotonic() - began < 3
 
 

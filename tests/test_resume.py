@@ -16,6 +16,7 @@ from pydantic import SecretStr
 
 from jobs import results
 from jobs.settings import Settings
+from jobs.storage import LocalStore
 from worker import keys, runtime, start
 from worker.records import ACTIVE, TABLE, LineRecord, LineStatus, Step
 from worker.runtime import Runtime
@@ -175,3 +176,31 @@ def test_a_step_that_outlives_its_lease_cannot_undo_the_copy_that_took_over(
     assert state.client.zscore(keys.flight("apiframe"), member) == lease
     # ...and a second copy of the new dispatch cannot begin while the first holds it
     assert state.begin("cups", 0, seq2, f"{seq2}:duplicate") is None
+
+
+def test_a_resume_reads_part_files_only_a_few_ahead_of_what_it_has_counted(
+    tmp_path: Path,
+) -> None:
+    # Given 200 part files (a big batch's worth, each standing for a thousand rows)
+    store = LocalStore(str(tmp_path))
+    for chunk in range(200):
+        results.write_part(store, "big", chunk, {chunk * 1000: json.dumps({"status": "failed"})})
+    fetched: list[str] = []
+    original = store.get
+
+    def counting(key: str) -> bytes | None:
+        fetched.append(key)
+        return original(key)
+
+    store.get = counting  # type: ignore[method-assign]
+    # When a resume has counted the first part's rows and paused
+    parts = results.read_parts(store, "big", threads=4)
+    first = next(parts)
+    time.sleep(0.5)
+    # Then only a few parts were fetched ahead of it (memory does not grow with the batch),
+    # and the rest still arrive, each once and in order
+    assert first == {0: json.dumps({"status": "failed"})}
+    assert len(fetched) <= 2 * 4 + 1
+    rest = list(parts)
+    assert [min(part) for part in rest] == [chunk * 1000 for chunk in range(1, 200)]
+    assert len(fetched) == 200

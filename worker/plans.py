@@ -1,14 +1,15 @@
 """``plan``'s time estimate, from the same model the scheduler runs by: each provider's
 in-flight cap and request rate (submits and polls share it), and its expected job latency.
 Where the fleet's Redis already learned them (the account's real limits after its 429s, the
-jobs' latency), those count; else the configured ones. Providers run side by side, so the
-slowest one sets the time."""
+jobs' latency, the workers alive), those count; else the configured ones. Providers run side
+by side, so the slowest one sets the time, unless the workers themselves are the bound (fast
+jobs, high limits)."""
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
@@ -20,7 +21,7 @@ from worker.progress import duration
 from worker.state import State
 from worker.validation import Plan
 
-__all__ = ["Adapters", "Learned", "duration", "estimate_seconds", "learned"]
+__all__ = ["Adapters", "Known", "Learned", "duration", "estimate_seconds", "learned"]
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,9 @@ POLLS_PER_JOB = 1.2
 """What a learned first poll costs on average: most jobs are done at the first look."""
 OVERHEAD_S = 2.0
 """Validating, seeding and finalizing a small batch."""
+JOBS_PER_WORKER_S = 40.0
+"""What one worker process orchestrates per second (submit, poll, fetch, check, store) when
+the provider is not the bound: bench/throughput.py's scaling case on 2 cores."""
 
 
 class Adapters:
@@ -52,11 +56,19 @@ class Learned:
     latency_s: float | None = None
 
 
-def learned(settings: CoreSettings, names: list[str]) -> dict[str, Learned]:
-    """The learned limits and latencies in the configured Redis; none without one, or when it
-    does not answer at once (``plan`` needs no Redis)."""
+@dataclass(frozen=True)
+class Known:
+    """What the fleet's Redis knows: the workers alive, and what each account taught it."""
+
+    workers: int = 1
+    accounts: dict[str, Learned] = field(default_factory=dict)
+
+
+def learned(settings: CoreSettings, names: list[str]) -> Known:
+    """The workers, learned limits and latencies in the configured Redis; nothing without one,
+    or when it does not answer at once (``plan`` needs no Redis)."""
     if settings.broker_url is None and settings.redis_url is None:
-        return {}
+        return Known()
     client: redis.Redis[str] = redis.Redis.from_url(
         runtime.redis_url(settings),
         socket_connect_timeout=1.0,
@@ -79,10 +91,11 @@ def learned(settings: CoreSettings, names: list[str]) -> dict[str, Learned]:
                 rate=float(limits["rate"]) if "rate" in limits else None,
                 latency_s=max(known) if known else None,
             )
-        return found
+        workers = sum(1 for _ in client.scan_iter(match=keys.worker("*")))
+        return Known(max(1, workers), found)
     except redis.RedisError as exc:
         log.debug("no learned limits: %s", exc)
-        return {}
+        return Known()
     finally:
         client.close()
 
@@ -98,17 +111,18 @@ def estimate_seconds(
     settings: CoreSettings,
     plan: Plan,
     adapters: Adapters | None = None,
-    known: dict[str, Learned] | None = None,
+    known: Known | None = None,
 ) -> float:
     adapters = adapters or Adapters(settings)
-    known = known or {}
-    slowest = 0.0
+    known = known or Known()
+    slowest = all_jobs = 0.0
     for name, part in plan.by_provider.items():
         config = settings.provider_config(name)
         adapter = adapters(name)
         per_request = adapter.max_images_per_request
         jobs = part.images if per_request == 1 else part.lines
-        account = known.get(name, Learned())
+        all_jobs += jobs
+        account = known.accounts.get(name, Learned())
         latency = account.latency_s or latency_of(settings, name)
         ceiling = min(config.max_in_flight, settings.worker_concurrency * 8)
         cap = max(1, min(account.cap or ceiling, ceiling))
@@ -117,4 +131,5 @@ def estimate_seconds(
         by_slots = math.ceil(jobs / cap) * latency
         by_rate = requests / rate
         slowest = max(slowest, by_slots, by_rate)
-    return slowest + OVERHEAD_S if plan.valid else 0.0
+    by_workers = all_jobs / (JOBS_PER_WORKER_S * known.workers)
+    return max(slowest, by_workers) + OVERHEAD_S if plan.valid else 0.0
