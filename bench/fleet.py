@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from tests import servers  # noqa: E402
 
-CLI = [sys.executable, "-m", "worker"]
+CLI = [sys.executable, "-P", "-m", "worker"]
+"""``-P``: the working directory is not put first on ``sys.path``, so ``BENCH_CODE`` wins."""
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
