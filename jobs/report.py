@@ -51,6 +51,10 @@ THUMB_PX = 320
 """The longest side of a preview: sharp on a 2x screen at the page's card size."""
 MAX_PIXELS = 64_000_000
 """A stored image larger than this is not decoded for a preview (the largest size is 1.5 MP)."""
+PREVIEWS = 200
+"""The images that get a preview: the first this many in manifest order. The store step makes
+them while the batch runs (every image of a line whose index is below this), so finalize
+only links them; what is missing then (a resumed batch, a failed write) finalize makes."""
 
 
 def report_key(batch: str) -> str:
@@ -68,7 +72,7 @@ def write_report(
     rows: Iterable[ResultRow],
     summary: Mapping[str, Any],
     *,
-    max_thumbnails: int = 1000,
+    max_thumbnails: int = PREVIEWS,
     max_failures: int = 5000,
     units: Mapping[str, str] | None = None,
 ) -> str:
@@ -188,21 +192,24 @@ class _Sheet:
         if extension is None:
             return self._placeholder(facts, k, image, "unknown image type", link=None)
         link = f"images/{quote(line_id)}/{k}.{extension}"
-        try:
-            data = self.store.get(image_key(self.batch, line_id, k, extension))
-        except StorageError as exc:
-            return self._placeholder(facts, k, image, f"could not be read: {exc}", link=None)
-        if data is None:
-            return self._placeholder(facts, k, image, "image is missing", link=None)
-        try:
-            thumb = make_thumbnail(data)
-        except ThumbnailError as exc:
-            return self._placeholder(facts, k, image, str(exc), link=link)
         key = thumbnail_key(self.batch, line_id, k)
-        try:
-            self.store.put(key, thumb.data, "image/webp")
-        except StorageError as exc:
-            return self._placeholder(facts, k, image, f"preview not written: {exc}", link=link)
+        thumb = _stored_preview(self.store, key)
+        if thumb is None:
+            try:
+                data = self.store.get(image_key(self.batch, line_id, k, extension))
+            except StorageError as exc:
+                return self._placeholder(facts, k, image, f"could not be read: {exc}", link=None)
+            if data is None:
+                return self._placeholder(facts, k, image, "image is missing", link=None)
+            try:
+                thumb = make_thumbnail(data)
+            except ThumbnailError as exc:
+                return self._placeholder(facts, k, image, str(exc), link=link)
+            try:
+                self.store.put(key, thumb.data, "image/webp")
+            except StorageError as exc:
+                why = f"preview not written: {exc}"
+                return self._placeholder(facts, k, image, why, link=link)
         self.totals.thumbnails += 1
         src = f"report/thumbs/{quote(line_id)}-{k}.webp"
         alpha = " alpha" if thumb.alpha else ""
@@ -380,6 +387,29 @@ class Thumbnail:
     width: int
     height: int
     alpha: bool
+
+
+def store_preview(store: Store, batch: str, line_id: str, k: int, data: bytes) -> bool:
+    """Make image ``k``'s preview while its bytes are at hand, so that finalize need not read
+    and decode it again; False if that failed (finalize tries again, or shows a placeholder)."""
+    try:
+        thumb = make_thumbnail(data)
+        store.put(thumbnail_key(batch, line_id, k), thumb.data, "image/webp")
+    except (ThumbnailError, StorageError):
+        return False
+    return True
+
+
+def _stored_preview(store: Store, key: str) -> Thumbnail | None:
+    """A preview the store step already made (only its header is read), or None."""
+    try:
+        data = store.get(key)
+        if data is None:
+            return None
+        with Image.open(io.BytesIO(data)) as image:
+            return Thumbnail(data, image.width, image.height, image.mode == "RGBA")
+    except Exception:  # noqa: BLE001 - an unreadable preview is made again from the image
+        return None
 
 
 def make_thumbnail(data: bytes, box: int = THUMB_PX) -> Thumbnail:

@@ -23,7 +23,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from jobs.report import write_report
+from jobs.report import store_preview, write_report
 from jobs.request import ImageRef, ResultRow, RowError
 from jobs.settings import Settings
 from jobs.storage import LocalStore, Store, open_store
@@ -393,6 +393,49 @@ def test_bad_row_content_never_fails_the_report(tmp_path: Path) -> None:
     assert "lone ? surrogate" in page.text("td", "prompt")
     assert page.text("tfoot") == ["total: 0"]
     assert not (tmp_path / "etc").exists()
+
+
+def test_a_preview_made_while_the_batch_ran_is_linked_without_reading_the_image(
+    tmp_path: Path,
+) -> None:
+    # Given a batch whose store step already made the mug's preview
+    store = LocalStore(str(tmp_path))
+    rows = build_batch(store)
+    mug = (tmp_path / BATCH / "images" / "sku-mug" / "0.png").read_bytes()
+    assert store_preview(store, BATCH, "sku-mug", 0, mug)
+    made = (tmp_path / BATCH / "report" / "thumbs" / "sku-mug-0.webp").read_bytes()
+    read: list[str] = []
+    original = store.get
+
+    def counting(key: str) -> bytes | None:
+        read.append(key)
+        return original(key)
+
+    store.get = counting  # type: ignore[method-assign]
+    # When the report is written
+    uri = write_report(store, BATCH, rows, SUMMARY)
+    # Then the mug's image was never read again, its preview is the one made earlier, and the
+    # page gives it the preview's own size and transparency
+    assert f"{BATCH}/images/sku-mug/0.png" not in read
+    assert f"{BATCH}/images/sku-lamp/0.jpeg" in read  # no preview yet: made now
+    assert (tmp_path / BATCH / "report" / "thumbs" / "sku-mug-0.webp").read_bytes() == made
+    page = Parsed(Path(uri).read_text(encoding="utf-8"))
+    mug_img = next(i for i in page.find("img") if i.attrs["src"].endswith("sku-mug-0.webp"))
+    assert (mug_img.attrs["width"], mug_img.attrs["height"]) == ("320", "320")
+    assert mug_img.parent is not None and "alpha" in mug_img.parent.classes
+
+
+def test_an_unreadable_stored_preview_is_made_again_from_the_image(tmp_path: Path) -> None:
+    store = LocalStore(str(tmp_path))
+    rows = build_batch(store)
+    store.put(f"{BATCH}/report/thumbs/sku-mug-0.webp", b"RIFF-garbage", "image/webp")
+
+    uri = write_report(store, BATCH, rows, SUMMARY)
+
+    with Image.open(tmp_path / BATCH / "report" / "thumbs" / "sku-mug-0.webp") as thumb:
+        assert thumb.format == "WEBP" and thumb.size == (320, 320)
+    page = Parsed(Path(uri).read_text(encoding="utf-8"))
+    assert any(img.attrs["src"].endswith("sku-mug-0.webp") for img in page.find("img"))
 
 
 def test_rows_are_streamed_one_preview_at_a_time(tmp_path: Path) -> None:

@@ -19,8 +19,9 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from PIL import Image
 
-from jobs import policy
+from jobs import policy, report
 from jobs.errors import JobFailed
 from jobs.providers.base import Artifact, Finished
 from jobs.simulator import Simulator, SimulatorConfig
@@ -753,6 +754,22 @@ def test_store_uploads_every_image_with_its_checksum_and_ends_the_line(
         assert hashlib.sha256(data).hexdigest() == image.sha256
         assert (image.bytes, image.content_type) == (len(data), "image/png")
         assert (image.width, image.height) == (1024, 1024)
+
+
+def test_store_makes_the_report_previews_of_the_first_lines_while_their_bytes_are_at_hand(
+    rt: Runtime, out: Path, sim: Simulator
+) -> None:
+    ctx = context(rt, out)
+    early = fetched(ctx, n=2)
+    late = early.evolve(idx=report.PREVIEWS, id="late-line")
+
+    storing.store(ctx, early)
+    storing.store(ctx, late)
+
+    thumbs = out / BATCH / "report" / "thumbs"
+    assert sorted(p.name for p in thumbs.iterdir()) == [f"{early.id}-0.webp", f"{early.id}-1.webp"]
+    with Image.open(thumbs / f"{early.id}-0.webp") as preview:
+        assert preview.format == "WEBP" and max(preview.size) == report.THUMB_PX
 
 
 def test_store_of_a_sync_line_uploads_the_images_kept_in_redis(

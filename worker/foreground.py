@@ -41,6 +41,10 @@ from worker.start import (
 )
 from worker.validation import tally
 
+FOLLOW_S = 0.25
+"""How often a run reads its batch's progress (a few Redis reads): it ends this soon after
+the batch does. The display prints at its own pace."""
+
 out_console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -184,7 +188,7 @@ def wait(rt: Runtime, batch: str) -> status.Snapshot:
             display.update(snap)
             if snap.finished:
                 return snap
-            time.sleep(0.5 if display.interactive else 1.0)
+            time.sleep(FOLLOW_S)
 
 
 def print_summary(snap: status.Snapshot) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from jobs import download, policy, results
+from jobs import download, policy, report, results
 from jobs.errors import (
     DownloadError,
     ImageExpired,
@@ -69,6 +69,8 @@ def store(ctx: Context, rec: LineRecord) -> Transition:
             key = results.image_key(rec.batch, rec.id, k, image.extension)
             ctx.store.put_new(key, image.data, image.content_type, image.sha256)
             crash_point(settings, "mid_upload")
+            if rec.idx < report.PREVIEWS:
+                report.store_preview(ctx.store, rec.batch, rec.id, k, image.data)
             ref = ImageRef(
                 uri=ctx.store.uri(key),
                 sha256=image.sha256,
