@@ -14,7 +14,7 @@ second) are set as the case says, and prints, from that one run:
     plan/wall     ``plan``'s time estimate over the wall time: cold (configured limits and
                   latency) and learned (after the run, from what it taught Redis)
 
-    .venv/bin/python bench/throughput.py [catalog] [fleet] [big] [scaling] [webhooks]
+    .venv/bin/python bench/throughput.py [catalog] [bare] [fleet] [big] [scaling] [webhooks]
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ def cases() -> dict[str, Case]:
         # 200 catalog lines, 3 s jobs; the account allows 16 jobs and 10 requests/s, below
         # our defaults (64 and 20/s): the limiter has to find the real limits.
         "catalog": Case("catalog_200", 200, 3.0, 16, 10.0),
+        # The same without report previews: what orchestrating the batch alone costs.
+        "bare": Case(
+            "catalog_bare", 200, 3.0, 16, 10.0, settings={"IMAGEBATCH_REPORT_PREVIEWS": "0"}
+        ),
         "fleet": Case(
             "fleet_1000",
             1000,

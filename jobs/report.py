@@ -51,10 +51,6 @@ THUMB_PX = 320
 """The longest side of a preview: sharp on a 2x screen at the page's card size."""
 MAX_PIXELS = 64_000_000
 """A stored image larger than this is not decoded for a preview (the largest size is 1.5 MP)."""
-PREVIEWS = 200
-"""The images that get a preview: the first this many in manifest order. The store step makes
-them while the batch runs (every image of a line whose index is below this), so finalize
-only links them; what is missing then (a resumed batch, a failed write) finalize makes."""
 
 
 def report_key(batch: str) -> str:
@@ -72,7 +68,7 @@ def write_report(
     rows: Iterable[ResultRow],
     summary: Mapping[str, Any],
     *,
-    max_thumbnails: int = PREVIEWS,
+    max_thumbnails: int = 200,
     max_failures: int = 5000,
     units: Mapping[str, str] | None = None,
 ) -> str:

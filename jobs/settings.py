@@ -77,6 +77,11 @@ class CoreSettings(BaseSettings):
     """After Ctrl-C, how long ``run`` waits for paid jobs to land before it exits."""
     progress_interval_s: float = Field(default=30.0, gt=0)
     """When output is not a terminal, a progress line this often (and at each 10 %)."""
+    report_previews: int = Field(default=200, ge=0)
+    """Images with a preview in report.html: the first this many in manifest order (0: none).
+    The store step makes them while the batch runs (every image of a line whose index is below
+    this), so finalize only links them; what is missing then (a resumed batch, a failed
+    write) finalize makes."""
     result_ttl_s: int = Field(default=7 * 24 * 3600, ge=60)
     """How long a finished batch's summary stays in Redis for ``imagebatch status``."""
 

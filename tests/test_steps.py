@@ -761,7 +761,7 @@ def test_store_makes_the_report_previews_of_the_first_lines_while_their_bytes_ar
 ) -> None:
     ctx = context(rt, out)
     early = fetched(ctx, n=2)
-    late = early.evolve(idx=report.PREVIEWS, id="late-line")
+    late = early.evolve(idx=rt.settings.report_previews, id="late-line")
 
     storing.store(ctx, early)
     storing.store(ctx, late)
@@ -770,6 +770,20 @@ def test_store_makes_the_report_previews_of_the_first_lines_while_their_bytes_ar
     assert sorted(p.name for p in thumbs.iterdir()) == [f"{early.id}-0.webp", f"{early.id}-1.webp"]
     with Image.open(thumbs / f"{early.id}-0.webp") as preview:
         assert preview.format == "WEBP" and max(preview.size) == report.THUMB_PX
+
+
+def test_store_makes_no_preview_when_the_report_is_to_have_none(
+    redis_client: redis.Redis[bytes], redis_url: str, out: Path, sim: Simulator
+) -> None:
+    without = make_runtime(redis_url, sim, report_previews=0)
+    try:
+        ctx = context(without, out)
+        t = storing.store(ctx, fetched(ctx))
+    finally:
+        without.close()
+
+    assert t.status is LineStatus.SUCCEEDED
+    assert not (out / BATCH / "report").exists()
 
 
 def test_store_of_a_sync_line_uploads_the_images_kept_in_redis(

@@ -315,7 +315,8 @@ def report(batch_id: str, out: str | None, debug: bool) -> None:
         if summary is None:
             raise ConfigError(f"no finished batch {shown(batch_id)} there (pass --out)")
         rows = (ResultRow.model_validate_json(r) for _, r in results.rows_in_order(store, batch_id))
-        click.echo(write_report(store, batch_id, rows, summary))
+        previews = settings.report_previews
+        click.echo(write_report(store, batch_id, rows, summary, max_thumbnails=previews))
 
 
 for _command in COMMANDS:

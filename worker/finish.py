@@ -236,7 +236,7 @@ def _report(rt: Runtime, batch: str, summary: dict[str, Any]) -> None:
         rows = (
             ResultRow.model_validate_json(row) for _, row in results.rows_in_order(store, batch)
         )
-        write_report(store, batch, rows, summary)
+        write_report(store, batch, rows, summary, max_thumbnails=rt.settings.report_previews)
     except Exception:
         log.exception("batch %s: report.html could not be written", batch)
 

@@ -69,7 +69,7 @@ def store(ctx: Context, rec: LineRecord) -> Transition:
             key = results.image_key(rec.batch, rec.id, k, image.extension)
             ctx.store.put_new(key, image.data, image.content_type, image.sha256)
             crash_point(settings, "mid_upload")
-            if rec.idx < report.PREVIEWS:
+            if rec.idx < settings.report_previews:
                 report.store_preview(ctx.store, rec.batch, rec.id, k, image.data)
             ref = ImageRef(
                 uri=ctx.store.uri(key),
