@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from jobs.simulator import Simulator, SimulatorConfig
 from tests import servers
 from tests.harness import run_cli
 from tests.servers import ManagedProcess, S3Server
+from worker.state import State
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "afk_infrastructure_test_key"
@@ -432,3 +434,20 @@ def test_simulate_help_and_the_readme_agree_on_each_surface_and_the_simulator_se
                     timeout=10,
                 )
                 assert answer.status_code != 404, (name, where, answer.text)
+
+
+def test_health_answers_for_this_hosts_workers_however_many_share_it(
+    redis_client: redis.Redis[Any], redis_url: str
+) -> None:
+    env = {"IMAGEBATCH_BROKER_URL": redis_url}
+    state = State(redis.Redis.from_url(redis_url, decode_responses=True))
+
+    alone = run_cli("health", "--worker", env=env)
+    state.worker_alive(socket.gethostname(), 4242, ttl=60)
+    state.worker_alive(socket.gethostname(), 4243, ttl=60)
+    seen = run_cli("health", "--worker", env=env)
+
+    assert alone.returncode == 1 and "no heartbeat" in alone.stderr, alone.stderr
+    assert seen.returncode == 0 and seen.stdout.strip() == "ok", seen.stderr
+    assert state.workers_alive() == 2
+    assert run_cli("health", env={"IMAGEBATCH_BROKER_URL": "redis://127.0.0.1:9/0"}).returncode == 2

@@ -81,8 +81,8 @@ def test_fast_jobs_on_high_limits_are_bound_by_the_workers_alive(
     )
     one = plans.learned(quick, ["simulator"])
     state = State(text_client(redis_url))
-    for host in ("w1@a", "w2@b", "w3@c", "w4@d"):
-        state.worker_alive(host, ttl=60)
+    for host, pid in (("a", 1), ("a", 2), ("b", 1), ("c", 7)):  # two share a host
+        state.worker_alive(host, pid, ttl=60)
 
     four = plans.learned(quick, ["simulator"])
 

@@ -103,8 +103,14 @@ def jobs(provider: str) -> str:
     return f"{PREFIX}:jobs:{provider}"
 
 
-def worker(host: str) -> str:
-    return f"{PREFIX}:worker:{host}"
+def worker(host: str, pid: int) -> str:
+    """One worker process's heartbeat (several may share a host)."""
+    return f"{PREFIX}:worker:{host}:{pid}"
+
+
+def workers(host: str = "*") -> str:
+    """The heartbeats of every worker on ``host`` (a SCAN pattern; ``*``: the fleet)."""
+    return f"{PREFIX}:worker:{host}:*"
 
 
 def inbox_claim(name: str, sha256: str) -> str:

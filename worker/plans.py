@@ -29,7 +29,7 @@ POLLS_PER_JOB = 1.2
 """What a learned first poll costs on average: most jobs are done at the first look."""
 OVERHEAD_S = 2.0
 """Validating, seeding and finalizing a small batch."""
-JOBS_PER_WORKER_S = 40.0
+JOBS_PER_WORKER_S = 45.0
 """What one worker process orchestrates per second (submit, poll, fetch, check, store) when
 the provider is not the bound: bench/throughput.py's scaling case on 2 cores."""
 
@@ -91,8 +91,7 @@ def learned(settings: CoreSettings, names: list[str]) -> Known:
                 rate=float(limits["rate"]) if "rate" in limits else None,
                 latency_s=max(known) if known else None,
             )
-        workers = sum(1 for _ in client.scan_iter(match=keys.worker("*")))
-        return Known(max(1, workers), found)
+        return Known(max(1, state.workers_alive()), found)
     except redis.RedisError as exc:
         log.debug("no learned limits: %s", exc)
         return Known()

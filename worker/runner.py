@@ -10,6 +10,7 @@ A line whose seq moved on since dispatch is a stale copy and is skipped.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -87,7 +88,7 @@ class Heartbeat(threading.Thread):
             entries = list(self.running)
         if entries:
             self.rt.state.renew(entries, time.time() + lease)
-        self.rt.state.worker_alive(self.host, ttl=max(30.0, 3 * lease))
+        self.rt.state.worker_alive(self.host, os.getpid(), ttl=max(30.0, 3 * lease))
 
     def run(self) -> None:
         while not self.stopped.wait(self.rt.settings.lease_s / 3):

@@ -363,11 +363,14 @@ class State:
         found = self.client.hget(keys.jobs(provider), job_id)
         return keys.parse_member(found) if found else None
 
-    def worker_alive(self, host: str, ttl: float) -> None:
-        self.client.set(keys.worker(host), repr(time.time()), px=int(ttl * 1000))
+    def worker_alive(self, host: str, pid: int, ttl: float) -> None:
+        self.client.set(keys.worker(host, pid), repr(time.time()), px=int(ttl * 1000))
 
     def worker_seen(self, host: str) -> bool:
-        return bool(self.client.exists(keys.worker(host)))
+        return any(self.client.scan_iter(match=keys.workers(host)))
+
+    def workers_alive(self) -> int:
+        return sum(1 for _ in self.client.scan_iter(match=keys.workers()))
 
     # -- rows and blobs -----------------------------------------------------------------------
 
