@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -102,6 +103,8 @@ class Run:
     """``plan``'s estimate before the run, from the configured limits and latency."""
     plan_learned_s: float = 0.0
     """``plan``'s estimate after it, from what the run taught Redis."""
+    ledger_at_minute: dict[str, Any] | None = None
+    """The simulator's ledger one minute into the run (None for a shorter run)."""
 
 
 def env_for(
@@ -174,6 +177,7 @@ def run_batch(
             redis_cpu0, commands0 = server.cpu(), server.by_command()
             worker_cpu0 = [cpu_seconds(p.pid) for p in procs]
             started, started_wall = time.monotonic(), time.time()
+            at_minute: list[dict[str, Any]] = []
             cli_log = Path(tmp) / "cli.log"
             with cli_log.open("wb") as output:
                 cli = subprocess.Popen(
@@ -182,7 +186,10 @@ def run_batch(
                     stdout=output,
                     stderr=subprocess.STDOUT,
                 )
+                minute = threading.Timer(60.0, lambda: at_minute.append(sim.ledger()))
+                minute.start()
                 _, status, usage = os.wait4(cli.pid, 0)
+                minute.cancel()
             wall = time.monotonic() - started
             cli_cpu = usage.ru_utime + usage.ru_stime
             worker_cpu = [cpu_seconds(p.pid) - c for p, c in zip(procs, worker_cpu0, strict=True)]
@@ -217,6 +224,7 @@ def run_batch(
         started_wall,
         plan_cold,
         plan_learned,
+        at_minute[0] if at_minute else None,
     )
 
 

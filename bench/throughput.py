@@ -7,14 +7,16 @@ second) are set as the case says, and prints, from that one run:
     wall/ideal    wall time over the provider-bound ideal, max(ceil(N / cap) x latency,
                   N / rate): the best any client could do with one request per job
     polls/job     GET /v2/jobs/:id requests per job
-    429s          rate-limit answers the run provoked (the account's limits below ours)
+    429s          rate-limit answers the run provoked (the account's limits below ours),
+                  and those after the run's first minute
     cpu/1k        CPU-seconds per 1,000 images: workers + the run command + Redis
     redis/img     Redis commands per image (INFO commandstats: Celery's and imagebatch's,
                   including the ones run inside Lua scripts)
     plan/wall     ``plan``'s time estimate over the wall time: cold (configured limits and
                   latency) and learned (after the run, from what it taught Redis)
 
-    .venv/bin/python bench/throughput.py [catalog] [bare] [fleet] [big] [scaling] [webhooks]
+    .venv/bin/python bench/throughput.py [catalog] [bare] [limited] [fleet] [big] [scaling]
+                                         [webhooks]
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def cases() -> dict[str, Case]:
         # 200 catalog lines, 3 s jobs; the account allows 16 jobs and 10 requests/s, below
         # our defaults (64 and 20/s): the limiter has to find the real limits.
         "catalog": Case("catalog_200", 200, 3.0, 16, 10.0),
+        # The same account for longer: the 429s once the limiter has found its limits.
+        "limited": Case("limited_1000", 1000, 3.0, 16, 10.0),
         # The same without report previews: what orchestrating the batch alone costs.
         "bare": Case(
             "catalog_bare", 200, 3.0, 16, 10.0, settings={"IMAGEBATCH_REPORT_PREVIEWS": "0"}
@@ -154,13 +158,22 @@ def receiving(case: Case, server: Any, sim: Any, settings: dict[str, str]) -> It
         process.wait(20)
 
 
+def throttled_and_sent(ledger: dict[str, Any]) -> tuple[int, int]:
+    limited = ledger.get("rate_limited", {})
+    throttled = sum(int(v) for v in limited.values()) if isinstance(limited, dict) else 0
+    return throttled, sum(ledger["requests"].values())
+
+
 def report(case: Case, run: Run, ideal: float) -> str:
     ledger, summary = run.ledger, run.summary
     jobs = max(1, ledger["submits"])
     polls = sum(n for label, n in ledger["requests"].items() if label.startswith("GET /v2/jobs/"))
-    limited = ledger.get("rate_limited", {})
-    throttled = sum(int(v) for v in limited.values()) if isinstance(limited, dict) else 0
-    requests = sum(ledger["requests"].values())
+    throttled, requests = throttled_and_sent(ledger)
+    later = ""
+    if run.ledger_at_minute is not None:
+        early_throttled, early_sent = throttled_and_sent(run.ledger_at_minute)
+        after, sent = throttled - early_throttled, requests - early_sent
+        later = f", after the first minute {after} ({100 * after / max(1, sent):.1f}% of {sent})"
     images = (
         sum(job["images"] for job in ledger["jobs"] if job["status"] == "COMPLETED")
         or summary["succeeded"]
@@ -169,7 +182,7 @@ def report(case: Case, run: Run, ideal: float) -> str:
         f"{case.name:<12} {summary['succeeded']:>5} ok {summary['failed']:>3} failed · "
         f"wall {run.wall_s:6.1f}s ideal {ideal:6.1f}s → wall/ideal {run.wall_s / ideal:4.2f} · "
         f"polls/job {polls / jobs:4.2f} · 429s {throttled} "
-        f"({100 * throttled / max(1, requests):.1f}% of {requests} requests) · "
+        f"({100 * throttled / max(1, requests):.1f}% of {requests} requests{later}) · "
         f"cpu/1k {1000 * run.cpu_s / max(1, images):5.1f}s "
         f"({', '.join(f'{k} {v:.1f}' for k, v in run.cpu_by_process.items())}) · "
         f"redis/img {run.redis_commands / max(1, images):5.1f} · "

@@ -59,6 +59,9 @@ class CoreSettings(BaseSettings):
     download_max_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
     storage_deadline_s: float = Field(default=6 * 3600.0, gt=0)
     """How long a line whose images are ready waits out an output-store outage before failing."""
+    redis_outage_s: float = Field(default=300.0, gt=0)
+    """How long ``run`` rides out a Redis that stopped answering before it stops (with the
+    command that resumes the batch)."""
 
     worker_concurrency: int = Field(default=16, ge=1)
     visibility_timeout_s: int = Field(default=3600, ge=10)

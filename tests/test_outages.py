@@ -352,6 +352,70 @@ def relay(s3: S3Server) -> Iterator[SwitchableRelay]:
         running.close()
 
 
+def test_a_redis_gone_for_longer_than_run_waits_stops_it_with_the_command_that_resumes(
+    tmp_path: Path,
+) -> None:
+    lines = 24
+    manifest = write_manifest(tmp_path / "gone.jsonl", lines, "gone")
+    out = tmp_path / "out"
+    with (
+        persistent_redis() as server,
+        Simulator(SimulatorConfig(latency_s=1.0)) as sim,
+    ):
+        env = {
+            "IMAGEBATCH_BROKER_URL": server.url,
+            "IMAGEBATCH_APIFRAME_API_KEY": KEY,
+            "IMAGEBATCH_APIFRAME_BASE_URL": sim.base_url,
+            "IMAGEBATCH_APIFRAME_MAX_IN_FLIGHT": "4",
+            "IMAGEBATCH_OUT": str(out),
+            "IMAGEBATCH_REDIS_OUTAGE_S": "3",
+        }
+        worker = start_worker(env, "gone1", tmp_path / "worker-1.log")
+        argv = ("run", str(manifest), "--provider", "apiframe", "--batch-id", "gone")
+        running = subprocess.Popen(
+            [*CLI, *argv], env=cli_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        try:
+            # When Redis goes away once a few lines are done, and stays away
+            wait_for(
+                lambda: int(float(client.hget(keys.counters("gone"), "done") or 0)) >= 4,
+                60,
+                "the first lines",
+                interval=0.1,
+            )
+            server.stop()
+            _, err = running.communicate(timeout=60)
+        finally:
+            client.close()
+            if running.poll() is None:
+                running.kill()
+            stop(worker)
+        # Then `run` stops with exit 2 and one line: the setting, and the command that resumes
+        assert running.returncode == 2, err
+        assert "Traceback" not in err, err
+        [line] = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert "IMAGEBATCH_REDIS_OUTAGE_S" in line and "nothing is lost" in line, line
+        resume = line.split("resume with: ", 1)[1].split()
+        assert resume == ["imagebatch", *argv], resume
+
+        # ...and once Redis is back, that command finishes the batch, buying nothing twice
+        server.start()
+        worker = start_worker(env, "gone2", tmp_path / "worker-2.log")
+        try:
+            resumed = run_cli(*resume[1:], env=env, timeout=120)
+        finally:
+            stop(worker)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        ledger = sim.ledger()
+        with redis.Redis.from_url(server.url) as check:
+            outcome = read_local(out, "gone")
+            check_invariants(manifest, outcome, ledger, check, idempotent=True)
+    assert [row.status for row in outcome.rows] == ["succeeded"] * lines
+    assert ledger["submits"] == lines
+
+
 def test_a_storage_outage_mid_run_waits_for_storage_and_fails_no_line(
     tmp_path: Path, s3: S3Server, s3_bucket: str, relay: SwitchableRelay
 ) -> None:

@@ -32,6 +32,27 @@ def manifest(path: Path, count: int) -> Path:
     return path
 
 
+def fleet_env(redis_url: str, sim: Simulator, cap: int, out: Path, **extra: str) -> dict[str, str]:
+    """A fleet on the test Redis, APIFrame on the simulator with ``cap`` jobs in flight."""
+    return {
+        "IMAGEBATCH_BROKER_URL": redis_url,
+        "IMAGEBATCH_APIFRAME_BASE_URL": sim.base_url,
+        "IMAGEBATCH_APIFRAME_API_KEY": KEY,
+        "IMAGEBATCH_APIFRAME_MAX_IN_FLIGHT": str(cap),
+        "IMAGEBATCH_APIFRAME_REQUESTS_PER_SECOND": "200",
+        "IMAGEBATCH_OUT": str(out),
+        **extra,
+    }
+
+
+def submit_tiles(source: Path, batch: str, env: dict[str, str]) -> dict[str, str]:
+    submitted = run_cli(
+        "submit", str(source), "--provider", "apiframe", "--batch-id", batch, env=env
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    return env
+
+
 class Sampler(threading.Thread):
     """Samples Redis while a batch runs: line records held, and slots left idle while READY
     lines that are due wait (from the first job in flight on)."""
@@ -81,20 +102,8 @@ def test_a_batch_twenty_times_the_window_runs_with_redis_holding_only_the_window
     source = manifest(tmp_path / "tiles.jsonl", lines)
     out = tmp_path / "out"
     with Simulator(SimulatorConfig(latency_s=0.2, image_mode="tiny")) as sim:
-        env = {
-            "IMAGEBATCH_BROKER_URL": redis_url,
-            "IMAGEBATCH_APIFRAME_BASE_URL": sim.base_url,
-            "IMAGEBATCH_APIFRAME_API_KEY": KEY,
-            "IMAGEBATCH_APIFRAME_MAX_IN_FLIGHT": str(cap),
-            "IMAGEBATCH_APIFRAME_REQUESTS_PER_SECOND": "200",
-            "IMAGEBATCH_WINDOW": str(window),
-            "IMAGEBATCH_CHUNK_LINES": "50",
-            "IMAGEBATCH_OUT": str(out),
-        }
-        submitted = run_cli(
-            "submit", str(source), "--provider", "apiframe", "--batch-id", "tiles", env=env
-        )
-        assert submitted.returncode == 0, submitted.stderr
+        extra = {"IMAGEBATCH_WINDOW": str(window), "IMAGEBATCH_CHUNK_LINES": "50"}
+        env = submit_tiles(source, "tiles", fleet_env(redis_url, sim, cap, out, **extra))
         # When a worker runs it, with Redis sampled all along
         sampler = Sampler(redis_url, "tiles", "apiframe", cap)
         sampler.start()
@@ -133,18 +142,7 @@ def test_a_freed_slot_is_taken_at_once_by_a_waiting_line(
     source = manifest(tmp_path / "tiles.jsonl", lines)
     out = tmp_path / "out"
     with Simulator(SimulatorConfig(latency_s=0.4, latency_jitter_s=0.4, image_mode="tiny")) as sim:
-        env = {
-            "IMAGEBATCH_BROKER_URL": redis_url,
-            "IMAGEBATCH_APIFRAME_BASE_URL": sim.base_url,
-            "IMAGEBATCH_APIFRAME_API_KEY": KEY,
-            "IMAGEBATCH_APIFRAME_MAX_IN_FLIGHT": str(cap),
-            "IMAGEBATCH_APIFRAME_REQUESTS_PER_SECOND": "200",
-            "IMAGEBATCH_OUT": str(out),
-        }
-        submitted = run_cli(
-            "submit", str(source), "--provider", "apiframe", "--batch-id", "slots", env=env
-        )
-        assert submitted.returncode == 0, submitted.stderr
+        env = submit_tiles(source, "slots", fleet_env(redis_url, sim, cap, out))
         sampler = Sampler(redis_url, "slots", "apiframe", cap)
         sampler.start()
         workers = [

@@ -42,17 +42,14 @@ from worker.cli_common import (
 from worker.cli_services import COMMANDS
 from worker.environment import absolute_out, check_provider, environment
 from worker.foreground import (
-    Interrupted,
     begin,
     budget_of,
+    follow,
     header,
-    interruptible,
-    land,
     out_console,
     prepared,
     print_rejection,
     print_summary,
-    wait,
 )
 from worker.start import (
     spool,
@@ -111,11 +108,7 @@ def run(
             out_console.print(
                 f"{where} · out → {rt.store(target).uri(started.batch)}/", markup=False
             )
-            try:
-                with interruptible():
-                    snap = wait(rt, started.batch)
-            except Interrupted as stop:
-                land(rt, started.batch, target, stop.code)
+            snap = follow(rt, started.batch, target)
     sys.exit(print_summary(snap))
 
 
@@ -278,11 +271,7 @@ def retry(batch_id: str, out: str | None, provider: str | None, debug: bool) -> 
             click.echo(
                 f"retrying {started.retrying} lines of {store.uri(results.manifest_key(batch_id))}"
             )
-            try:
-                with interruptible():
-                    snap = wait(rt, batch_id)
-            except Interrupted as stop:
-                land(rt, batch_id, target, stop.code)
+            snap = follow(rt, batch_id, target)
     sys.exit(print_summary(snap))
 
 

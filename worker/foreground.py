@@ -49,6 +49,14 @@ out_console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+class RedisLost(Exception):
+    """Redis stopped answering for longer than ``IMAGEBATCH_REDIS_OUTAGE_S`` during ``run``."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds
+
+
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM during ``run``: stop submitting, let paid jobs land, exit 130/143."""
 
@@ -176,8 +184,8 @@ def wait(rt: Runtime, batch: str) -> status.Snapshot:
                 lost_since = None
             except (redis.ConnectionError, redis.TimeoutError):
                 lost_since = lost_since or time.monotonic()
-                if time.monotonic() - lost_since > 300:
-                    raise
+                if time.monotonic() - lost_since > rt.settings.redis_outage_s:
+                    raise RedisLost(time.monotonic() - lost_since) from None
                 time.sleep(1.0)
                 continue
             if snap is None:
@@ -205,6 +213,22 @@ def print_summary(snap: status.Snapshot) -> int:
             markup=False,
         )
     return snap.exit_code()
+
+
+def follow(rt: Runtime, batch: str, out: str) -> status.Snapshot:
+    """Wait for the batch as its user watches: Ctrl-C lands it; a Redis gone for too long
+    stops the command with the one that resumes it."""
+    try:
+        with interruptible():
+            return wait(rt, batch)
+    except Interrupted as stop:
+        land(rt, batch, out, stop.code)
+    except RedisLost as lost:
+        raise ConfigError(
+            f"Redis has not answered for {lost.seconds:.0f}s (IMAGEBATCH_BROKER_URL; "
+            "IMAGEBATCH_REDIS_OUTAGE_S); nothing is lost: when it is back, resume with: "
+            f"{resume_command(sys.argv, batch, out)}"
+        ) from None
 
 
 def resume_command(argv: list[str], batch: str, out: str) -> str:
