@@ -11,6 +11,7 @@ import redis
 
 from jobs.request import ImageRequest
 from jobs.settings import CoreSettings, Settings
+from jobs.storage import Store
 from worker import keys
 from worker.records import LineRecord, LineStatus
 from worker.runtime import Runtime
@@ -104,3 +105,16 @@ def put_line(state: State, rec: LineRecord, score: float | None = None) -> None:
 
 def runtime(redis_url: str, **values: Any) -> Runtime:
     return Runtime(settings(redis_url, **values))
+
+
+def record_reads(store: Store) -> list[str]:
+    """The keys ``store.get`` is asked for from now on, in order."""
+    reads: list[str] = []
+    original = store.get
+
+    def counting(key: str) -> bytes | None:
+        reads.append(key)
+        return original(key)
+
+    store.get = counting  # type: ignore[method-assign]
+    return reads

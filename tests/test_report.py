@@ -28,6 +28,7 @@ from jobs.request import ImageRef, ResultRow, RowError
 from jobs.settings import Settings
 from jobs.storage import LocalStore, Store, open_store
 from tests import servers
+from tests.runtime_support import record_reads
 from tests.servers import S3Server
 
 if TYPE_CHECKING:
@@ -404,14 +405,7 @@ def test_a_preview_made_while_the_batch_ran_is_linked_without_reading_the_image(
     mug = (tmp_path / BATCH / "images" / "sku-mug" / "0.png").read_bytes()
     assert store_preview(store, BATCH, "sku-mug", 0, mug)
     made = (tmp_path / BATCH / "report" / "thumbs" / "sku-mug-0.webp").read_bytes()
-    read: list[str] = []
-    original = store.get
-
-    def counting(key: str) -> bytes | None:
-        read.append(key)
-        return original(key)
-
-    store.get = counting  # type: ignore[method-assign]
+    read = record_reads(store)
     # When the report is written
     uri = write_report(store, BATCH, rows, SUMMARY)
     # Then the mug's image was never read again, its preview is the one made earlier, and the

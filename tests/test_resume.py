@@ -17,6 +17,7 @@ from pydantic import SecretStr
 from jobs import results
 from jobs.settings import Settings
 from jobs.storage import LocalStore
+from tests.runtime_support import record_reads
 from worker import keys, runtime, start
 from worker.records import ACTIVE, TABLE, LineRecord, LineStatus, Step
 from worker.runtime import Runtime
@@ -119,14 +120,7 @@ def test_a_resume_reads_every_part_file_once_and_retries_only_the_failed_lines(
         }
         rows[idx] = json.dumps(row)
     results.write_part(store, "cups", 0, rows)
-    reads: list[str] = []
-    original = store.get
-
-    def counting(key: str) -> bytes | None:
-        reads.append(key)
-        return original(key)
-
-    store.get = counting  # type: ignore[method-assign]
+    reads = record_reads(store)
     # When the batch is started again (Redis knows nothing of it)
     spooled = start.spool([source.read_bytes()])
     started = start.start_batch(rt, spooled, batch="cups", out=str(out), provider="apiframe")
@@ -185,14 +179,7 @@ def test_a_resume_reads_part_files_only_a_few_ahead_of_what_it_has_counted(
     store = LocalStore(str(tmp_path))
     for chunk in range(200):
         results.write_part(store, "big", chunk, {chunk * 1000: json.dumps({"status": "failed"})})
-    fetched: list[str] = []
-    original = store.get
-
-    def counting(key: str) -> bytes | None:
-        fetched.append(key)
-        return original(key)
-
-    store.get = counting  # type: ignore[method-assign]
+    fetched = record_reads(store)
     # When a resume has counted the first part's rows and paused
     parts = results.read_parts(store, "big", threads=4)
     first = next(parts)

@@ -37,9 +37,7 @@ def worker(ctx: click.Context) -> None:
 
     with user_errors():
         settings = settings_from_env()
-        if settings.broker_url is None:
-            raise ConfigError("no broker: set IMAGEBATCH_BROKER_URL (redis://...)")
-        app = configure(settings, settings.broker_url)
+        app = configure(settings, runtime.broker_url(settings))
         runtime.configure(settings)
         logs.for_worker()
         if settings.log_format == "json":
@@ -165,15 +163,15 @@ def health(of_worker: bool) -> None:
 @click.pass_context
 def flower(ctx: click.Context) -> None:
     """Celery Flower on imagebatch's app and broker (``pip install 'imagebatch[flower]'``)."""
+    from worker import runtime
     from worker.app import app, configure
 
     with user_errors():
         settings = settings_from_env()
-        if settings.broker_url is None:
-            raise ConfigError("no broker: set IMAGEBATCH_BROKER_URL (redis://...)")
+        broker = runtime.broker_url(settings)
         if importlib.util.find_spec("flower") is None:
             raise ConfigError("Flower is not installed: pip install 'imagebatch[flower]'")
-        configure(settings, settings.broker_url)
+        configure(settings, broker)
     app.start(["flower", *ctx.args])
 
 

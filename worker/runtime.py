@@ -32,6 +32,13 @@ Observer = Callable[["LineRecord", "Transition", "float | None"], None]
 """Called after every applied transition, with how long its step took when it was timed."""
 
 
+def broker_url(settings: CoreSettings) -> str:
+    """IMAGEBATCH_BROKER_URL, for the commands that only make sense with a fleet's broker."""
+    if settings.broker_url is None:
+        raise ConfigError("no broker: set IMAGEBATCH_BROKER_URL (redis://...)")
+    return settings.broker_url
+
+
 def redis_url(settings: CoreSettings) -> str:
     """The state store: IMAGEBATCH_REDIS_URL, else the broker's own Redis."""
     url = settings.redis_url or settings.broker_url
