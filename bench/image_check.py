@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from PIL import Image
 
-from jobs.imagecheck import BadImage, inspect
+from jobs.fetch.imagecheck import BadImage, inspect
 
 
 def pillow(data: bytes) -> None:

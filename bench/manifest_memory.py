@@ -17,8 +17,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from jobs.manifest import read_manifest
-from worker.start import file_chunks
+from jobs.manifest.parse import read_manifest
+from jobs.manifest.spool import file_chunks
 
 
 def write_manifest(path: Path, lines: int) -> None:

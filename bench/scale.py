@@ -22,9 +22,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.fleet import CLI, env_for, manifest, redis_server
-from jobs import results
+from jobs.output import layout, parts
 from jobs.storage import LocalStore
-from worker import keys
+from worker.redis import keys
 
 BATCH = "million"
 
@@ -88,9 +88,7 @@ def write_parts(out: Path, lines: int, chunk: int) -> None:
                 "completed_at": "2026-12-01T00:00:05Z",
             }
             rows[idx] = json.dumps(row, separators=(",", ":"))
-        store.put(
-            results.part_key(BATCH, first // chunk), results.encode_entries(rows), "text/plain"
-        )
+        store.put(layout.part_key(BATCH, first // chunk), parts.encode_entries(rows), "text/plain")
 
 
 def main() -> None:
@@ -126,8 +124,9 @@ def main() -> None:
         )
 
         from jobs.settings import Settings
-        from worker import finish, runtime
-        from worker.app import configure
+        from worker import runtime
+        from worker.batch import finish
+        from worker.celery.app import configure
 
         # Per-provider fields are generated from the registry: mypy does not know them.
         apiframe: dict[str, Any] = {"apiframe_api_key": "afk_bench"}

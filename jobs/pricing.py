@@ -1,17 +1,24 @@
 """What one image costs, in the unit its provider bills in, and how units convert.
 
 The price tables themselves live in each provider's registry entry
-(``jobs.providers.registry``); ``PRICES`` and ``CREDIT_UNITS`` here are views of it kept for
-callers that only need a price.
+(``jobs.registry``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
-from jobs.request import ImageRequest
+
+class Priced(Protocol):
+    """What a price depends on: a request's quality and how many images it asks for."""
+
+    @property
+    def quality(self) -> str | None: ...
+
+    @property
+    def n(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -21,7 +28,7 @@ class PriceTable:
     per_image: Mapping[str, float] = field(default_factory=dict)
     default_quality: str = "auto"
 
-    def cost(self, request: ImageRequest) -> float:
+    def cost(self, request: Priced) -> float:
         return self.price(request.quality, request.n)
 
     def price(self, quality: str | None, n: int) -> float:
@@ -69,11 +76,23 @@ class Money:
         return round(total, 6)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in ("PRICES", "CREDIT_UNITS"):
-        raise AttributeError(name)
-    from jobs.providers.registry import REGISTRY
+@dataclass
+class ProviderTotal:
+    """One provider's share of a batch: lines, images, and what they cost (or are estimated to
+    cost) in its own unit."""
 
-    if name == "PRICES":
-        return {spec.name: spec.prices for spec in REGISTRY.values()}
-    return {spec.name: spec.credit_unit for spec in REGISTRY.values()}
+    lines: int = 0
+    images: int = 0
+    credits: float = 0.0
+    unit: str = "credits"
+
+
+def money_of(by_provider: Mapping[str, ProviderTotal]) -> Money:
+    """Each provider's credits in its own currency: never adds one provider's credits to
+    another's, or to dollars."""
+    amounts: dict[str, float] = {}
+    for name, part in by_provider.items():
+        if part.credits:
+            key = currency(name, part.unit)
+            amounts[key] = round(amounts.get(key, 0.0) + part.credits, 6)
+    return Money(amounts)

@@ -10,18 +10,38 @@ edit here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, SecretStr, create_model
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from jobs.providers.base import ProviderConfig
-from jobs.providers.registry import REGISTRY, ProviderSpec
+from jobs.registry import REGISTRY, ProviderSpec
 
 __all__ = ["PROVIDER_NAMES", "ProviderConfig", "Settings"]
 
+WEBHOOK_PATH = "/webhooks/apiframe"
+"""Where ``imagebatch webhook`` receives APIFrame's deliveries, under ``IMAGEBATCH_WEBHOOK_URL``."""
+
 PROVIDER_NAMES = tuple(name for name, spec in REGISTRY.items() if not spec.builtin_simulator)
 """Every real provider (the built-in simulator is a registry entry too, but not a vendor)."""
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """What one adapter needs: where, who, how fast, how many at once."""
+
+    name: str
+    base_url: str
+    api_key: SecretStr | None
+    max_in_flight: int
+    requests_per_second: float
+    timeout_s: float
+    expected_latency_s: float = 15.0
+
+    def __repr__(self) -> str:
+        key = "set" if self.api_key is not None else "unset"
+        return f"ProviderConfig(name={self.name!r}, base_url={self.base_url!r}, api_key=<{key}>)"
 
 
 class CoreSettings(BaseSettings):
@@ -108,6 +128,12 @@ class CoreSettings(BaseSettings):
     crash_marker: str | None = None
     embedded_simulator_latency_s: float = Field(default=1.5, ge=0)
     """How long the simulator that ``run --provider simulator`` starts takes per job."""
+
+    def webhook_callback_url(self) -> str | None:
+        """The ``webhookUrl`` APIFrame submits carry: our public base URL plus our path."""
+        if not self.webhook_url:
+            return None
+        return self.webhook_url.rstrip("/") + WEBHOOK_PATH
 
     def provider_spec(self, name: str) -> ProviderSpec:
         return REGISTRY[name]

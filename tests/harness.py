@@ -17,9 +17,9 @@ from typing import Any
 
 import redis
 
+from jobs.output.rows import ResultRow
 from jobs.pricing import currency
-from jobs.providers.registry import REGISTRY
-from jobs.request import ResultRow
+from jobs.registry import REGISTRY
 
 CLI = [sys.executable, "-m", "worker"]
 FAST = {

@@ -9,13 +9,13 @@ from typing import Any
 
 import redis
 
-from jobs.request import ImageRequest
+from jobs.manifest.request import ImageRequest
 from jobs.settings import CoreSettings, Settings
 from jobs.storage import Store
-from worker import keys
-from worker.records import LineRecord, LineStatus
+from worker.lines.records import LineRecord, LineStatus
+from worker.redis import keys
+from worker.redis.state import State
 from worker.runtime import Runtime
-from worker.state import State
 
 BATCH = "b1"
 PROVIDER = "simulator"

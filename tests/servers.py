@@ -30,7 +30,7 @@ import redis
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from worker.embedded import die_with_parent
+from worker.celery.embedded import die_with_parent
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

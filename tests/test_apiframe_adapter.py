@@ -16,9 +16,9 @@ from jobs.errors import (
     PermanentProviderError,
     TransientProviderError,
 )
+from jobs.manifest.request import ImageRequest
 from jobs.providers.apiframe import APIFrame
 from jobs.providers.base import Finished, Pending, Submitted
-from jobs.request import ImageRequest
 from jobs.settings import ProviderConfig
 
 KEY = "afk_secret_key_123"

@@ -31,7 +31,7 @@ from tests.harness import (
     wait_for,
 )
 from tests.servers import free_port
-from worker import keys
+from worker.redis import keys
 
 CELERY = [sys.executable, "-m", "celery", "-A", "worker.app"]
 ROOT = Path(__file__).resolve().parent.parent

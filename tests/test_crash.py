@@ -21,7 +21,8 @@ import pytest
 import redis
 from pydantic import SecretStr
 
-from jobs import results
+from jobs.manifest.spool import spool
+from jobs.output import layout, parts
 from jobs.settings import Settings
 from jobs.simulator import Simulator, SimulatorConfig
 from tests.harness import (
@@ -35,9 +36,9 @@ from tests.harness import (
     wait_for,
 )
 from tests.servers import S3Server
-from worker import keys
-from worker.app import QUEUE
-from worker.faults import POINTS
+from worker.lines.faults import POINTS
+from worker.redis import keys
+from worker.redis.keys import QUEUE
 
 KEY = "afk_crash_test_key_0123456789abcdef"
 LINES = 30
@@ -170,12 +171,12 @@ def submit_requests(ledger: dict[str, Any]) -> int:
 
 def durable_ids(s3: S3Server, bucket: str, batch: str) -> set[str]:
     """Line ids whose row is in a part file (``runs/BATCH/.state/parts/``) as succeeded."""
-    prefix = f"runs/{results.part_key(batch, 0).rsplit('/', 1)[0]}/"
+    prefix = f"runs/{layout.part_key(batch, 0).rsplit('/', 1)[0]}/"
     ids = set()
     for page in s3.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
             data = s3.client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
-            for row in results.decode_entries(data).values():
+            for row in parts.decode_entries(data).values():
                 parsed = json.loads(row)
                 if parsed["status"] == "succeeded":
                     ids.add(parsed["id"])
@@ -304,9 +305,11 @@ def test_duplicate_delivery_changes_nothing(
     redis_client: redis.Redis[Any],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from worker import app as celery_app
-    from worker import runtime, start, status, tasks
-    from worker.embedded import in_process_worker
+    from worker import runtime
+    from worker.batch import start, status
+    from worker.celery import app as celery_app
+    from worker.celery import tasks
+    from worker.celery.embedded import in_process_worker
 
     # Given an in-process worker whose every dispatched task is sent twice
     manifest = write_manifest(tmp_path / "manifest.jsonl", 20)
@@ -340,7 +343,7 @@ def test_duplicate_delivery_changes_nothing(
         app = celery_app.configure(settings, redis_url)
 
         def run_batch(out: Path) -> Outcome:
-            spooled = start.spool([manifest.read_bytes()])
+            spooled = spool([manifest.read_bytes()])
             try:
                 started = start.start_batch(
                     rt, spooled, batch=batch, out=str(out), provider="apiframe"

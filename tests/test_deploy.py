@@ -791,7 +791,7 @@ def test_scaledobject_scales_the_workers_on_their_queues() -> None:
     assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
     assert spec["minReplicaCount"] >= 1
     assert "replicas" not in worker["spec"], "KEDA owns the worker count; apply would reset it"
-    from worker.app import QUEUE
+    from worker.redis.keys import QUEUE
 
     redis = [t for t in spec["triggers"] if t["type"] == "redis"]
     assert [t["metadata"]["listName"] for t in redis] == [QUEUE], "the queue workers consume"

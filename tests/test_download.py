@@ -18,8 +18,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from jobs.download import fetch, verify
 from jobs.errors import DownloadError, ImageMissing, ImageRefused
+from jobs.fetch.download import fetch, verify
 from jobs.providers.base import Artifact
 
 CDN = "https://cdn.example.com"

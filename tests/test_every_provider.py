@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from jobs.request import ResultRow
+from jobs.output.rows import ResultRow
 from jobs.simulator import Simulator, SimulatorConfig
 from tests.harness import check_invariants, read_local, run_batch, run_cli
 

@@ -27,7 +27,7 @@ from jobs.simulator import Simulator, SimulatorConfig
 from tests import servers
 from tests.harness import run_cli
 from tests.servers import ManagedProcess, S3Server
-from worker.state import State
+from worker.redis.state import State
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "afk_infrastructure_test_key"

@@ -14,11 +14,12 @@ import httpx
 import pytest
 
 from jobs.errors import TransientProviderError
-from jobs.manifest import Line, ProviderCheck, read_manifest, rejected_row_fields
+from jobs.manifest.parse import Line, ProviderCheck, read_manifest, rejected_row_fields
+from jobs.manifest.request import ImageRequest
+from jobs.output.rows import ResultRow
 from jobs.providers import build
 from jobs.providers.base import Provider
 from jobs.providers.http import check, retry_after
-from jobs.request import ImageRequest, ResultRow
 from jobs.settings import Settings
 
 NEXT = b'{"prompt": "the line after", "id": "after"}'

@@ -11,7 +11,7 @@ import redis
 
 from jobs.simulator import Simulator, SimulatorConfig
 from tests.harness import check_invariants, read_local, run_cli, start_worker, stop, wait_for
-from worker import keys
+from worker.redis import keys
 
 KEY = "afk_limits_test_key_0123456789"
 

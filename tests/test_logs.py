@@ -16,7 +16,7 @@ import redis
 from jobs.simulator import Simulator, SimulatorConfig
 from tests.harness import check_invariants, read_local, run_cli, start_worker, stop, wait_for
 from tests.test_secrets import leaks, new_key
-from worker import keys
+from worker.redis import keys
 
 LINE_FIELDS = ("batch", "line_id", "job_id", "provider", "step", "outcome")
 CONTEXT = ("batch", "line_id", "provider", "step")

@@ -1,4 +1,4 @@
-"""Every script in ``worker/lua/``, run through ``worker.state.State`` on the suite's real Redis.
+"""Every script in ``worker/redis/lua/``, run through ``State`` on the suite's real Redis.
 
 Each test builds the keys a script reads exactly as the runtime leaves them (``put_line``
 writes a record and its home zset the way ``admit``/``pump`` do) and asserts the whole effect:
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 
-from jobs.request import ResultRow
+from jobs.output.rows import ResultRow
 from tests.runtime_support import (
     BATCH,
     PROVIDER,
@@ -24,9 +24,9 @@ from tests.runtime_support import (
     seed_batch,
     text_client,
 )
-from worker import keys
-from worker.records import LineRecord, LineStatus, Transition
-from worker.state import State
+from worker.lines.records import LineRecord, LineStatus, Transition
+from worker.redis import keys
+from worker.redis.state import State
 
 MODEL = "gpt-image-1.5"
 LEASE = 30.0

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from jobs.manifest import MAX_LINE_BYTES, Line, physical_lines, read_manifest
-from jobs.request import ImageRequest
+from jobs.manifest.parse import MAX_LINE_BYTES, Line, physical_lines, read_manifest
+from jobs.manifest.request import ImageRequest
 
 
 def lines_of(data: bytes, chunk: int = 7) -> list[Line]:

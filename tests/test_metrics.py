@@ -22,17 +22,19 @@ from prometheus_client.samples import Sample
 from pydantic import SecretStr
 
 from jobs.errors import ConfigError, ImagebatchError
-from jobs.request import ImageRequest
+from jobs.manifest.request import ImageRequest
+from jobs.manifest.spool import spool
 from jobs.settings import Settings
 from jobs.simulator import Simulator, SimulatorConfig
 from tests.harness import check_invariants, read_local, wait_for
 from tests.servers import free_port
-from worker import fleet_metrics, keys, metrics
-from worker.app import QUEUE
-from worker.records import LimitEvent, LineRecord, LineStatus, Transition
+from worker.lines.endings import make_row
+from worker.lines.records import LimitEvent, LineRecord, LineStatus, Transition
+from worker.observability import fleet, metrics
+from worker.redis import keys
+from worker.redis.keys import QUEUE
+from worker.redis.state import State
 from worker.runtime import Runtime
-from worker.state import State
-from worker.steps import make_row
 
 KEY = "afk_metrics_test_key_0123456789abcdef"
 
@@ -198,9 +200,9 @@ def test_observer_is_thread_safe_and_a_line_bought_in_parts_counts_each_image_on
 
 
 def test_a_surprising_label_value_is_made_safe() -> None:
-    assert fleet_metrics.label("Failed (Weird Type!)") == "failed_weird_type"
-    assert fleet_metrics.label("x" * 100) == "x" * 40
-    assert fleet_metrics.label("") == "none"
+    assert fleet.label("Failed (Weird Type!)") == "failed_weird_type"
+    assert fleet.label("x" * 100) == "x" * 40
+    assert fleet.label("") == "none"
     t = Transition(LineStatus.FETCHED, outcome="image not there yet")
     assert metrics.outcome_label(t) == "image_not_there_yet"
 
@@ -292,7 +294,7 @@ def test_collector_says_redis_is_down_quickly_instead_of_failing_the_scrape() ->
         started = time.monotonic()
         assert value(m.registry, "imagebatch_redis_up") == 0
         assert value(m.registry, "imagebatch_in_flight", provider="apiframe") is None
-        assert time.monotonic() - started < fleet_metrics.SCRAPE_TIMEOUT_S + 1
+        assert time.monotonic() - started < fleet.SCRAPE_TIMEOUT_S + 1
         # the process's own metrics are still there
         assert value(m.registry, "process_cpu_seconds_total") is not None
     finally:
@@ -381,9 +383,10 @@ def write_manifest(path: Path, count: int) -> Path:
 def test_a_real_scrape_during_and_after_a_run_matches_the_summary(
     tmp_path: Path, redis_url: str, redis_client: redis.Redis[Any]
 ) -> None:
-    from worker import app as celery_app
-    from worker import runtime, start, status
-    from worker.embedded import in_process_worker
+    from worker import runtime
+    from worker.batch import start, status
+    from worker.celery import app as celery_app
+    from worker.celery.embedded import in_process_worker
 
     lines, batch = 16, "metered"
     manifest = write_manifest(tmp_path / "manifest.jsonl", lines)
@@ -412,7 +415,7 @@ def test_a_real_scrape_during_and_after_a_run_matches_the_summary(
         try:
             with in_process_worker(app, 8), metrics.serving(rt) as endpoint:
                 assert endpoint is not None
-                spooled = start.spool([manifest.read_bytes()])
+                spooled = spool([manifest.read_bytes()])
                 try:
                     started = start.start_batch(
                         rt, spooled, batch=batch, out=str(tmp_path / "out"), provider="apiframe"

@@ -22,7 +22,7 @@ import pytest
 
 from jobs.settings import CoreSettings, Settings
 from tests.harness import run_batch
-from worker import notify
+from worker.batch import notify
 
 ROOT = Path(__file__).resolve().parent.parent
 CATALOG = ROOT / "examples" / "catalog.jsonl"
@@ -135,7 +135,7 @@ def test_a_500_is_retried_and_the_same_delivery_then_lands(
     receiver: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     rx = receiver(500, 503, 200)
-    with caplog.at_level(logging.INFO, logger="worker.notify"):
+    with caplog.at_level(logging.INFO, logger="worker.batch.notify"):
         assert notify.send(settings_for(rx.url), SUMMARY) is True
     assert len(rx.requests) == 3
     assert len({r.body for r in rx.requests}) == 1
@@ -186,7 +186,7 @@ def test_at_exit_pending_deliveries_get_a_bounded_wait(
     notify.send_later(settings_for(hung.url), SUMMARY)
     hung.wait_for(1)
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="worker.notify"):
+    with caplog.at_level(logging.WARNING, logger="worker.batch.notify"):
         notify._at_exit()
     assert time.monotonic() - started < 1.5
     assert "not yet delivered" in caplog.text
@@ -196,14 +196,14 @@ def test_without_a_secret_it_is_sent_unsigned_with_a_warning(
     receiver: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     rx = receiver(200)
-    with caplog.at_level(logging.WARNING, logger="worker.notify"):
+    with caplog.at_level(logging.WARNING, logger="worker.batch.notify"):
         assert notify.send(settings_for(rx.url, secret=None), SUMMARY) is True
     assert "X-Imagebatch-Signature" not in rx.requests[0].headers
     assert "set IMAGEBATCH_NOTIFY_SECRET" in caplog.text
 
 
 def test_an_unusable_url_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.ERROR, logger="worker.notify"):
+    with caplog.at_level(logging.ERROR, logger="worker.batch.notify"):
         assert notify.send(settings_for("ftp://127.0.0.1/x"), SUMMARY) is False
         assert notify.send(settings_for("http://"), SUMMARY) is False
     assert "IMAGEBATCH_NOTIFY_URL" in caplog.text

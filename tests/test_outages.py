@@ -42,7 +42,7 @@ from tests.harness import (
     wait_for,
 )
 from tests.servers import ManagedProcess, S3Server
-from worker import keys
+from worker.redis import keys
 
 pytestmark = pytest.mark.fault
 

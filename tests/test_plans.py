@@ -10,11 +10,11 @@ import pytest
 import redis
 
 from jobs.settings import CoreSettings
+from jobs.validate import Plan, tally
 from tests.harness import run_cli
 from tests.runtime_support import settings, text_client
-from worker import plans
-from worker.state import State
-from worker.validation import Plan, tally
+from worker.batch import estimate as plans
+from worker.redis.state import State
 
 LINES = [json.dumps({"id": f"p{n}", "prompt": f"a chair, view {n}"}).encode() for n in range(200)]
 

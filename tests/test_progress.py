@@ -29,7 +29,7 @@ from tests.harness import (
     stop,
     wait_for,
 )
-from worker import keys
+from worker.redis import keys
 
 LINES = 45
 INTERVAL_S = 5.0

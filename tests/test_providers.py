@@ -32,7 +32,6 @@ import pytest
 from jsonschema import Draft202012Validator, FormatChecker
 from pydantic import SecretStr
 
-from jobs.download import fetch
 from jobs.errors import (
     AmbiguousSubmit,
     BatchStop,
@@ -40,9 +39,10 @@ from jobs.errors import (
     PermanentProviderError,
     TransientProviderError,
 )
+from jobs.fetch.download import fetch
+from jobs.manifest.request import ImageRequest
 from jobs.providers import build, create, names
 from jobs.providers.base import Artifact, Finished, Pending, Provider, SubmitOutcome, Submitted
-from jobs.request import ImageRequest
 from jobs.settings import PROVIDER_NAMES, Settings
 from jobs.simulator import Faults, Simulator, SimulatorConfig
 

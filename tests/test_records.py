@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from jobs.request import ResultRow
+from jobs.output.rows import ResultRow
 from tests.runtime_support import request_json
-from worker.records import (
+from worker.lines.records import (
     ACTIVE,
     TABLE,
     TERMINAL,

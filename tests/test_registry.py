@@ -16,15 +16,15 @@ from click.testing import CliRunner
 from jsonschema import Draft202012Validator
 from pydantic import SecretStr
 
-from jobs.providers import build
+from jobs.manifest.request import ImageRequest, Quality
+from jobs.providers import adapter_class, build, build_adapter
 from jobs.providers.base import Finished, Submitted
-from jobs.providers.registry import REGISTRY, SPECS, ProviderSpec
-from jobs.request import ImageRequest, Quality
+from jobs.registry import REGISTRY, SPECS, ProviderSpec
 from jobs.settings import PROVIDER_NAMES, Settings
 from jobs.simulator import Simulator, SimulatorConfig
 from jobs.simulator.openai_style import DIALECTS
-from worker import logs
 from worker.cli import main
+from worker.observability import logs
 
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 SURFACES = frozenset({"apiframe"} | {dialect.provider for dialect in DIALECTS})
@@ -170,7 +170,7 @@ def test_the_built_in_simulator_sends_bodies_apiframe_s_schema_accepts() -> None
 def test_every_adapter_class_resolves_and_satisfies_the_provider_protocol(
     spec: ProviderSpec,
 ) -> None:
-    cls = spec.adapter_class()
+    cls = adapter_class(spec)
 
     for flag in ("polled", "webhooks", "idempotent_submit"):
         assert isinstance(getattr(cls, flag), bool), flag
@@ -179,7 +179,7 @@ def test_every_adapter_class_resolves_and_satisfies_the_provider_protocol(
     for method in ("validate", "estimate", "submit", "poll", "close"):
         assert callable(getattr(cls, method)), method
     assert not cls.webhooks or cls.polled  # a webhook reports on a job that is polled otherwise
-    adapter = spec.build(settings().provider_config(spec.name))
+    adapter = build_adapter(spec, settings().provider_config(spec.name))
     try:
         assert adapter.name == spec.name
     finally:
@@ -207,7 +207,7 @@ def test_every_provider_s_simulator_surface_is_served_by_the_simulator(
     finally:
         adapter.close()
 
-    assert isinstance(outcome, Submitted if spec.adapter_class().polled else Finished)
+    assert isinstance(outcome, Submitted if adapter_class(spec).polled else Finished)
 
 
 # -- the command line lists what the registry holds -------------------------------------------

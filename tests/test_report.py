@@ -23,8 +23,8 @@ from urllib.parse import unquote, urlsplit
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from jobs.report import store_preview, write_report
-from jobs.request import ImageRef, ResultRow, RowError
+from jobs.output.report import store_preview, write_report
+from jobs.output.rows import ImageRef, ResultRow, RowError
 from jobs.settings import Settings
 from jobs.storage import LocalStore, Store, open_store
 from tests import servers

@@ -14,14 +14,17 @@ import pytest
 import redis
 from pydantic import SecretStr
 
-from jobs import results
+from jobs.manifest.spool import spool
+from jobs.output import layout, parts
 from jobs.settings import Settings
 from jobs.storage import LocalStore
 from tests.runtime_support import record_reads
-from worker import keys, runtime, start
-from worker.records import ACTIVE, TABLE, LineRecord, LineStatus, Step
+from worker import runtime
+from worker.batch import start
+from worker.dispatch.scheduler import Scheduler
+from worker.lines.records import ACTIVE, TABLE, LineRecord, LineStatus, Step
+from worker.redis import keys
 from worker.runtime import Runtime
-from worker.scheduler import Scheduler
 
 
 class Recorded:
@@ -65,7 +68,7 @@ def test_a_line_left_in_any_status_is_dispatched_for_the_step_that_status_needs(
 ) -> None:
     # Given a batch whose one line a crash left in `status`, its lease long run out
     source = manifest(tmp_path / "cups.jsonl", 1)
-    spooled = start.spool([source.read_bytes()])
+    spooled = spool([source.read_bytes()])
     started = start.start_batch(
         rt, spooled, batch="cups", out=str(tmp_path / "out"), provider="apiframe"
     )
@@ -119,15 +122,15 @@ def test_a_resume_reads_every_part_file_once_and_retries_only_the_failed_lines(
             "error": None if status == "succeeded" else {"type": "job_failed", "message": "x"},
         }
         rows[idx] = json.dumps(row)
-    results.write_part(store, "cups", 0, rows)
+    parts.write_part(store, "cups", 0, rows)
     reads = record_reads(store)
     # When the batch is started again (Redis knows nothing of it)
-    spooled = start.spool([source.read_bytes()])
+    spooled = spool([source.read_bytes()])
     started = start.start_batch(rt, spooled, batch="cups", out=str(out), provider="apiframe")
     Path(spooled.path).unlink()
     # Then the part file was read once, 5 lines are carried over, 1 retried with attempt 2,
     # and only the 3 lines without a stored success are in the window
-    assert reads.count(results.part_key("cups", 0)) == 1
+    assert reads.count(layout.part_key("cups", 0)) == 1
     assert (started.carried, started.retrying) == (5, 1)
     admitted = {rec.idx: rec for rec in rt.state.lines("cups")}
     assert sorted(admitted) == [5, 6, 7]
@@ -140,10 +143,10 @@ def test_a_step_that_outlives_its_lease_cannot_undo_the_copy_that_took_over(
 ) -> None:
     """The defect: a lease was released with a plain DEL, so a step that outlived its lease
     deleted the lease of the copy that took over. Now a dispatch's seq is its lease token."""
-    from worker.records import Transition
+    from worker.lines.records import Transition
 
     source = manifest(tmp_path / "cups.jsonl", 1)
-    spooled = start.spool([source.read_bytes()])
+    spooled = spool([source.read_bytes()])
     start.start_batch(rt, spooled, batch="cups", out=str(tmp_path / "out"), provider="apiframe")
     Path(spooled.path).unlink()
     state, member = rt.state, keys.member("cups", 0)
@@ -178,16 +181,16 @@ def test_a_resume_reads_part_files_only_a_few_ahead_of_what_it_has_counted(
     # Given 200 part files (a big batch's worth, each standing for a thousand rows)
     store = LocalStore(str(tmp_path))
     for chunk in range(200):
-        results.write_part(store, "big", chunk, {chunk * 1000: json.dumps({"status": "failed"})})
+        parts.write_part(store, "big", chunk, {chunk * 1000: json.dumps({"status": "failed"})})
     fetched = record_reads(store)
     # When a resume has counted the first part's rows and paused
-    parts = results.read_parts(store, "big", threads=4)
-    first = next(parts)
+    reading = parts.read_parts(store, "big", threads=4)
+    first = next(reading)
     time.sleep(0.5)
     # Then only a few parts were fetched ahead of it (memory does not grow with the batch),
     # and the rest still arrive, each once and in order
     assert first == {0: json.dumps({"status": "failed"})}
     assert len(fetched) <= 2 * 4 + 1
-    rest = list(parts)
+    rest = list(reading)
     assert [min(part) for part in rest] == [chunk * 1000 for chunk in range(1, 200)]
     assert len(fetched) == 200

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import pytest
 import redis
 
 from jobs.errors import ConfigError
+from jobs.manifest.spool import default_batch_id
 from jobs.simulator import Simulator, SimulatorConfig
 from tests.harness import (
     CLI,
@@ -32,9 +32,9 @@ from tests.harness import (
     wait_for,
 )
 from tests.servers import S3Server
-from worker import inbox
-from worker.app import app
-from worker.start import default_batch_id
+from worker.celery import beat
+from worker.celery.app import app
+from worker.services.inbox import schedule as inbox
 
 KEY = "afk_schedule_test_key_0123456789"
 GOOD_1 = [f'{{"id": "mug-{i}", "prompt": "a mug, colour {i}", "quality": "low"}}' for i in range(3)]
@@ -148,7 +148,7 @@ def test_two_schedulers_at_once_submit_each_manifest_exactly_once(
     ]
     assert said(results, "refused") == {"broken.jsonl:": 1}
     assert sorted(r.returncode for r in results) == [0, 1]
-    assert "WARNING worker.inbox" in "".join(r.stderr for r in results)
+    assert "WARNING worker.services.inbox.schedule" in "".join(r.stderr for r in results)
     # One batch each, in Redis and in the output store, each started once.
     assert sorted(m.decode() for m in redis_client.smembers("ib:batches")) == sorted(batches)
     assert sorted(p.name for p in out.iterdir()) == sorted(batches)
@@ -335,14 +335,12 @@ def test_two_beats_fire_imagebatch_inbox_and_a_worker_submits_each_manifest_once
                     [*CLI, "schedule"], env=cli_env(env), stdout=handle, stderr=subprocess.STDOUT
                 )
             )
-    # Until worker/app.py includes worker.inbox, a worker must import it to know the task.
+    # A plain worker knows the inbox task: the Celery app includes its module.
     worker_log = tmp_path / "worker.log"
     with open(worker_log, "wb") as handle:
         worker = subprocess.Popen(
             [
-                sys.executable,
-                "-c",
-                "import worker.inbox; from worker.cli import main; main()",
+                *CLI,
                 "worker",
                 "--concurrency=4",
                 "--hostname=inbox-worker@%h",
@@ -389,7 +387,7 @@ def test_two_beats_fire_imagebatch_inbox_and_a_worker_submits_each_manifest_once
 def test_cron_expressions_become_celery_crontabs(
     expression: str, minute: set[int], hour: set[int], weekday: set[int]
 ) -> None:
-    cron = inbox.parse_cron(expression)
+    cron = beat.parse_cron(expression)
     assert (cron.minute, cron.hour, cron.day_of_week) == (minute, hour, weekday)
 
 
@@ -409,7 +407,7 @@ def test_a_bad_cron_expression_is_a_config_error_naming_the_setting(
     expression: str, says: str
 ) -> None:
     with pytest.raises(ConfigError) as caught:
-        inbox.parse_cron(expression)
+        beat.parse_cron(expression)
     assert caught.value.message.startswith("IMAGEBATCH_SCHEDULE ")
     assert says in caught.value.message
 
@@ -433,7 +431,7 @@ def test_the_schedule_command_exits_2_on_a_bad_setting(tmp_path: Path) -> None:
 
 def test_the_beat_entry_sends_imagebatch_inbox_with_the_pass_it_runs() -> None:
     target = inbox.Target("s3://b/inbox", "s3://b/out", "apiframe")
-    entry = inbox.beat_schedule(inbox.parse_cron("*/5 * * * *"), target)["imagebatch-inbox"]
+    entry = inbox.beat_entry(beat.parse_cron("*/5 * * * *"), target)["imagebatch-inbox"]
     assert entry["task"] == "imagebatch.inbox"
     assert entry["kwargs"] == {"inbox": "s3://b/inbox", "out": "s3://b/out", "provider": "apiframe"}
     assert entry["options"]["queue"] == "imagebatch"

@@ -14,14 +14,14 @@ from typing import Any
 import pytest
 import redis
 
-from jobs.request import ResultRow
+from jobs.output.rows import ResultRow
 from tests.runtime_support import BATCH, PROVIDER, put_line, record, runtime, seed_batch
-from worker import keys
-from worker.limiter import RAISE_EVERY_S, Limiter
-from worker.records import LineRecord, LineStatus, Step
+from worker.dispatch.limiter import RAISE_EVERY_S, Limiter
+from worker.dispatch.scheduler import GROUP, IDLE_S, Scheduler, groups
+from worker.lines.records import LineRecord, LineStatus, Step
+from worker.redis import keys
+from worker.redis.state import State
 from worker.runtime import Runtime
-from worker.scheduler import GROUP, IDLE_S, Scheduler, groups
-from worker.state import State
 
 CAP = 64
 RATE = 50.0

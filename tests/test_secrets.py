@@ -23,13 +23,14 @@ import pytest
 import redis
 
 from jobs.errors import ImagebatchError
-from jobs.providers.registry import REGISTRY
-from jobs.request import ImageRequest
+from jobs.manifest.request import ImageRequest
+from jobs.providers import adapter_class
+from jobs.registry import REGISTRY
 from jobs.settings import PROVIDER_NAMES, Settings
 from jobs.simulator import Faults, Simulator, SimulatorConfig
 from tests.harness import CLI, check_invariants, cli_env, read_s3, run_cli, stop, wait_for
 from tests.servers import S3Server
-from worker import keys
+from worker.redis import keys
 
 BATCH = "secrets"
 
@@ -329,8 +330,8 @@ def test_a_provider_error_that_quotes_the_key_does_not_carry_it_into_the_error(
     fields: dict[str, Any] = {f"{name}_api_key": key, f"{name}_base_url": "https://provider.test"}
     settings = Settings(**fields)
     config = settings.provider_config(name)
-    adapter_class = REGISTRY[name].adapter_class()
-    adapter = adapter_class(config, client=httpx.Client(transport=echoing(status)))  # type: ignore[call-arg]
+    cls = adapter_class(REGISTRY[name])
+    adapter = cls(config, client=httpx.Client(transport=echoing(status)))  # type: ignore[call-arg]
     # When a submit fails
     with pytest.raises(ImagebatchError) as caught:
         adapter.submit(ImageRequest(prompt="a kettle", quality="low"), "idem-key-1")

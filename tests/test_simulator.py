@@ -13,8 +13,9 @@ import httpx
 import pytest
 from PIL import Image, UnidentifiedImageError
 
-from jobs.pricing import PRICES, PriceTable
-from jobs.request import ImageRequest, Quality
+from jobs.manifest.request import ImageRequest, Quality
+from jobs.pricing import PriceTable
+from jobs.registry import REGISTRY
 from jobs.simulator import Faults, Simulator, SimulatorConfig
 
 KEY = "afk_test_key"
@@ -101,7 +102,7 @@ def oxen(sim: Simulator, **body: Any) -> httpx.Response:
 
 
 def cost(provider: str, quality: Quality | None = None, n: int = 1) -> float:
-    table: PriceTable = PRICES[provider]
+    table: PriceTable = REGISTRY[provider].prices
     return table.cost(ImageRequest(prompt="x", quality=quality, n=n))
 
 

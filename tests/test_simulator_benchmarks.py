@@ -15,8 +15,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from jobs.download import verify
 from jobs.errors import DownloadError
+from jobs.fetch.download import verify
 from jobs.simulator import Faults, Simulator, SimulatorConfig
 
 KEY = "afk_bench_key"

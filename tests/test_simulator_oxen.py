@@ -14,8 +14,8 @@ import pytest
 from jsonschema import Draft202012Validator
 from pydantic import SecretStr
 
+from jobs.manifest.request import ImageRequest
 from jobs.providers.oxen import FALLBACK_SCHEMA, Oxen
-from jobs.request import ImageRequest
 from jobs.settings import Settings
 from jobs.simulator import Faults, Simulator, SimulatorConfig
 from jobs.simulator.oxen_models import GPT_IMAGE_1_5_SCHEMA

@@ -17,8 +17,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from jobs.errors import ConfigError
+from jobs.manifest.sources import read_chunks
 from jobs.settings import Settings
-from jobs.sources import read_chunks
 from tests.servers import S3Server, free_port
 
 MANIFEST = b"".join(

@@ -21,15 +21,17 @@ import pytest
 import redis
 from PIL import Image
 
-from jobs import policy, report
+from jobs import policy
 from jobs.errors import JobFailed
+from jobs.output import report
 from jobs.providers.base import Artifact, Finished
 from jobs.simulator import Simulator, SimulatorConfig
 from tests.runtime_support import BATCH, put_line, record, runtime
-from worker import keys, steps, storing, webhook
-from worker.records import LimitEvent, LineRecord, LineStatus, Transition
+from worker.lines import steps, store
+from worker.lines.records import LimitEvent, LineRecord, LineStatus, Transition
+from worker.lines.steps import Context
+from worker.redis import keys
 from worker.runtime import Runtime
-from worker.steps import Context
 
 HTTP_RETRIES = 2
 SIMULATOR_PRICE = 24.0
@@ -723,7 +725,7 @@ def test_with_webhooks_polling_is_only_the_slow_fallback(
     fallback = hooked.settings.webhook_poll_s
     assert t.due_in == fallback and pending.due_in == fallback
     seen = httpx.get(f"{sim.base_url}/v2/jobs/{rec.job_id}", headers={"X-API-Key": SIM_KEY})
-    assert seen.json()["input"]["webhookUrl"] == webhook.callback_url(hooked.settings)
+    assert seen.json()["input"]["webhookUrl"] == hooked.settings.webhook_callback_url()
 
 
 # -- store ----------------------------------------------------------------------------------------
@@ -735,7 +737,7 @@ def test_store_uploads_every_image_with_its_checksum_and_ends_the_line(
     ctx = context(rt, out)
     rec = fetched(ctx, n=2, metadata={"sku": "1001"})
 
-    t = storing.store(ctx, rec)
+    t = store.store(ctx, rec)
 
     assert t.status is LineStatus.SUCCEEDED and t.row is not None
     row = t.row
@@ -763,8 +765,8 @@ def test_store_makes_the_report_previews_of_the_first_lines_while_their_bytes_ar
     early = fetched(ctx, n=2)
     late = early.evolve(idx=rt.settings.report_previews, id="late-line")
 
-    storing.store(ctx, early)
-    storing.store(ctx, late)
+    store.store(ctx, early)
+    store.store(ctx, late)
 
     thumbs = out / BATCH / "report" / "thumbs"
     assert sorted(p.name for p in thumbs.iterdir()) == [f"{early.id}-0.webp", f"{early.id}-1.webp"]
@@ -778,7 +780,7 @@ def test_store_makes_no_preview_when_the_report_is_to_have_none(
     without = make_runtime(redis_url, sim, report_previews=0)
     try:
         ctx = context(without, out)
-        t = storing.store(ctx, fetched(ctx))
+        t = store.store(ctx, fetched(ctx))
     finally:
         without.close()
 
@@ -794,7 +796,7 @@ def test_store_of_a_sync_line_uploads_the_images_kept_in_redis(
     (spec,) = rec.artifacts
     blob = rt.state.get_blob(spec["blob"])
 
-    t = storing.store(ctx, rec)
+    t = store.store(ctx, rec)
 
     assert t.row is not None and t.row.status == "succeeded"
     assert Path(t.row.images[0].uri).read_bytes() == blob
@@ -807,13 +809,13 @@ def test_an_image_not_on_the_cdn_yet_is_fetched_again_without_buying_again(
     rec = fetched(ctx)
     sim.update(faults={"cdn_lag": 1.0})
 
-    lagging = storing.store(ctx, rec)
+    lagging = store.store(ctx, rec)
 
     assert lagging.status is LineStatus.FETCHED and lagging.changes == {"misses": 1}
     assert lagging.due_in > 0
     assert not (out / BATCH / "images").exists()
 
-    t = storing.store(ctx, advance(rec, lagging))
+    t = store.store(ctx, advance(rec, lagging))
 
     assert t.status is LineStatus.SUCCEEDED
     assert submits(sim) == 1
@@ -829,7 +831,7 @@ def test_an_image_that_stays_missing_reads_the_job_again_for_fresh_urls(
         misses=rt.settings.download_retries,
     )
 
-    t = storing.store(ctx, stale)
+    t = store.store(ctx, stale)
 
     assert t.status is LineStatus.FETCHED and t.outcome == "fresh URLs"
     assert t.changes["artifacts"] == rec.artifacts
@@ -847,7 +849,7 @@ def test_a_missing_image_whose_job_is_gone_is_bought_again(
         misses=rt.settings.download_retries,
     )
 
-    t = storing.store(ctx, lost)
+    t = store.store(ctx, lost)
 
     assert t.status is LineStatus.READY and t.changes["attempt"] == 2
 
@@ -863,7 +865,7 @@ def test_a_missing_image_whose_job_cannot_be_read_now_is_looked_at_later(
     )
     sim.update(faults={"error_5xx": 1.0})  # the API is down; its CDN answers
 
-    t = storing.store(ctx, stale)
+    t = store.store(ctx, stale)
 
     assert t.status is LineStatus.FETCHED and t.outcome == "retry"
     assert t.changes == {"misses": rt.settings.download_retries + 1}
@@ -876,10 +878,10 @@ def test_an_expired_image_means_a_new_attempt_owned_up_to(
     rec = fetched(ctx)
     sim.update(cdn_ttl_s=0.0)  # purged from the CDN as soon as it finished
 
-    seen = [storing.store(ctx, rec)]
+    seen = [store.store(ctx, rec)]
     while seen[-1].status is LineStatus.FETCHED:  # 404s: looked at again, then the job re-read
         rec = advance(rec, seen[-1])
-        seen.append(storing.store(ctx, rec))
+        seen.append(store.store(ctx, rec))
         assert len(seen) <= 5
 
     t = seen[-1]
@@ -895,7 +897,7 @@ def test_an_inline_image_lost_before_it_was_stored_is_bought_again(
     rec = accepted(ctx, submitting("openai"))
     rt.state.client.delete(rec.artifacts[0]["blob"])  # its TTL ran out
 
-    t = storing.store(ctx, rec)
+    t = store.store(ctx, rec)
 
     assert t.status is LineStatus.READY
     assert t.changes["attempt"] == 2 and t.changes["artifacts"] == ()
@@ -910,7 +912,7 @@ def test_storage_trouble_waits_with_the_images_instead_of_failing(
     (out / BATCH).mkdir(parents=True)
     (out / BATCH / "images").write_text("a file where the folder should be")
 
-    t = storing.store(ctx, rec)
+    t = store.store(ctx, rec)
 
     assert t.status is LineStatus.FETCHED and t.row is None
     assert t.changes["tries"] == 1 and t.changes["artifacts"] == rec.artifacts
@@ -927,7 +929,7 @@ def test_storage_trouble_past_the_storage_deadline_fails_the_line(
     (out / BATCH).mkdir(parents=True)
     (out / BATCH / "images").write_text("a file where the folder should be")
 
-    t = storing.store(ctx, rec.evolve(fetched_at=long_ago))
+    t = store.store(ctx, rec.evolve(fetched_at=long_ago))
 
     assert t.row is not None and t.row.error is not None
     assert t.row.error.type == "storage_failed"
@@ -942,7 +944,7 @@ def test_an_image_key_taken_by_other_bytes_fails_the_line(
     taken.parent.mkdir(parents=True)
     taken.write_bytes(b"somebody else's image")
 
-    t = storing.store(ctx, rec)
+    t = store.store(ctx, rec)
 
     assert t.row is not None and t.row.error is not None
     assert t.row.error.type == "object_exists"
@@ -955,7 +957,7 @@ def test_a_store_that_ran_before_stores_the_same_bytes_again(
     ctx = context(rt, out)
     rec = fetched(ctx)
 
-    first, second = storing.store(ctx, rec), storing.store(ctx, rec)
+    first, second = store.store(ctx, rec), store.store(ctx, rec)
 
     assert first.row is not None and second.row is not None
     assert first.row.images == second.row.images
@@ -968,8 +970,8 @@ def test_a_truncated_download_is_tried_again_then_fails_the_line(
     rec = fetched(ctx)
     sim.update(faults={"cdn_truncated": 1.0})
 
-    retry = storing.store(ctx, rec)
-    last = storing.store(ctx, rec.evolve(tries=HTTP_RETRIES))
+    retry = store.store(ctx, rec)
+    last = store.store(ctx, rec.evolve(tries=HTTP_RETRIES))
 
     assert retry.status is LineStatus.FETCHED and retry.changes == {"tries": 1}
     assert last.row is not None and last.row.error is not None
@@ -984,13 +986,13 @@ def test_a_line_bought_in_parts_goes_back_for_the_next_part_and_keeps_the_first(
     rec = submitting("aimlapi", n=2)  # AI/ML API: one image per call
 
     first = accepted(ctx, rec)
-    part = storing.store(ctx, first)
+    part = store.store(ctx, first)
 
     assert part.status is LineStatus.READY and part.outcome == "next part"
     assert len(part.changes["images"]) == 1
 
     second = accepted(ctx, advance(first, part).evolve(status=LineStatus.SUBMITTING))
-    t = storing.store(ctx, second)
+    t = store.store(ctx, second)
 
     assert t.row is not None and t.row.status == "succeeded"
     assert [Path(image.uri).name for image in t.row.images] == ["0.png", "1.png"]

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from jobs.errors import ObjectExists, StorageError
-from jobs.s3store import S3Store
 from jobs.settings import Settings
 from jobs.storage import LocalStore, Store, open_store
+from jobs.storage.s3 import S3Store
 from tests.servers import S3Server
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8

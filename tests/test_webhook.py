@@ -14,6 +14,7 @@ import httpx
 import pytest
 import redis
 
+from jobs.settings import WEBHOOK_PATH
 from jobs.simulator import Simulator, SimulatorConfig
 from tests.runtime_support import (
     BATCH,
@@ -25,9 +26,11 @@ from tests.runtime_support import (
     settings,
 )
 from tests.servers import free_port
-from worker import keys, steps, webhook
-from worker.records import LineRecord, LineStatus, Transition
+from worker.lines import steps
+from worker.lines.records import LineRecord, LineStatus, Transition
+from worker.redis import keys
 from worker.runtime import Runtime
+from worker.services import webhook
 
 KEY = "afk_simulator"
 """The built-in simulator entry's API key: what APIFrame signs its webhooks with."""
@@ -103,8 +106,8 @@ def handle(receiver: webhook.Receiver, body: bytes, header: str | None = "") -> 
 def test_the_callback_url_is_the_public_base_url_and_the_webhook_path(
     rt: Runtime, port: int
 ) -> None:
-    assert webhook.callback_url(rt.settings) == f"http://127.0.0.1:{port}/webhooks/apiframe"
-    assert webhook.callback_url(settings(rt.settings.redis_url or "")) is None
+    assert rt.settings.webhook_callback_url() == f"http://127.0.0.1:{port}/webhooks/apiframe"
+    assert settings(rt.settings.redis_url or "").webhook_callback_url() is None
 
 
 def test_a_signed_completed_webhook_fetches_the_line_it_names(
@@ -252,7 +255,7 @@ def test_the_receiver_answers_only_its_path_and_its_health_check(served: str) ->
     assert httpx.get(served + "/healthz").status_code == 200
     assert httpx.get(served + "/").status_code == 404
     assert httpx.post(served + "/somewhere", content=b"{}").status_code == 404
-    unsigned = httpx.post(served + webhook.PATH, content=delivery())
+    unsigned = httpx.post(served + WEBHOOK_PATH, content=delivery())
     assert (unsigned.status_code, unsigned.json()) == (401, {"status": "bad signature"})
 
 
@@ -260,7 +263,7 @@ def test_a_refused_request_leaves_the_connection_usable_for_the_next(served: str
     with httpx.Client(base_url=served, timeout=5) as client:  # one kept-alive connection
         assert client.post("/somewhere", content=b"{}").status_code == 404
 
-        unsigned = client.post(webhook.PATH, content=delivery())
+        unsigned = client.post(WEBHOOK_PATH, content=delivery())
 
     assert unsigned.status_code == 401
 
@@ -268,7 +271,7 @@ def test_a_refused_request_leaves_the_connection_usable_for_the_next(served: str
 def test_the_receiver_refuses_a_body_over_its_cap_unread(served: str) -> None:
     host, _, port = served.removeprefix("http://").partition(":")
     head = (
-        f"POST {webhook.PATH} HTTP/1.1\r\nHost: {host}\r\n"
+        f"POST {WEBHOOK_PATH} HTTP/1.1\r\nHost: {host}\r\n"
         f"Content-Length: {webhook.MAX_BODY + 1}\r\n\r\n"
     )
     with socket.create_connection((host, int(port)), timeout=5) as sock:
@@ -283,7 +286,7 @@ def test_a_signed_delivery_over_http_advances_the_line(rt: Runtime, served: str)
     body = delivery()
 
     answer = httpx.post(
-        served + webhook.PATH, content=body, headers={"X-Webhook-Signature": signed(body)}
+        served + WEBHOOK_PATH, content=body, headers={"X-Webhook-Signature": signed(body)}
     )
 
     assert (answer.status_code, answer.json()) == (200, {"status": "applied"})

@@ -28,7 +28,7 @@ from tests.harness import (
     wait_for,
 )
 from tests.servers import free_port
-from worker import keys
+from worker.redis import keys
 
 KEY = "afk_webhook_test_key_0123456789"
 PATH = "/webhooks/apiframe"

@@ -10,60 +10,29 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from contextlib import AbstractContextManager
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import httpx
-import redis
 
 from jobs import providers
-from jobs.errors import ConfigError
 from jobs.providers.base import Provider
 from jobs.settings import CoreSettings, Settings
 from jobs.storage import Store, open_store
-from worker.state import State
+from worker.lines.records import LineRecord, Transition
+from worker.lines.steps import Context
+from worker.redis.connect import connect
+from worker.redis.state import State
 
-if TYPE_CHECKING:
-    from worker.records import LineRecord, Transition
-    from worker.runner import Heartbeat
-    from worker.steps import Context
-
-Observer = Callable[["LineRecord", "Transition", "float | None"], None]
+Observer = Callable[[LineRecord, Transition, float | None], None]
 """Called after every applied transition, with how long its step took when it was timed."""
 
 
-def broker_url(settings: CoreSettings) -> str:
-    """IMAGEBATCH_BROKER_URL, for the commands that only make sense with a fleet's broker."""
-    if settings.broker_url is None:
-        raise ConfigError("no broker: set IMAGEBATCH_BROKER_URL (redis://...)")
-    return settings.broker_url
+class Lease(Protocol):
+    """Keeps a running step's line leased while this process lives (``worker.dispatch.lease``)."""
 
-
-def redis_url(settings: CoreSettings) -> str:
-    """The state store: IMAGEBATCH_REDIS_URL, else the broker's own Redis."""
-    url = settings.redis_url or settings.broker_url
-    if url is None:
-        raise ConfigError("no broker: set IMAGEBATCH_BROKER_URL (redis://...)")
-    if url.startswith("redis+socket://"):
-        return "unix://" + url.removeprefix("redis+socket://")
-    return url
-
-
-def connect(settings: CoreSettings) -> redis.Redis[str]:
-    """A client that rides out short Redis restarts: reconnects and retries a call on a lost
-    connection, with timeouts so no thread hangs on a dead server."""
-    from redis.backoff import ExponentialBackoff
-    from redis.retry import Retry
-
-    return redis.Redis.from_url(
-        redis_url(settings),
-        decode_responses=True,
-        health_check_interval=10,
-        socket_timeout=30,
-        socket_connect_timeout=5,
-        retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), 5),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-    )
+    def holding(self, zset: str, member: str) -> AbstractContextManager[None]: ...
 
 
 class Runtime:
@@ -83,7 +52,7 @@ class Runtime:
             follow_redirects=False,
         )
         self.observers: list[Observer] = []
-        self.heartbeat: Heartbeat | None = None
+        self.heartbeat: Lease | None = None
         """This process's lease keeper, when it runs a worker (set by the worker bootstep)."""
 
     @property
@@ -134,9 +103,6 @@ class Runtime:
         return value
 
     def context(self, meta: dict[str, str]) -> Context:
-        from worker import webhook
-        from worker.steps import Context
-
         state, batch = self.state, meta.get("batch_id", "")
         ttl = self.settings.line_deadline_s + self.settings.storage_deadline_s
         return Context(
@@ -151,7 +117,7 @@ class Runtime:
             put_blob=lambda idx, k, data: state.put_blob(batch, idx, k, data, ttl),
             get_blob=state.get_blob,
             usd_rates=self.settings.usd_rates(),
-            webhook_url=webhook.callback_url(self.settings),
+            webhook_url=self.settings.webhook_callback_url(),
         )
 
     def observe(self, rec: LineRecord, t: Transition, seconds: float | None = None) -> None:
@@ -162,7 +128,7 @@ class Runtime:
         for adapter in self._providers.values():
             adapter.close()
         self.downloads.close()
-        self.state.client.close()
+        self.state.close()
 
 
 _current: Runtime | None = None

@@ -1,17 +1,30 @@
-"""Provider adapters by name, built from the registry (``jobs.providers.registry``)."""
+"""Provider adapters by name, built from the registry (``jobs.registry``)."""
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING
 
 from jobs.errors import ConfigError
-from jobs.providers.registry import REGISTRY, names
+from jobs.registry import REGISTRY, ProviderSpec, names
+from jobs.settings import ProviderConfig
 
 if TYPE_CHECKING:
     from jobs.providers.base import Provider
     from jobs.settings import CoreSettings
 
-__all__ = ["build", "create", "names"]
+__all__ = ["adapter_class", "build", "build_adapter", "create", "names"]
+
+
+def adapter_class(spec: ProviderSpec) -> type[Provider]:
+    """The adapter class a spec names (``module:Class``), imported on first use."""
+    module, _, name = spec.adapter.partition(":")
+    cls: type[Provider] = getattr(importlib.import_module(module), name)
+    return cls
+
+
+def build_adapter(spec: ProviderSpec, config: ProviderConfig) -> Provider:
+    return adapter_class(spec)(config)  # type: ignore[call-arg]
 
 
 def _known(name: str) -> None:
@@ -22,7 +35,7 @@ def _known(name: str) -> None:
 def build(name: str, settings: CoreSettings) -> Provider:
     """An adapter for validating and pricing; it may lack the key it needs to submit."""
     _known(name)
-    return REGISTRY[name].build(settings.provider_config(name))
+    return build_adapter(REGISTRY[name], settings.provider_config(name))
 
 
 def create(name: str, settings: CoreSettings) -> Provider:
@@ -44,4 +57,4 @@ def create(name: str, settings: CoreSettings) -> Provider:
             f"no provider key: set IMAGEBATCH_{name.upper()}_API_KEY, "
             "or use --provider simulator to try it out"
         )
-    return spec.build(config)
+    return build_adapter(spec, config)

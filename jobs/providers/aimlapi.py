@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from jobs.manifest.request import ImageRequest
 from jobs.providers.openai_style import SyncImageAPI, common_fields
-from jobs.request import ImageRequest
 
 MODEL_IDS = {"gpt-image-1.5": "openai/gpt-image-1-5"}
 

@@ -13,10 +13,10 @@ from typing import Any, ClassVar
 import httpx
 
 from jobs.errors import JobFailed, TransientProviderError
+from jobs.manifest.request import ImageRequest, overridden
 from jobs.providers.base import Artifact, Finished, Pending, PollOutcome, SubmitOutcome, Submitted
 from jobs.providers.http import check, json_object, make_client, send
-from jobs.providers.registry import REGISTRY
-from jobs.request import ImageRequest, overridden
+from jobs.registry import REGISTRY
 from jobs.settings import ProviderConfig
 from jobs.text import shown
 

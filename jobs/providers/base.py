@@ -9,26 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
-from pydantic import SecretStr
-
-from jobs.request import ImageRequest
-
-
-@dataclass(frozen=True)
-class ProviderConfig:
-    """What one adapter needs: where, who, how fast, how many at once."""
-
-    name: str
-    base_url: str
-    api_key: SecretStr | None
-    max_in_flight: int
-    requests_per_second: float
-    timeout_s: float
-    expected_latency_s: float = 15.0
-
-    def __repr__(self) -> str:
-        key = "set" if self.api_key is not None else "unset"
-        return f"ProviderConfig(name={self.name!r}, base_url={self.base_url!r}, api_key=<{key}>)"
+from jobs.manifest.request import ImageRequest
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from jobs.manifest.request import ImageRequest
 from jobs.providers.openai_style import SyncImageAPI, common_fields
-from jobs.request import ImageRequest
 
 
 class Omixa(SyncImageAPI):

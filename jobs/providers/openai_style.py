@@ -14,10 +14,10 @@ from typing import Any, ClassVar
 import httpx
 
 from jobs.errors import AmbiguousSubmit, JobFailed, TransientProviderError
+from jobs.manifest.request import ImageRequest, overridden
 from jobs.providers.base import Artifact, Finished, PollOutcome, SubmitOutcome
 from jobs.providers.http import check, json_object, make_client, send
-from jobs.providers.registry import REGISTRY
-from jobs.request import ImageRequest, overridden
+from jobs.registry import REGISTRY
 from jobs.settings import ProviderConfig
 
 SIZES = ("1024x1024", "1536x1024", "1024x1536")

@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 import httpx
 import jsonschema
 
+from jobs.manifest.request import ImageRequest
 from jobs.providers.openai_style import SyncImageAPI, common_fields
-from jobs.request import ImageRequest
 from jobs.settings import ProviderConfig
 
 log = logging.getLogger(__name__)

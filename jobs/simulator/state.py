@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from jobs.pricing import PRICES
-from jobs.request import ImageRequest
+from jobs.manifest.request import ImageRequest
+from jobs.registry import REGISTRY
 from jobs.simulator.config import SimulatorConfig
 from jobs.simulator.core import number
 
@@ -40,7 +40,7 @@ WEBHOOK_COUNTS = ("sent", "delivered", "failed", "dropped")
 def price(provider: str, quality: str | None, n: int) -> float:
     """The charge for ``n`` images, computed exactly as ``plan`` estimates it."""
     request = ImageRequest(prompt="x", quality=quality, n=n)  # type: ignore[arg-type]
-    cost: float = PRICES[provider].cost(request)
+    cost: float = REGISTRY[provider].prices.cost(request)
     return cost
 
 

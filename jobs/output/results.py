@@ -1,0 +1,110 @@
+"""What a finished batch adds up to, and the files users read: ``results.jsonl`` (one row per
+counted line, in manifest order), ``failed.jsonl`` (the lines to fix and run again) and the
+small JSON records (``summary.json``, ``.state/batch.json``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobs.output.layout import failed_key, results_key
+from jobs.pricing import Money, ProviderTotal, money_of
+from jobs.storage import Store
+
+
+@dataclass
+class Tally:
+    """Counts and money of the rows written, for summary.json (money never mixes units)."""
+
+    total: int = 0
+    by_status: dict[str, int] = field(
+        default_factory=lambda: {"succeeded": 0, "failed": 0, "rejected": 0}
+    )
+    by_provider: dict[str, ProviderTotal] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def money(self) -> Money:
+        return money_of(self.by_provider)
+
+    def add(self, row: Mapping[str, Any], unit_of: Callable[[str], str]) -> None:
+        self.total += 1
+        status = str(row["status"])
+        self.by_status[status] = self.by_status.get(status, 0) + 1
+        error = row.get("error")
+        if isinstance(error, dict) and status != "succeeded":
+            kind = str(error.get("type"))
+            self.failures[kind] = self.failures.get(kind, 0) + 1
+        provider = row.get("provider")
+        if not isinstance(provider, str) or status == "rejected":
+            return
+        totals = self.by_provider.get(provider)
+        if totals is None:
+            totals = self.by_provider[provider] = ProviderTotal(unit=unit_of(provider))
+        totals.lines += 1
+        totals.images += len(row.get("images") or ())
+        totals.credits += float(row.get("credits") or 0)
+
+
+def write_results(
+    store: Store,
+    batch: str,
+    rows: Iterable[tuple[int, str]],
+    manifest_lines: Iterator[bytes],
+    unit_of: Callable[[str], str],
+    total: int,
+) -> Tally:
+    """Stream rows (index order) into results.jsonl, and the failed and rejected lines, with
+    their reason in a ``#`` comment the manifest reader skips, into failed.jsonl.
+
+    ``manifest_lines`` yields the archived manifest's counted lines in order (their original
+    bytes), so a line in failed.jsonl is exactly what the user wrote, ready to fix.
+    Raises ``IncompleteBatch`` when a counted line has no row.
+    """
+    tally = Tally()
+    out_fd, out_path = tempfile.mkstemp(prefix="imagebatch-results-", suffix=".jsonl")
+    bad_fd, bad_path = tempfile.mkstemp(prefix="imagebatch-failed-", suffix=".jsonl")
+    try:
+        with os.fdopen(out_fd, "w", encoding="utf-8") as out, os.fdopen(bad_fd, "wb") as bad:
+            expected = 0
+            for idx, text in rows:
+                if idx != expected:
+                    raise IncompleteBatch(f"line index {expected} has no result row")
+                expected += 1
+                row = json.loads(text)
+                original = next(manifest_lines, b"")
+                tally.add(row, unit_of)
+                out.write(text + "\n")
+                if row["status"] != "succeeded":
+                    error = row.get("error") or {}
+                    reason = f"{error.get('type')}: {error.get('message')}".replace("\n", " ")
+                    bad.write(f"# line {row['line']}: {row['status']}: {reason}\n".encode())
+                    bad.write(original.rstrip(b"\r\n") + b"\n")
+            if expected != total:
+                raise IncompleteBatch(f"{total - expected} lines have no result row")
+        store.put_file(results_key(batch), out_path, "application/x-ndjson")
+        store.put_file(failed_key(batch), bad_path, "application/x-ndjson")
+    finally:
+        os.unlink(out_path)
+        os.unlink(bad_path)
+    return tally
+
+
+class IncompleteBatch(RuntimeError):
+    """Finalize found a counted line without a row: it must not write a results manifest."""
+
+
+def write_json(store: Store, key: str, value: Mapping[str, Any]) -> None:
+    store.put(key, json.dumps(value, indent=2).encode(), "application/json")
+
+
+def read_json(store: Store, key: str) -> dict[str, Any] | None:
+    data = store.get(key)
+    if data is None:
+        return None
+    value = json.loads(data)
+    return value if isinstance(value, dict) else None

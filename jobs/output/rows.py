@@ -1,0 +1,46 @@
+"""A result row (one per counted manifest line, in ``results.jsonl`` and the part files) and the
+images it points at."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+Status = Literal["succeeded", "failed", "rejected"]
+
+
+class ImageRef(BaseModel):
+    """One stored image, as the result row describes it."""
+
+    uri: str
+    sha256: str
+    bytes: int
+    content_type: str
+    width: int
+    height: int
+
+
+class RowError(BaseModel):
+    type: str
+    message: str
+    retryable: bool
+
+
+class ResultRow(BaseModel):
+    """One row of results.jsonl: exactly one per counted manifest line."""
+
+    line: int
+    id: str | None
+    status: Status
+    prompt: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    job_id: str | None = None
+    attempts: int = 0
+    credits: float = 0
+    images: list[ImageRef] = Field(default_factory=list)
+    error: RowError | None = None
+    metadata: dict[str, Any] | None = None
+    submitted_at: str | None = None
+    completed_at: str | None = None

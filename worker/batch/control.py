@@ -1,0 +1,51 @@
+"""Stopping a batch on purpose: Ctrl-C of the run that owns it (interrupt), ``imagebatch
+cancel``, and the drain that ends a stopped batch's unbought lines at once."""
+
+from __future__ import annotations
+
+from worker import transitions
+from worker.lines.endings import fail, stopped_error
+from worker.lines.records import BatchStatus, LineRecord, LineStatus
+from worker.runtime import Runtime
+
+
+def drain(rt: Runtime, batch: str) -> int:
+    """A stopped or cancelled batch: its READY lines (waiting for a slot) end now, failed
+    with the reason, instead of waiting for slots only to be refused."""
+    state = rt.state
+    meta = state.batch(batch)
+    if not meta or meta.get("status") == BatchStatus.RUNNING:
+        return 0
+    ended = 0
+    for rec in list(state.lines(batch)):
+        if rec.status is not LineStatus.READY:
+            continue
+        t = fail(rec, stopped_error(meta), outcome="drained")
+        if transitions.apply(rt, rec, t, meta=meta).applied:
+            ended += 1
+    return ended
+
+
+def interrupt(rt: Runtime, batch: str) -> None:
+    """Ctrl-C on ``run``: no new submits; lines already bought go on and land."""
+    rt.state.set_batch(batch, status=BatchStatus.INTERRUPTED)
+
+
+def cancel(rt: Runtime, batch: str) -> bool:
+    """Stop new submits: lines not yet submitted end ``failed`` (cancelled); paid jobs finish."""
+    meta = rt.state.batch(batch)
+    if not meta or meta.get("status") == BatchStatus.FINISHED:
+        return False
+    rt.state.set_batch(
+        batch,
+        status=BatchStatus.CANCELLED,
+        stop_reason="cancelled",
+        stop_message="the batch was cancelled",
+    )
+    rt.state.wake("stop")
+    return True
+
+
+def in_flight(rt: Runtime, batch: str) -> list[LineRecord]:
+    """The batch's lines that were bought and are not stored yet."""
+    return [rec for rec in rt.state.lines(batch) if rec.status is not LineStatus.READY]

@@ -1,0 +1,121 @@
+"""``plan``'s time estimate, from the same model the scheduler runs by: each provider's
+in-flight cap and request rate (submits and polls share it), and its expected job latency.
+Where the fleet's Redis already learned them (the account's real limits after its 429s, the
+jobs' latency, the workers alive), those count; else the configured ones. Providers run side
+by side, so the slowest one sets the time, unless the workers themselves are the bound (fast
+jobs, high limits)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+from jobs import providers
+from jobs.clock import duration
+from jobs.providers.base import Provider
+from jobs.settings import CoreSettings
+from jobs.validate import Plan
+from worker.redis.connect import RedisError, quick_client, redis_url
+from worker.redis.state import State
+
+__all__ = ["Adapters", "Known", "Learned", "duration", "estimate_seconds", "learned"]
+
+log = logging.getLogger(__name__)
+
+POLLS_PER_JOB = 1.2
+"""What a learned first poll costs on average: most jobs are done at the first look."""
+OVERHEAD_S = 2.0
+"""Validating, seeding and finalizing a small batch."""
+JOBS_PER_WORKER_S = 45.0
+"""What one worker process orchestrates per second (submit, poll, fetch, check, store) when
+the provider is not the bound: bench/throughput.py's scaling case on 2 cores."""
+
+
+class Adapters:
+    """Adapters for validating and pricing, one per provider (no key needed)."""
+
+    def __init__(self, settings: CoreSettings) -> None:
+        self.settings = settings
+        self.made: dict[str, Provider] = {}
+
+    def __call__(self, name: str) -> Provider:
+        if name not in self.made:
+            self.made[name] = providers.build(name, self.settings)
+        return self.made[name]
+
+
+@dataclass(frozen=True)
+class Learned:
+    """What earlier runs taught the fleet about one provider's account."""
+
+    cap: int | None = None
+    rate: float | None = None
+    latency_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Known:
+    """What the fleet's Redis knows: the workers alive, and what each account taught it."""
+
+    workers: int = 1
+    accounts: dict[str, Learned] = field(default_factory=dict)
+
+
+def learned(settings: CoreSettings, names: list[str]) -> Known:
+    """The workers, learned limits and latencies in the configured Redis; nothing without one,
+    or when it does not answer at once (``plan`` needs no Redis)."""
+    if settings.broker_url is None and settings.redis_url is None:
+        return Known()
+    state = State(quick_client(redis_url(settings), timeout=1.0))
+    try:
+        found = {}
+        for name in names:
+            limits = state.limits(name)
+            known = state.learned_latencies(name)
+            found[name] = Learned(
+                cap=int(float(limits["cap"])) if "cap" in limits else None,
+                rate=float(limits["rate"]) if "rate" in limits else None,
+                latency_s=max(known) if known else None,
+            )
+        return Known(max(1, state.workers_alive()), found)
+    except RedisError as exc:
+        log.debug("no learned limits: %s", exc)
+        return Known()
+    finally:
+        state.close()
+
+
+def latency_of(settings: CoreSettings, name: str) -> float:
+    spec = settings.provider_spec(name)
+    if spec.builtin_simulator and not settings.provider_config(name).base_url:
+        return settings.embedded_simulator_latency_s
+    return settings.provider_config(name).expected_latency_s
+
+
+def estimate_seconds(
+    settings: CoreSettings,
+    plan: Plan,
+    adapters: Adapters | None = None,
+    known: Known | None = None,
+) -> float:
+    adapters = adapters or Adapters(settings)
+    known = known or Known()
+    slowest = all_jobs = 0.0
+    for name, part in plan.by_provider.items():
+        config = settings.provider_config(name)
+        adapter = adapters(name)
+        per_request = adapter.max_images_per_request
+        jobs = part.images if per_request == 1 else part.lines
+        all_jobs += jobs
+        account = known.accounts.get(name, Learned())
+        latency = account.latency_s or latency_of(settings, name)
+        ceiling = min(config.max_in_flight, settings.worker_concurrency * 8)
+        cap = max(1, min(account.cap or ceiling, ceiling))
+        rate = min(account.rate or config.requests_per_second, config.requests_per_second)
+        requests = jobs * (1 + (POLLS_PER_JOB if adapter.polled else 0))
+        by_slots = math.ceil(jobs / cap) * latency
+        by_rate = requests / rate
+        slowest = max(slowest, by_slots, by_rate)
+    by_workers = all_jobs / (JOBS_PER_WORKER_S * known.workers)
+    return max(slowest, by_workers) + OVERHEAD_S if plan.valid else 0.0

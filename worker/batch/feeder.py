@@ -1,0 +1,140 @@
+"""The feeder: admits the archived manifest's next lines into the window as it frees up.
+
+Any worker may run it (``imagebatch.feed``); a token lock keeps two from reading at once, and
+the admission itself is a compare-and-set on the cursor (``admit.lua``), so a feed that runs
+twice, or late, admits nothing twice. Lines that already have a row (rejected at submit, or
+finished by an earlier run) are skipped by the batch's skip bitmap without being parsed. In a
+stopped or cancelled batch the lines not yet bought end at once, as failed rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from jobs.errors import ImagebatchError
+from jobs.manifest import parse
+from jobs.manifest.backlog import Cursor, lines_from
+from jobs.manifest.parse import Line
+from jobs.output import layout
+from jobs.output.rows import ResultRow
+from jobs.validate import Checker
+from worker.lines.endings import make_row, stopped_error
+from worker.lines.records import BatchStatus, LineRecord
+from worker.redis import keys
+from worker.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def feed(rt: Runtime, batch: str) -> int:
+    """Admit as many lines as the window has room for; returns how many were handled."""
+    lock = rt.state.lock(keys.lock(batch, "feed"), timeout=120)
+    if not lock.acquire(blocking=False):
+        return 0
+    try:
+        return _feed(rt, batch)
+    finally:
+        lock.release()
+
+
+def _feed(rt: Runtime, batch: str) -> int:
+    state, settings = rt.state, rt.settings
+    meta = state.batch(batch)
+    if not meta or "total" not in meta:
+        return 0
+    status = BatchStatus(meta["status"])
+    if status in (BatchStatus.FINISHED, BatchStatus.INTERRUPTED):
+        return 0
+    total, window = int(meta["total"]), int(meta["window"])
+    cursor = Cursor(int(meta["cursor_idx"]), int(meta["cursor_offset"]), int(meta["cursor_line"]))
+    done = int(state.counters(batch).get("done", 0))
+    running = status is BatchStatus.RUNNING
+    room = window - (int(meta.get("admitted", 0)) - done)
+    if not running:
+        room = settings.chunk_lines
+    if cursor.idx >= total or room <= 0:
+        return 0
+    store = rt.store(meta["out"])
+    key = layout.manifest_key(batch)
+    skip = SkipMap(rt, batch, total)
+    check = Checker(rt.provider, meta["provider"])
+    admitted: list[LineRecord] = []
+    ended: list[tuple[int, str, str]] = []
+    candidates: list[tuple[int, int, Line]] = []
+    last = cursor
+    for entry in lines_from(lambda start, end: store.get_range(key, start, end), cursor):
+        if len(candidates) + len(ended) >= room or entry.idx >= total:
+            break
+        last = Cursor(entry.idx + 1, entry.end, entry.number)
+        if skip.has(entry.idx):
+            continue
+        if entry.data is None:
+            continue  # over the size cap: rejected at submit, and in the skip bitmap
+        line = parse.parse_line(entry.number, entry.data, check)
+        if line.request is None:
+            # Valid when submitted, not now (a provider's schema changed): it ends here.
+            error = line.rejection or ImagebatchError("the line no longer validates")
+            row = manifest_rejection_row(line, error)
+            ended.append((entry.idx, "rejected", row))
+            continue
+        candidates.append((entry.idx, entry.number, line))
+    prior = state.prior_attempts(batch, [idx for idx, _, _ in candidates])
+    for idx, number, line in candidates:
+        assert line.request is not None
+        attempt = prior.get(idx, 0) + 1
+        rec = LineRecord(
+            batch=batch,
+            idx=idx,
+            line=number,
+            id=line.request.line_id,
+            provider=check.provider_of(line.request),
+            request_json=line.request.model_dump_json(exclude_none=True),
+            attempt=attempt,
+            first_attempt=attempt,
+        )
+        if running:
+            admitted.append(rec)
+        else:
+            ended.append(
+                (idx, "failed", make_row(rec, "failed", stopped_error(meta)).model_dump_json())
+            )
+    if last == cursor:
+        return 0
+    cursor_now = (last.idx, last.offset, last.line)
+    if not state.admit(batch, cursor.idx, cursor_now, admitted, ended, time.time()):
+        log.info("batch %s: another feed moved the cursor first", batch)
+        return 0
+    return len(admitted) + len(ended)
+
+
+class SkipMap:
+    """The batch's skip bitmap, fetched a block at a time as the feeder walks forward."""
+
+    BLOCK = 8 * 4096
+
+    def __init__(self, rt: Runtime, batch: str, total: int) -> None:
+        self.rt, self.batch, self.total = rt, batch, total
+        self.first: int | None = None
+        self.bits = b""
+
+    def has(self, idx: int) -> bool:
+        if self.first is None or not self.first <= idx < self.first + self.BLOCK:
+            self.first = idx - idx % 8
+            count = min(self.BLOCK, max(1, self.total - self.first))
+            self.bits = self.rt.state.skip_bits(self.batch, self.first, count)
+        byte = (idx - self.first) // 8
+        return byte < len(self.bits) and bool(self.bits[byte] & (0x80 >> (idx % 8)))
+
+
+def manifest_rejection_row(line: Line, error: ImagebatchError) -> str:
+    row = ResultRow.model_validate(
+        {
+            "line": line.number,
+            "id": line.id,
+            "status": "rejected",
+            "error": error.as_row_error(),
+            **parse.rejected_row_fields(line),
+        }
+    )
+    return row.model_dump_json()

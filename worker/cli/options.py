@@ -1,0 +1,106 @@
+"""What every ``imagebatch`` command shares: how errors end it (one line, exit 2; the
+traceback only with ``--debug``), where settings come from, and the common options."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NoReturn
+
+import click
+from pydantic import ValidationError
+
+from jobs import providers
+from jobs.errors import ConfigError, ImagebatchError
+from jobs.registry import REGISTRY
+from jobs.settings import PROVIDER_NAMES, CoreSettings, Settings
+from jobs.text import shown
+from worker.cli.session import err_console
+from worker.observability import logs
+from worker.redis.connect import Unavailable
+
+DEBUG = {"on": False}
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    err_console.print(f"error: {message}", markup=False)
+    sys.exit(code)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Configuration and infrastructure trouble ends the command with exit 2 and one line
+    (after the traceback, with ``--debug``)."""
+    try:
+        yield
+    except ConfigError as exc:
+        _trace()
+        fail(exc.message)
+    except ValidationError as exc:
+        _trace()
+        error = exc.errors()[0]
+        name = "IMAGEBATCH_" + "_".join(str(part) for part in error["loc"]).upper()
+        fail(f"invalid setting {name}: {error['msg']}")
+    except Unavailable as exc:
+        _trace()
+        fail(f"lost Redis ({type(exc).__name__}): check IMAGEBATCH_BROKER_URL and that it runs")
+    except ImagebatchError as exc:
+        _trace()
+        fail(exc.message)
+
+
+def _trace() -> None:
+    """``--debug``: the traceback of the error being handled, on stderr; the exit stays 2."""
+    if DEBUG["on"]:
+        traceback.print_exc(file=sys.stderr)
+
+
+def settings_from_env() -> CoreSettings:
+    settings = Settings()
+    logs.configure(settings, debug=DEBUG["on"])
+    return settings
+
+
+def choose_provider(settings: CoreSettings, option: str | None) -> str:
+    """--provider, else IMAGEBATCH_PROVIDER, else the one provider whose key is set."""
+    name = option or settings.provider
+    if name is not None:
+        if name not in REGISTRY:
+            raise ConfigError(
+                f"unknown provider {shown(name)}: use one of {', '.join(providers.names())}"
+            )
+        return name
+    keyed = [p for p in PROVIDER_NAMES if settings.provider_config(p).api_key is not None]
+    if len(keyed) == 1:
+        return keyed[0]
+    if keyed:
+        raise ConfigError(
+            f"keys are set for {', '.join(keyed)}: choose one with --provider "
+            "or IMAGEBATCH_PROVIDER"
+        )
+    raise ConfigError(
+        "no provider key: set IMAGEBATCH_APIFRAME_API_KEY, "
+        "or use --provider simulator to try it out"
+    )
+
+
+manifest_arg = click.argument("manifest")
+provider_opt = click.option("--provider", help=", ".join(REGISTRY))
+out_opt = click.option("--out", help="s3://bucket/prefix or a local directory [IMAGEBATCH_OUT]")
+batch_opt = click.option(
+    "--batch-id", help="default: the manifest's name and content, so the same command resumes"
+)
+strict_opt = click.option(
+    "--strict", is_flag=True, help="refuse the whole manifest if any line is bad"
+)
+credits_opt = click.option(
+    "--max-credits", type=float, help="stop submitting before this spend (the manifest's unit)"
+)
+usd_opt = click.option("--max-usd", type=float, help="stop submitting before this spend in USD")
+debug_opt = click.option("--debug", is_flag=True, help="show tracebacks")
+
+
+def set_debug(value: bool) -> None:
+    DEBUG["on"] = value

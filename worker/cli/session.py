@@ -1,0 +1,270 @@
+"""A batch run from the terminal: prepare it, start it, follow it with progress, and land
+it on Ctrl-C. ``run`` and ``submit`` are these steps in different orders; the CLI renders.
+"""
+
+from __future__ import annotations
+
+import shlex
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import NoReturn
+
+from rich.console import Console
+
+from jobs.errors import ConfigError, ImagebatchError
+from jobs.manifest.parse import Line
+from jobs.manifest.sources import read_chunks
+from jobs.manifest.spool import Spooled, default_batch_id, file_chunks, spool
+from jobs.registry import REGISTRY
+from jobs.settings import CoreSettings
+from jobs.storage import check_writable, open_store
+from jobs.text import shown
+from jobs.validate import tally
+from worker.batch import control, estimate, finish, status
+from worker.batch.start import Budget, Started, check_batch_id, start_batch
+from worker.celery import tasks
+from worker.cli.progress import Display
+from worker.redis.connect import Unavailable
+from worker.runtime import Runtime
+
+FOLLOW_S = 0.25
+"""How often a run reads its batch's progress (a few Redis reads): it ends this soon after
+the batch does. The display prints at its own pace."""
+
+out_console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class RedisLost(Exception):
+    """Redis stopped answering for longer than ``IMAGEBATCH_REDIS_OUTAGE_S`` during ``run``."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during ``run``: stop submitting, let paid jobs land, exit 130/143."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def print_rejection(source: str) -> Callable[[Line], None]:
+    def show(line: Line) -> None:
+        if line.rejection is not None:
+            err_console.print(
+                f"{shown(source)}:{line.number}: rejected: {shown(line.rejection.message, 300)}",
+                markup=False,
+            )
+
+    return show
+
+
+def budget_of(max_credits: float | None, max_usd: float | None) -> Budget | None:
+    if max_credits is not None and max_usd is not None:
+        raise ConfigError("give --max-credits or --max-usd, not both")
+    if max_usd is not None:
+        return Budget(max_usd, usd=True)
+    return Budget(max_credits) if max_credits is not None else None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a command checks before it starts anything: the manifest read (spooled), the
+    batch named, the output store written to."""
+
+    manifest: str
+    spooled: Spooled
+    batch: str
+    out: str
+
+
+@contextmanager
+def prepared(
+    settings: CoreSettings,
+    manifest: str,
+    out: str,
+    batch_id: str | None,
+    *,
+    provider: str,
+    strict: bool = False,
+) -> Iterator[Prepared]:
+    """Read the manifest and check the output location before Redis, the embedded worker or
+    the simulator start: a missing manifest or an unwritable bucket fails in a second, with
+    nothing started and nothing spent (``--strict`` refuses a bad manifest before the output
+    is touched). The spooled copy is removed when the block ends."""
+    spooled = spool(read_chunks(manifest, settings))
+    try:
+        batch = check_batch_id(batch_id or default_batch_id(manifest, spooled.sha256))
+        if strict:
+            checked = tally(
+                file_chunks(spooled.path),
+                estimate.Adapters(settings),
+                provider,
+                print_rejection(manifest),
+            )
+            if checked.rejected:
+                raise ConfigError(
+                    f"--strict: {checked.rejected} of {checked.lines} lines rejected; "
+                    "nothing was submitted"
+                )
+        check_writable(open_store(out, settings), out, batch)
+        yield Prepared(manifest, spooled, batch, out)
+    finally:
+        Path(spooled.path).unlink(missing_ok=True)
+
+
+def begin(
+    rt: Runtime,
+    ready: Prepared,
+    provider: str,
+    *,
+    strict: bool,
+    budget: Budget | None,
+) -> Started:
+    """Validate and start the batch (printing rejections); nothing is spent on error."""
+    rt.provider(provider)
+    started = start_batch(
+        rt,
+        ready.spooled,
+        batch=ready.batch,
+        out=ready.out,
+        provider=provider,
+        source=ready.manifest,
+        strict=strict,
+        budget=budget,
+        on_line=print_rejection(ready.manifest),
+    )
+    if started.complete:
+        tasks.send_finalize(started.batch)
+    return started
+
+
+def header(rt: Runtime, started: Started, provider: str) -> None:
+    plan = started.plan
+    spec = REGISTRY[provider]
+    out_console.print(
+        f"batch {started.batch} · {plan.lines} lines ({plan.valid} valid, {plan.rejected} "
+        f"rejected) · {provider} ({spec.description}) · est. {plan.estimate.describe()}",
+        markup=False,
+    )
+    if started.attached:
+        out_console.print("already running: following it", markup=False)
+    elif started.carried or started.retrying:
+        out_console.print(
+            f"resuming: {started.carried} lines already stored, {started.retrying} to retry",
+            markup=False,
+        )
+
+
+def wait(rt: Runtime, batch: str) -> status.Snapshot:
+    """Block until the batch is finalized, showing progress the way the output can take it."""
+    display = Display(out_console, rt.settings.progress_interval_s)
+    lost_since: float | None = None
+    with display:
+        while True:
+            try:
+                snap = status.from_redis(rt.state, batch)
+                lost_since = None
+            except Unavailable:
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > rt.settings.redis_outage_s:
+                    raise RedisLost(time.monotonic() - lost_since) from None
+                time.sleep(1.0)
+                continue
+            if snap is None:
+                raise ImagebatchError(
+                    f"batch {batch} vanished from Redis (was it flushed?); "
+                    "run the same command again to resume"
+                )
+            display.update(snap)
+            if snap.finished:
+                return snap
+            time.sleep(FOLLOW_S)
+
+
+def print_summary(snap: status.Snapshot) -> int:
+    summary = snap.summary or {}
+    out_console.print(
+        f"done · {snap.succeeded} succeeded · {snap.failed} failed · {snap.rejected} rejected · "
+        f"{snap.money.describe()} · {summary.get('results_uri')}",
+        markup=False,
+    )
+    if summary.get("ambiguous_submits"):
+        out_console.print(
+            f"warning: {summary['ambiguous_submits']} submits may have been "
+            "billed twice (connection lost after sending)",
+            markup=False,
+        )
+    return snap.exit_code()
+
+
+def follow(rt: Runtime, batch: str, out: str) -> status.Snapshot:
+    """Wait for the batch as its user watches: Ctrl-C lands it; a Redis gone for too long
+    stops the command with the one that resumes it."""
+    try:
+        with interruptible():
+            return wait(rt, batch)
+    except Interrupted as stop:
+        land(rt, batch, out, stop.code)
+    except RedisLost as lost:
+        raise ConfigError(
+            f"Redis has not answered for {lost.seconds:.0f}s (IMAGEBATCH_BROKER_URL; "
+            "IMAGEBATCH_REDIS_OUTAGE_S); nothing is lost: when it is back, resume with: "
+            f"{resume_command(sys.argv, batch, out)}"
+        ) from None
+
+
+def resume_command(argv: list[str], batch: str, out: str) -> str:
+    if "-" in argv[1:]:
+        return f"imagebatch retry {batch} --out {shlex.quote(out)}"
+    words = ["imagebatch", *argv[1:]]
+    if "--batch-id" not in words:
+        words += ["--batch-id", batch]
+    return shlex.join(words)
+
+
+def land(rt: Runtime, batch: str, out: str, code: int) -> NoReturn:
+    """After Ctrl-C: no new submits; wait (up to the grace period) for paid jobs to land."""
+    control.interrupt(rt, batch)
+    grace = rt.settings.interrupt_grace_s
+    err_console.print(
+        f"interrupted: no new submits; waiting up to {grace:.0f}s for paid jobs to land "
+        "(Ctrl-C again to stop now)",
+        markup=False,
+    )
+    deadline = time.monotonic() + grace
+    try:
+        while time.monotonic() < deadline and control.in_flight(rt, batch):
+            time.sleep(0.5)
+        finish.flush(rt, batch)
+    except KeyboardInterrupt:
+        pass
+    left = len(control.in_flight(rt, batch))
+    note = f" ({left} jobs in flight will be picked up again)" if left else ""
+    err_console.print(
+        f"stopped{note}; resume with: {resume_command(sys.argv, batch, out)}", markup=False
+    )
+    sys.exit(code)
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted(143)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)

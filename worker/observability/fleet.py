@@ -1,0 +1,154 @@
+"""The fleet's metrics, read from Redis at each scrape: every worker reports the same truth
+(``max`` them, do not ``sum``), in a handful of commands per scrape and none per line.
+
+    imagebatch_batch_lines{batch}                      counted lines of an active batch
+    imagebatch_batch_lines_done{batch}
+    imagebatch_batch_lines_ended{batch,status}         succeeded, failed, rejected
+    imagebatch_batch_credits{batch,currency}           "apiframe credits", "USD"…
+    imagebatch_batch_status{batch,status}              1 for the batch's status (running…)
+    imagebatch_in_flight{provider}                     lines holding a slot (ZCARD ib:flight:P)
+    imagebatch_waiting{provider}                       lines waiting for a slot (ZCARD ib:ready:P)
+    imagebatch_limit_cap{provider}                     the adaptive limiter's in-flight cap
+    imagebatch_limit_rate{provider}                    ... and its requests per second
+    imagebatch_limit_pause_seconds{provider}           what is left of a Retry-After pause
+    imagebatch_queue_depth{queue}                      Celery messages waiting (LLEN imagebatch)
+    imagebatch_redis_up                                0 when the fleet could not be read
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import time
+from collections.abc import Iterator
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from jobs.settings import CoreSettings
+from worker.redis.connect import RedisError, quick_client, redis_form, redis_url
+from worker.redis.keys import QUEUE
+from worker.redis.state import BatchView, ProviderView, State
+
+log = logging.getLogger(__name__)
+SCRAPE_TIMEOUT_S = 2.0
+ENDED = ("succeeded", "failed", "rejected")
+
+
+@functools.lru_cache(maxsize=4096)
+def label(value: object) -> str:
+    """A label value from the code's own words, made safe: lowercase ``[a-z0-9_]``, at most 40
+    characters, so a surprising value can never blow up cardinality or break a query."""
+    text = re.sub(r"[^a-z0-9_]+", "_", str(value).lower()).strip("_")
+    return text[:40] or "none"
+
+
+def current_limits(
+    view: ProviderView, settings: CoreSettings, now: float
+) -> tuple[int, float, float] | None:
+    """(cap, rate, pause left) as the scheduler's ``limiter.Limiter`` reads them: the saved
+    adaptive values, never above the configured ceilings; the ceilings before any 429."""
+    try:
+        config = settings.provider_config(view.provider)
+    except KeyError:
+        return None
+    saved = view.limits
+    cap = min(config.max_in_flight, max(1, int(float(saved.get("cap", config.max_in_flight)))))
+    rate = min(config.requests_per_second, float(saved.get("rate", config.requests_per_second)))
+    pause = max(0.0, float(saved.get("pause_until", 0)) - now)
+    return cap, rate, pause
+
+
+class FleetCollector(Collector):
+    """Reads the fleet's state from Redis at each scrape: every worker reports the same truth."""
+
+    def __init__(self, state: State, settings: CoreSettings, broker: State | None) -> None:
+        self.state, self.settings, self.broker = state, settings, broker
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("imagebatch_redis_up", "1 when the fleet's state could be read")
+        try:
+            fleet = self.state.fleet()
+            depth = None if self.broker is None else self.broker.queue_depth()
+        except (RedisError, OSError) as exc:
+            log.warning("metrics: cannot read the fleet's state from Redis: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from self._batches(fleet.batches)
+        yield from self._providers(fleet.providers)
+        if depth is not None:
+            queue = GaugeMetricFamily(
+                "imagebatch_queue_depth", "Celery messages waiting in the queue", labels=["queue"]
+            )
+            queue.add_metric([QUEUE], depth)
+            yield queue
+
+    def _batches(self, views: list[BatchView]) -> Iterator[Metric]:
+        lines = GaugeMetricFamily(
+            "imagebatch_batch_lines", "Counted lines of an active batch", labels=["batch"]
+        )
+        done = GaugeMetricFamily(
+            "imagebatch_batch_lines_done", "Lines of an active batch that ended", labels=["batch"]
+        )
+        ended = GaugeMetricFamily(
+            "imagebatch_batch_lines_ended",
+            "Lines of an active batch that ended, by status",
+            labels=["batch", "status"],
+        )
+        credits = GaugeMetricFamily(
+            "imagebatch_batch_credits",
+            "What an active batch's ended lines cost, by currency",
+            labels=["batch", "currency"],
+        )
+        status = GaugeMetricFamily(
+            "imagebatch_batch_status", "1 for an active batch's status", labels=["batch", "status"]
+        )
+        for view in views:
+            if view.total is not None:
+                lines.add_metric([view.batch], view.total)
+            done.add_metric([view.batch], view.counters.get("done", 0.0))
+            for name in ENDED:
+                ended.add_metric([view.batch, name], view.counters.get(name, 0.0))
+            for name, amount in sorted(view.counters.items()):
+                if name.startswith("credits:"):
+                    credits.add_metric([view.batch, name.removeprefix("credits:")], amount)
+            if view.status:
+                status.add_metric([view.batch, label(view.status)], 1)
+        yield from (lines, done, ended, credits, status)
+
+    def _providers(self, views: list[ProviderView]) -> Iterator[Metric]:
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"imagebatch_{name}", doc, labels=["provider"])
+
+        in_flight = gauge("in_flight", "Lines holding one of the provider's slots")
+        waiting = gauge("waiting", "Lines waiting for a slot of the provider")
+        cap = gauge("limit_cap", "The adaptive in-flight cap of the provider")
+        rate = gauge("limit_rate", "The adaptive request rate of the provider (per second)")
+        pause = gauge("limit_pause_seconds", "Seconds left of the provider's Retry-After pause")
+        now = time.time()
+        for view in views:
+            in_flight.add_metric([view.provider], view.in_flight)
+            waiting.add_metric([view.provider], view.waiting)
+            limits = current_limits(view, self.settings, now)
+            if limits is not None:
+                cap.add_metric([view.provider], limits[0])
+                rate.add_metric([view.provider], limits[1])
+                pause.add_metric([view.provider], limits[2])
+        yield from (in_flight, waiting, cap, rate, pause)
+
+
+def scrape_clients(settings: CoreSettings) -> tuple[State, State | None]:
+    """The state store, and the broker's Redis when it holds the Celery queue, on clients of
+    their own with short timeouts and no retries (a scrape never waits out a Redis outage)."""
+    state_url = redis_url(settings)
+    state = State(quick_client(state_url, SCRAPE_TIMEOUT_S))
+    broker_url = redis_form(settings.broker_url or "")
+    if broker_url == state_url:
+        return state, state
+    if broker_url.startswith(("redis://", "rediss://", "unix://")):
+        return state, State(quick_client(broker_url, SCRAPE_TIMEOUT_S))
+    return state, None  # another kind of broker: no queue depth

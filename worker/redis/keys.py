@@ -1,0 +1,138 @@
+"""Every Redis key imagebatch uses, built here and nowhere else (``B`` = batch id, ``P`` =
+provider, ``I`` = a line's index among the manifest's counted lines).
+
+Per batch (all removed by finalize, except the batch record with its summary):
+    ib:B              hash    the batch record: status, out, total, cursor, window, summary…
+    ib:B:n            hash    counters: done, succeeded, failed, rejected, credits:<currency>…
+    ib:B:l:I          hash    one line in the window (``worker.records.LineRecord``)
+    ib:B:rows         list    finished rows not yet written to a part file ("I<TAB>row json")
+    ib:B:skip         bitmap  lines that already have a row (rejected, or done in a past run)
+    ib:B:prior        hash    I -> attempts an earlier run made (numbering continues past them)
+    ib:B:blob:I:K     bytes   image K of line I, sent inline, kept until it is stored
+    ib:B:lock:NAME    string  feed / flush / finalize: one at a time per batch (token lock)
+
+Shared by every batch:
+    ib:batches        set     batches not yet finalized
+    ib:providers      set     providers with lines in the window
+    ib:ready:P        zset    READY lines "B I", by the time they may be submitted
+    ib:flight:P       zset    lines holding one of P's slots, by when they next need a step
+    ib:store          zset    FETCHED lines, by when their store step is due (or its lease ends)
+    ib:limit:P        hash    P's adaptive limits: cap, rate, pause_until, last decrease…
+    ib:latency:P:M    hash    learned job latency of model M at P (a running quantile)
+    ib:jobs:P         hash    provider job id -> "B I" (webhooks find their line)
+    ib:scheduler      string  the scheduler's leader lock (token lock)
+    ib:wake           list    events that should wake the scheduler at once
+    ib:worker:HOST    string  a worker's heartbeat (``imagebatch health --worker``)
+    ib:inbox:SHA:NAME string  an inbox manifest's claim (``worker.inbox``): state, owner, batch
+"""
+
+from __future__ import annotations
+
+PREFIX = "ib"
+QUEUE = "imagebatch"
+"""The Celery queue (a Redis list on the broker) every imagebatch task goes to."""
+
+BATCHES = f"{PREFIX}:batches"
+PROVIDERS = f"{PREFIX}:providers"
+STORE = f"{PREFIX}:store"
+SCHEDULER = f"{PREFIX}:scheduler"
+WAKE = f"{PREFIX}:wake"
+
+LINE_FORMAT = PREFIX + ":%s:l:%s"
+"""``LINE_FORMAT % (batch, idx)``; Lua scripts receive it so they can reach a member's line."""
+READY_FORMAT = PREFIX + ":ready:%s"
+"""``READY_FORMAT % provider``, for the feeder's Lua script."""
+
+
+def batch(b: str) -> str:
+    return f"{PREFIX}:{b}"
+
+
+def counters(b: str) -> str:
+    return f"{PREFIX}:{b}:n"
+
+
+def line(b: str, idx: int) -> str:
+    return LINE_FORMAT % (b, idx)
+
+
+def line_pattern(b: str) -> str:
+    return f"{PREFIX}:{b}:l:*"
+
+
+def rows(b: str) -> str:
+    return f"{PREFIX}:{b}:rows"
+
+
+def skip(b: str) -> str:
+    return f"{PREFIX}:{b}:skip"
+
+
+def prior(b: str) -> str:
+    return f"{PREFIX}:{b}:prior"
+
+
+def blob(b: str, idx: int, k: int) -> str:
+    return f"{PREFIX}:{b}:blob:{idx}:{k}"
+
+
+def lock(b: str, name: str) -> str:
+    return f"{PREFIX}:{b}:lock:{name}"
+
+
+def batch_pattern(b: str) -> str:
+    """Every key of one batch except its record (``ib:B``)."""
+    return f"{PREFIX}:{b}:*"
+
+
+def ready(provider: str) -> str:
+    return READY_FORMAT % provider
+
+
+def flight(provider: str) -> str:
+    return f"{PREFIX}:flight:{provider}"
+
+
+def limit(provider: str) -> str:
+    return f"{PREFIX}:limit:{provider}"
+
+
+def latency(provider: str, model: str) -> str:
+    return f"{PREFIX}:latency:{provider}:{model}"
+
+
+def jobs(provider: str) -> str:
+    return f"{PREFIX}:jobs:{provider}"
+
+
+def worker(host: str, pid: int) -> str:
+    """One worker process's heartbeat (several may share a host)."""
+    return f"{PREFIX}:worker:{host}:{pid}"
+
+
+def workers(host: str = "*") -> str:
+    """The heartbeats of every worker on ``host`` (a SCAN pattern; ``*``: the fleet)."""
+    return f"{PREFIX}:worker:{host}:*"
+
+
+def inbox_claim(name: str, sha256: str) -> str:
+    """By name and content, not the inbox's path: schedulers that mount one folder at
+    different paths agree, and the key matches the batch id derived from the same two."""
+    return f"{PREFIX}:inbox:{sha256}:{name}"
+
+
+RESERVED = frozenset(
+    {"batches", "providers", "ready", "flight", "store", "limit", "latency", "jobs"}
+    | {"scheduler", "wake", "worker", "inbox"}
+)
+"""Words of the shared keys: a batch with one of these ids would collide with them."""
+
+
+def member(b: str, idx: int) -> str:
+    """A line's member in the shared zsets."""
+    return f"{b} {idx}"
+
+
+def parse_member(value: str) -> tuple[str, int]:
+    b, _, idx = value.rpartition(" ")
+    return b, int(idx)

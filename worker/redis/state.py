@@ -1,0 +1,493 @@
+"""Typed access to imagebatch's Redis state: the keys of ``worker.keys``, the scripts of
+``worker/redis/lua``. Callers never build a key or send a raw command themselves.
+
+Every change that must not happen twice (a transition, an admission, a budget hold, a slot)
+is one Lua script, so concurrent workers and stale message copies cannot double count.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis.lock import Lock
+
+from jobs.pricing import currency
+from jobs.registry import REGISTRY
+from worker.lines.records import TABLE, Home, LineRecord, LineStatus, Transition, encode_changes
+from worker.redis import keys
+from worker.redis.claims import Claim
+
+LUA = Path(__file__).with_name("lua")
+
+
+def home_key(home: Home, provider: str) -> str:
+    if home is Home.READY:
+        return keys.ready(provider)
+    if home is Home.FLIGHT:
+        return keys.flight(provider)
+    if home is Home.STORE:
+        return keys.STORE
+    return "-"
+
+
+@dataclass(frozen=True)
+class Pumped:
+    """What ``pump.lua`` handed out for one provider."""
+
+    polls: list[tuple[str, int, int, LineStatus]]
+    """(batch, idx, seq, status) of due flight lines: polls, or steps whose lease ran out."""
+    submits: list[tuple[str, int, int]]
+    in_flight: int
+    next_flight: float | None
+    next_ready: float | None
+
+
+@dataclass(frozen=True)
+class Applied:
+    applied: bool
+    last: bool
+    """The batch's last line just ended: finalize it."""
+
+
+@dataclass(frozen=True)
+class BatchView:
+    batch: str
+    total: int | None
+    status: str
+    counters: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ProviderView:
+    provider: str
+    in_flight: int
+    waiting: int
+    limits: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Fleet:
+    batches: list[BatchView]
+    providers: list[ProviderView]
+
+
+class State:
+    """The Redis state store. Values come back as ``str`` (``decode_responses``)."""
+
+    def __init__(self, client: redis.Redis[str]) -> None:
+        self.client = client
+        self._scripts = {
+            path.stem: client.register_script(path.read_text()) for path in LUA.glob("*.lua")
+        }
+
+    def _run(self, name: str, keys_: list[str], args: list[Any]) -> Any:
+        return self._scripts[name](keys=keys_, args=args)
+
+    def ping(self) -> bool:
+        return bool(self.client.ping())
+
+    def close(self) -> None:
+        self.client.close()
+
+    def claim(self, key: str, lease_s: float) -> Claim | dict[str, Any] | None:
+        """Our claim on ``key`` (``keys.inbox_claim``), or what another holder's claim says
+        (None: it vanished meanwhile; try later)."""
+        return Claim.take(self.client, key, lease_s)
+
+    def lock(self, key: str, timeout: float) -> Lock:
+        """A token lock (redis-py's): one holder at a time, released by its holder only, gone
+        after ``timeout`` if the holder dies. ``key`` is one of ``keys``' lock names."""
+        return self.client.lock(key, timeout=timeout, thread_local=False)
+
+    # -- batches ------------------------------------------------------------------------------
+
+    def batch(self, b: str) -> dict[str, str]:
+        return self.client.hgetall(keys.batch(b))
+
+    def set_batch(self, b: str, **values: Any) -> None:
+        self.client.hset(keys.batch(b), mapping={k: _text(v) for k, v in values.items()})
+
+    def drop_batch_fields(self, b: str, *names: str) -> None:
+        self.client.hdel(keys.batch(b), *names)
+
+    def counters(self, b: str) -> dict[str, float]:
+        return {k: float(v) for k, v in self.client.hgetall(keys.counters(b)).items()}
+
+    def add_counts(self, b: str, **amounts: float) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for name, amount in amounts.items():
+            pipe.hincrbyfloat(keys.counters(b), name, amount)
+        pipe.execute()
+
+    def active_batches(self) -> list[str]:
+        return sorted(self.client.smembers(keys.BATCHES))
+
+    def deactivate(self, b: str) -> None:
+        self.client.srem(keys.BATCHES, b)
+
+    def seed(
+        self,
+        b: str,
+        record: Mapping[str, Any],
+        counts: Mapping[str, float],
+        skip: bytes,
+        prior: Mapping[int, int],
+    ) -> None:
+        """Write a new or resumed batch: its record, counters, skip bitmap and prior attempts.
+
+        Whatever Redis held for the batch before is replaced: the output store's part files
+        are the record a resume trusts, and they went into ``counts``, ``skip`` and ``prior``.
+        """
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(keys.counters(b), keys.skip(b), keys.prior(b), keys.rows(b))
+        pipe.delete(keys.batch(b))
+        pipe.hset(keys.batch(b), mapping={k: _text(v) for k, v in record.items()})
+        if counts:
+            pipe.hset(keys.counters(b), mapping={k: _text(v) for k, v in counts.items()})
+        if skip:
+            pipe.set(keys.skip(b), skip)
+        items = list(prior.items())
+        for start in range(0, len(items), 1000):
+            chunk = dict(items[start : start + 1000])
+            pipe.hset(keys.prior(b), mapping={str(k): str(v) for k, v in chunk.items()})
+        pipe.sadd(keys.BATCHES, b)
+        pipe.lpush(keys.WAKE, "batch")
+        pipe.execute()
+
+    def line_count(self, b: str) -> int:
+        """Line records of the batch in Redis right now (the window's occupancy, for tests)."""
+        return sum(1 for _ in self.client.scan_iter(match=keys.line_pattern(b), count=1000))
+
+    def lines(self, b: str) -> Iterator[LineRecord]:
+        for key in self.client.scan_iter(match=keys.line_pattern(b), count=1000):
+            data = self.client.hgetall(key)
+            if data:
+                yield LineRecord.from_hash(b, int(key.rsplit(":", 1)[1]), data)
+
+    def expire_record(self, b: str, seconds: int) -> None:
+        """A finalized batch's record (with its summary) lives on this long for ``status``."""
+        self.client.expire(keys.batch(b), seconds)
+
+    def release_held(self, b: str, now: float) -> int:
+        """Every READY line of the batch due now (a resume releases the lines an interrupt
+        held back, whatever time they were held to); returns how many."""
+        released = 0
+        for rec in self.lines(b):
+            if rec.status is LineStatus.READY:
+                self.client.zadd(keys.ready(rec.provider), {rec.member: now})
+                released += 1
+        return released
+
+    def purge(self, b: str) -> None:
+        """Delete every key of the batch except its record (which keeps the summary)."""
+        batch_keys: list[str] = []
+        for key in self.client.scan_iter(match=keys.batch_pattern(b), count=1000):
+            batch_keys.append(key)
+            if len(batch_keys) >= 500:
+                self.client.delete(*batch_keys)
+                batch_keys = []
+        if batch_keys:
+            self.client.delete(*batch_keys)
+        self.client.srem(keys.BATCHES, b)
+
+    # -- the feeder ---------------------------------------------------------------------------
+
+    def skip_bits(self, b: str, first: int, count: int) -> bytes:
+        """The skip bitmap's bytes covering lines ``first .. first + count - 1``."""
+        start, end = first // 8, (first + count - 1) // 8
+        value = self.client.execute_command("GETRANGE", keys.skip(b), start, end, NEVER_DECODE=True)
+        return bytes(value or b"")
+
+    def prior_attempts(self, b: str, idxs: list[int]) -> dict[int, int]:
+        if not idxs:
+            return {}
+        values = self.client.hmget(keys.prior(b), [str(i) for i in idxs])
+        return {i: int(v) for i, v in zip(idxs, values, strict=True) if v is not None}
+
+    def admit(
+        self,
+        b: str,
+        expected_idx: int,
+        cursor: tuple[int, int, int],
+        lines: list[LineRecord],
+        ended: list[tuple[int, str, str]],
+        eligible: float,
+    ) -> bool:
+        """Admit ``lines`` (and rows of lines that end at once) if the cursor is still
+        ``expected_idx``; ``cursor`` is the new (index, byte offset, line number)."""
+        args: list[Any] = [
+            expected_idx,
+            *cursor,
+            keys.LINE_FORMAT,
+            keys.READY_FORMAT,
+            repr(eligible),
+            len(lines),
+        ]
+        for rec in lines:
+            data = rec.to_hash()
+            args += [rec.idx, rec.provider, len(data)]
+            for name, value in data.items():
+                args += [name, value]
+        args.append(len(ended))
+        for idx, status, row in ended:
+            args += [idx, status, row]
+        target = [keys.batch(b), keys.PROVIDERS, keys.counters(b), keys.rows(b), keys.WAKE]
+        return bool(self._run("admit", target, args))
+
+    # -- the scheduler ------------------------------------------------------------------------
+
+    def providers(self) -> set[str]:
+        return set(self.client.smembers(keys.PROVIDERS))
+
+    def pump(self, provider: str, now: float, lease: float, cap: int, budget: int) -> Pumped:
+        polls, submits, in_flight, nf, nr = self._run(
+            "pump",
+            [keys.ready(provider), keys.flight(provider)],
+            [repr(now), lease, cap, budget, keys.LINE_FORMAT],
+        )
+        return Pumped(
+            [(*keys.parse_member(m), int(seq), LineStatus(status)) for m, seq, status in polls],
+            [(*keys.parse_member(m), int(seq)) for m, seq in submits],
+            int(in_flight),
+            float(nf) if nf else None,
+            float(nr) if nr else None,
+        )
+
+    def claim_stores(
+        self, now: float, lease: float, most: int
+    ) -> tuple[list[tuple[str, int, int]], float | None]:
+        claimed, nxt = self._run("claim", [keys.STORE], [repr(now), lease, most, keys.LINE_FORMAT])
+        return [(*keys.parse_member(m), int(seq)) for m, seq in claimed], (
+            float(nxt) if nxt else None
+        )
+
+    def in_flight(self, provider: str) -> int:
+        return int(self.client.zcard(keys.flight(provider)))
+
+    def waiting(self, provider: str) -> int:
+        return int(self.client.zcard(keys.ready(provider)))
+
+    def limits(self, provider: str) -> dict[str, str]:
+        return self.client.hgetall(keys.limit(provider))
+
+    def set_limits(self, provider: str, **values: Any) -> None:
+        self.client.hset(keys.limit(provider), mapping={k: _text(v) for k, v in values.items()})
+
+    def note_429(
+        self,
+        provider: str,
+        kind: str,
+        retry_after: float,
+        in_flight: int,
+        cap: int,
+        rate: float,
+        floor_rate: float,
+    ) -> None:
+        args = [kind, repr(time.time()), retry_after, in_flight, cap, rate, floor_rate]
+        self._run("limit", [keys.limit(provider)], args)
+        self.client.lpush(keys.WAKE, "limit")
+
+    def wait_for_wake(self, timeout: float) -> frozenset[str]:
+        """Block up to ``timeout`` for the scheduler's next event; the events that came."""
+        if timeout <= 0:
+            return frozenset()
+        got = self.client.blpop([keys.WAKE], timeout=max(0.01, timeout))
+        return frozenset() if got is None else frozenset({got[1]})
+
+    def drain_wakes(self) -> frozenset[str]:
+        """Every event waiting, taken off the list at once."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.lrange(keys.WAKE, 0, -1)
+        pipe.delete(keys.WAKE)
+        found, _ = pipe.execute()
+        return frozenset(found)
+
+    def wake(self, reason: str) -> None:
+        self.client.lpush(keys.WAKE, reason)
+
+    # -- tasks --------------------------------------------------------------------------------
+
+    def begin(self, b: str, idx: int, seq: int, owner: str) -> LineRecord | None:
+        raw = self._run("begin", [keys.line(b, idx)], [seq, owner])
+        if not raw:
+            return None
+        return LineRecord.from_hash(b, idx, dict(zip(raw[::2], raw[1::2], strict=True)))
+
+    def read(self, b: str, idx: int) -> LineRecord | None:
+        data = self.client.hgetall(keys.line(b, idx))
+        return LineRecord.from_hash(b, idx, data) if data else None
+
+    def apply(
+        self,
+        rec: LineRecord,
+        t: Transition,
+        *,
+        model: str,
+        index_jobs: bool,
+        drop_keys: Iterable[str] = (),
+        immediate: frozenset[str] | None = None,
+        total: int = -1,
+    ) -> Applied:
+        """Apply ``t`` to ``rec`` if ``rec.seq`` and ``rec.status`` are still current. Of
+        ``t.counts``, only the names in ``immediate`` are added here (all, when None); the
+        caller adds the rest."""
+        if immediate is None:
+            immediate = frozenset(t.counts)
+        now = time.time()
+        old, new = rec.info.home, TABLE[t.status].home
+        job_op = ""
+        if index_jobs:
+            job = str(t.changes.get("job_id", rec.job_id) or "")
+            if new is Home.FLIGHT and job and t.status is LineStatus.SUBMITTED:
+                job_op = f"set:{job}"
+            elif old is Home.FLIGHT and new is not Home.FLIGHT and rec.job_id:
+                job_op = f"del:{rec.job_id}"
+        # Once a latency is learned, a sample of the jobs keeps it current.
+        learned = rec.expected_s > 0 and rec.idx % 4 != 0
+        latency = None if learned else t.latency_s
+        fields = encode_changes(t.changes)
+        counts = {k: v for k, v in t.counts.items() if v and k in immediate}
+        if t.row is not None and t.row.credits:
+            unit = REGISTRY[rec.provider].credit_unit
+            name = f"credits:{currency(rec.provider, unit)}"
+            counts[name] = counts.get(name, 0.0) + t.row.credits
+        drop = list(drop_keys)
+        args: list[Any] = [
+            rec.seq,
+            rec.member,
+            t.status.value,
+            repr(now + t.due_in),
+            "1" if t.row is not None else "0",
+            t.row.model_dump_json() if t.row is not None else "",
+            rec.idx,
+            job_op,
+            "" if latency is None else repr(latency),
+            "store" if new is Home.STORE and old is not Home.STORE and t.due_in <= 0 else "",
+            rec.status.value,
+            len(fields),
+        ]
+        for name, value in fields.items():
+            args += [name, value]
+        args.append(len(counts))
+        for name, amount in counts.items():
+            args += [name, repr(float(amount))]
+        args.append(len(drop))
+        args += drop
+        args.append(total)
+        target = [
+            keys.line(rec.batch, rec.idx),
+            home_key(old, rec.provider),
+            home_key(new, rec.provider),
+            keys.counters(rec.batch),
+            keys.rows(rec.batch),
+            keys.WAKE,
+            keys.batch(rec.batch),
+            keys.jobs(rec.provider) if job_op else "-",
+            keys.latency(rec.provider, model) if latency is not None else "-",
+        ]
+        applied, done, total = self._run("apply", target, args)
+        return Applied(bool(applied), bool(applied) and int(total) >= 0 and done == total)
+
+    def reserve(self, b: str, amount: float, budget: float) -> bool:
+        return bool(self._run("reserve", [keys.counters(b)], [repr(amount), repr(budget)]))
+
+    def renew(self, entries: Iterable[tuple[str, str]], until: float) -> None:
+        """Push the leases of running steps to ``until`` (``ZADD XX GT``: never shortens one)."""
+        pipe = self.client.pipeline(transaction=False)
+        for zset, member in entries:
+            pipe.zadd(zset, {member: until}, xx=True, gt=True)
+        pipe.execute()
+
+    def learned_latencies(self, provider: str) -> list[float]:
+        """The expected latency of every model the fleet has learned at ``provider``."""
+        prefix = keys.latency(provider, "")
+        found = (
+            self.expected_latency(provider, key.removeprefix(prefix))
+            for key in self.client.scan_iter(match=prefix + "*")
+        )
+        return [x for x in found if x is not None]
+
+    def expected_latency(self, provider: str, model: str) -> float | None:
+        mean, dev = self.client.hmget(keys.latency(provider, model), ["mean", "dev"])
+        if mean is None:
+            return None
+        return float(mean) + 0.5 * float(dev or 0)
+
+    def line_of_job(self, provider: str, job_id: str) -> tuple[str, int] | None:
+        found = self.client.hget(keys.jobs(provider), job_id)
+        return keys.parse_member(found) if found else None
+
+    def worker_alive(self, host: str, pid: int, ttl: float) -> None:
+        self.client.set(keys.worker(host, pid), repr(time.time()), px=int(ttl * 1000))
+
+    def worker_seen(self, host: str) -> bool:
+        return any(self.client.scan_iter(match=keys.workers(host)))
+
+    def workers_alive(self) -> int:
+        return sum(1 for _ in self.client.scan_iter(match=keys.workers()))
+
+    def fleet(self) -> Fleet:
+        """Every active batch's record and counters and every provider's slots and limits, in
+        two round trips (``3 + 2 * batches + 3 * providers`` commands, none per line)."""
+        first = self.client.pipeline(transaction=False)
+        first.smembers(keys.BATCHES)
+        first.smembers(keys.PROVIDERS)
+        batch_set, provider_set = first.execute()
+        batches, providers = sorted(batch_set), sorted(provider_set)
+        second = self.client.pipeline(transaction=False)
+        for b in batches:
+            second.hmget(keys.batch(b), ["total", "status"])
+            second.hgetall(keys.counters(b))
+        for p in providers:
+            second.zcard(keys.flight(p))
+            second.zcard(keys.ready(p))
+            second.hgetall(keys.limit(p))
+        answers = iter(second.execute())
+        views = []
+        for b in batches:
+            total, status = next(answers)
+            counters = {k: float(v) for k, v in next(answers).items()}
+            views.append(BatchView(b, int(total) if total else None, status or "", counters))
+        slots = [
+            ProviderView(p, int(next(answers)), int(next(answers)), dict(next(answers)))
+            for p in providers
+        ]
+        return Fleet(views, slots)
+
+    def queue_depth(self) -> int:
+        """Celery messages waiting (this client is on the broker's Redis)."""
+        return int(self.client.llen(keys.QUEUE))
+
+    # -- rows and blobs -----------------------------------------------------------------------
+
+    def pending_rows(self, b: str, most: int) -> list[str]:
+        return self.client.lrange(keys.rows(b), 0, most - 1)
+
+    def unflushed(self, b: str) -> int:
+        return int(self.client.llen(keys.rows(b)))
+
+    def drop_rows(self, b: str, count: int) -> None:
+        self.client.ltrim(keys.rows(b), count, -1)
+
+    def put_blob(self, b: str, idx: int, k: int, data: bytes, ttl: float) -> str:
+        key = keys.blob(b, idx, k)
+        self.client.set(key, data, ex=int(ttl))
+        return key
+
+    def get_blob(self, key: str) -> bytes | None:
+        value = self.client.execute_command("GET", key, NEVER_DECODE=True)
+        return value if isinstance(value, bytes) else None
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return repr(value) if isinstance(value, float) else str(value)

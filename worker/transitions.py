@@ -1,0 +1,91 @@
+"""The one place a step's decision takes effect, whichever path it came by (the runner, the
+drain of a stopped batch, a webhook): the transition is applied atomically in Redis
+(``apply.lua``), then logged per line, counted by the process's observers (metrics), and
+acted on: a 429 slows its provider for every worker, a 402/401/403 stops the batch.
+
+So a line finished by a webhook is logged and counted exactly like one finished by a poll.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, MutableMapping
+
+from worker.lines.records import TABLE, BatchStatus, LineRecord, LineStatus, Transition
+from worker.redis.state import Applied
+from worker.runtime import Runtime
+
+log = logging.getLogger("imagebatch.lines")
+
+IMMEDIATE_COUNTS = frozenset({"reserved"})
+"""Counts applied with the transition itself (the budget reads them); a caller that passes
+``stats`` adds the other counts up and writes them once (the runner, at the end of a task)."""
+
+
+def apply(
+    rt: Runtime,
+    rec: LineRecord,
+    t: Transition,
+    *,
+    meta: Mapping[str, str],
+    seconds: float | None = None,
+    stats: MutableMapping[str, float] | None = None,
+    index_jobs: bool | None = None,
+) -> Applied:
+    """Apply ``t`` to ``rec`` if the line is still where the step found it, then log, observe
+    and act on it. ``seconds`` is how long the step took; ``stats`` collects the statistics
+    counts for the caller to write once (else they are written now)."""
+    state = rt.state
+    drop: list[str] = []
+    if TABLE[t.status].terminal or t.status is LineStatus.READY:
+        drop = [spec["blob"] for spec in rec.artifacts if "blob" in spec]
+    applied = state.apply(
+        rec,
+        t,
+        model=rec.request.model,
+        index_jobs=rt.webhooks_on if index_jobs is None else index_jobs,
+        drop_keys=drop,
+        immediate=IMMEDIATE_COUNTS if stats is not None else None,
+        total=int(meta.get("total", -1)),
+    )
+    if not applied.applied:
+        return applied
+    if stats is not None:
+        for name, amount in t.counts.items():
+            if name not in IMMEDIATE_COUNTS:
+                stats[name] = stats.get(name, 0.0) + amount
+    outcome = t.outcome or t.status.value
+    log.log(
+        logging.WARNING if t.status is LineStatus.FAILED else logging.INFO,
+        "line %s: %s%s",
+        rec.id,
+        outcome,
+        f": {t.detail}" if t.detail else "",
+        extra={
+            "batch": rec.batch,
+            "line_id": rec.id,
+            "job_id": str(t.changes.get("job_id") or rec.job_id) or None,
+            "provider": rec.provider,
+            "step": str(rec.info.step or ""),
+            "outcome": outcome,
+        },
+    )
+    rt.observe(rec, t, seconds)
+    if t.limit is not None:
+        spec = rt.settings.provider_config(rec.provider)
+        state.note_429(
+            rec.provider,
+            t.limit.kind,
+            t.limit.retry_after,
+            state.in_flight(rec.provider),
+            spec.max_in_flight,
+            spec.requests_per_second,
+            floor_rate=min(0.5, spec.requests_per_second),
+        )
+    if t.stop is not None and meta.get("status", BatchStatus.RUNNING) == BatchStatus.RUNNING:
+        reason, message = t.stop
+        state.set_batch(
+            rec.batch, status=BatchStatus.STOPPING, stop_reason=reason, stop_message=message
+        )
+        state.wake("stop")
+    return applied
