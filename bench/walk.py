@@ -88,7 +88,7 @@ def main() -> None:
             pass
         finally:
             sys.setprofile(None)
-            threading.setprofile(None)  # type: ignore[arg-type]
+            threading.setprofile(None)
     returns = watcher.returns
     off_hub = {edge: name for edge, name in returns.items() if edge[1] not in HUB}
     print(
