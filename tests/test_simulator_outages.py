@@ -170,6 +170,8 @@ def test_partial_runtime_updates_change_only_the_named_fields(sim: Simulator) ->
     assert config["providers"]["openai"]["sync_latency_s"] == 0.05
     assert generate(sim, "omixa").status_code == 200
     assert set(configure(sim, {"providers": {"omixa": None}})["providers"]) == {"openai"}
+    assert configure(sim, {"providers": {}})["providers"] == {}, "a restored config clears all"
+    configure(sim, {"providers": {"openai": {"sync_latency_s": 0.05}}})
     for bad in (
         {"providers": {"bfl": {"outage": "503"}}},
         {"providers": {"omixa": {"outage": "down"}}},
@@ -207,6 +209,8 @@ def test_dedicated_ports_serve_each_provider_alone(dedicated: Simulator) -> None
     assert httpx.get(dedicated.url_for("oxen") + "/_sim/health").status_code == 404
     main = httpx.get(f"{dedicated.base_url}/_sim/health")
     assert main.json() == {"status": "ok"}, "the main port still serves everything"
+    urls = httpx.get(f"{dedicated.base_url}/_sim/urls").json()
+    assert urls == {p: dedicated.url_for(p) for p in ("apiframe", *PATHS)}
 
 
 def test_result_urls_work_from_the_port_the_client_used(dedicated: Simulator) -> None:

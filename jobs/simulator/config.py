@@ -179,7 +179,7 @@ class SimulatorConfig:
     def from_mapping(cls, data: Mapping[str, Any], base: Self | None = None) -> Self:
         """``base`` (or the defaults) with ``data`` applied; ``faults`` may be a partial dict,
         ``providers`` a partial dict of partial dicts (a provider set to null loses its
-        overrides)."""
+        overrides; ``{}`` clears them all)."""
         return _merge(cls, base or cls(), data, "")
 
     def overrides(self, provider: str) -> ProviderOverrides:
@@ -236,10 +236,15 @@ def _coerce(hint: Any, value: Any, current: Any, name: str) -> Any:
 def _merge_providers(
     value: Any, current: Mapping[str, ProviderOverrides], name: str
 ) -> dict[str, ProviderOverrides]:
-    """Each named provider's entry merged into its current one; null drops the entry."""
+    """Each named provider's entry merged into its current one; null drops the entry.
+
+    A mapping of nothing but ``ProviderOverrides`` (``{}`` included) replaces them all, as a
+    ``Faults`` value does, so restoring a saved config (``to_dict()`` or the dataclass's own
+    fields) clears the overrides a test set."""
     if not isinstance(value, Mapping):
         raise ValueError(f"{name} must be an object keyed by provider")
-    merged = dict(current)
+    whole = all(isinstance(v, ProviderOverrides) for v in value.values())
+    merged = {} if whole else dict(current)
     for provider, changes in value.items():
         if provider not in PROVIDERS:
             raise ValueError(f"unknown provider {name}.{provider}; one of {', '.join(PROVIDERS)}")

@@ -61,7 +61,8 @@ def _ratelimit_headers(spend: Spend) -> dict[str, str]:
 
 
 class Simulator:
-    """Five image APIs on one local port: APIFrame at ``/``, the others under ``/{provider}``.
+    """Five image APIs on one local port: APIFrame at ``/``, the others under ``/{provider}``
+    (with ``dedicated_ports``, each also on a port of its own: ``url_for``, ``GET /_sim/urls``).
 
     Use as a context manager (``with Simulator(SimulatorConfig(latency_s=0.2)) as sim:``) or
     call ``start()``/``stop()``. Settings can change while running via ``update(**changes)``.
@@ -163,7 +164,10 @@ class Simulator:
         """Change settings at runtime; ``faults`` may be a ``Faults`` or a partial dict, and
         ``providers`` a partial dict per provider. An ``outage`` of ``refuse`` closes that
         provider's dedicated listener; clearing it binds the same port again."""
-        if self._main is not None and _FIXED_AT_START & changes.keys():
+        moved = {
+            k for k in _FIXED_AT_START & changes.keys() if changes[k] != getattr(self.config, k)
+        }
+        if self._main is not None and moved:
             names = ", ".join(sorted(_FIXED_AT_START))
             raise ValueError(f"{names} cannot change while the simulator is running")
         config = self._state.update(changes)
@@ -274,6 +278,8 @@ class Simulator:
         route = (req.method, req.path)
         if route == ("GET", "/_sim/health"):
             return json_response(200, {"status": "ok"})
+        if route == ("GET", "/_sim/urls"):
+            return json_response(200, {p: self.url_for(p) for p in PROVIDERS})
         if route == ("GET", "/_sim/ledger"):
             return json_response(200, self.ledger())
         if route == ("POST", "/_sim/reset"):
