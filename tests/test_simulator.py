@@ -623,5 +623,5 @@ def test_new_settings_and_faults_go_through_the_control_api(sim: Simulator) -> N
     assert Faults.from_mapping({"cdn_lag": 1}).cdn_lag == 1  # what `simulate --faults` parses
     ledger = sim.ledger()
     assert ledger["webhooks"] == {"sent": 0, "delivered": 0, "failed": 0, "dropped": 0}
-    assert ledger["rate_limited"] == {"concurrency": 0, "rate": 0, "fault": 0}
+    assert ledger["rate_limited"] == {"concurrency": 0, "rate": 0, "read_rate": 0, "fault": 0}
     assert ledger["rate_limited_by_provider"] == {}

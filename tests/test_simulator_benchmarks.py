@@ -117,13 +117,13 @@ def test_each_429_names_its_limit_and_the_ledger_counts_them_by_cause(
     assert api.get("/v2/me").json() == {"error": "Too many requests"}
 
     ledger = sim.ledger()
-    assert ledger["rate_limited"] == {"concurrency": 2, "rate": 1, "fault": 1}
+    assert ledger["rate_limited"] == {"concurrency": 2, "rate": 1, "read_rate": 0, "fault": 1}
     assert ledger["rate_limited_by_provider"] == {
-        "apiframe": {"concurrency": 1, "rate": 1, "fault": 1},
-        "openai": {"concurrency": 1, "rate": 0, "fault": 0},
+        "apiframe": {"concurrency": 1, "rate": 1, "read_rate": 0, "fault": 1},
+        "openai": {"concurrency": 1, "rate": 0, "read_rate": 0, "fault": 0},
     }
     sim.reset()
-    assert sim.ledger()["rate_limited"] == {"concurrency": 0, "rate": 0, "fault": 0}
+    assert sim.ledger()["rate_limited"] == {"concurrency": 0, "rate": 0, "read_rate": 0, "fault": 0}
 
 
 # -- tiny images -------------------------------------------------------------------------------

@@ -163,15 +163,16 @@ class ApiFrame:
                 self.state.replays += 1
                 job = self.state.jobs[seen[1]]
                 return json_response(202, {"jobId": job.id, "status": job.status(now)})
-            limit = self.state.config.max_in_flight
+            limit = self.state.config.for_provider(PROVIDER).max_in_flight
             count, wait = self.state.in_flight(PROVIDER, now)
             if limit is not None and count >= limit:
                 self.state.count_429(PROVIDER, "concurrency")
                 msg = f"Too many concurrent jobs (limit {limit})"
                 return error_response(PROVIDER, "rate_limit", msg, retry_after=wait)
-            cost = price(PROVIDER, params.get("quality"), params.get("number_of_images", 1))
-            available = self.state.remaining(PROVIDER)
-            if available is not None and cost > available:
+            n = params.get("number_of_images", 1)
+            cost = price(PROVIDER, params.get("quality"), n)
+            available = self.state.shortfall(PROVIDER, cost, n)
+            if available is not None:
                 extra = {"creditsRequired": number(cost), "creditsAvailable": number(available)}
                 return error_response(PROVIDER, "credits", "Insufficient credits", extra=extra)
             job = self._new_job(req, body, params, cost, idem_key, now)
@@ -203,7 +204,7 @@ class ApiFrame:
             failure = POLICY_ERROR
         elif self.state.fault("job_failed_transient"):
             failure = TRANSIENT_ERROR
-        config = self.state.config
+        config = self.state.config.for_provider(PROVIDER)
         width, height = ASPECT_SIZES[params.get("aspect_ratio", "1:1")]
         hook = None
         if "webhookUrl" in body:

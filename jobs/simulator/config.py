@@ -13,9 +13,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Self, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from jobs.simulator.core import PROVIDERS
+
 ResultShape = Literal["images", "string"]
 ImageMode = Literal["full", "tiny"]
+RateLimitScope = Literal["all", "submits"]
+Outage = Literal["503", "refuse"]
 T = TypeVar("T")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,8 @@ class Faults:
     """Per job: its webhook deliveries are never sent (``webhookStatus`` stays pending)."""
     webhook_duplicate: float = 0
     """Per job: every webhook event is delivered twice."""
+    submit_429: float = 0
+    """Per paid submit: a 429 from the provider's own shortage, whatever the client's load."""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -55,6 +66,48 @@ class Faults:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ProviderOverrides:
+    """One provider's departures from the global settings, so one of several can misbehave.
+
+    A field left at None keeps the global value of the same name for that provider.
+    """
+
+    max_in_flight: int | None = None
+    rate_limit_rps: float | None = None
+    latency_s: float | None = None
+    sync_latency_s: float | None = None
+    credits: float | None = None
+    outage: Outage | None = None
+    """``503``: every API request is answered 503 in the provider's envelope (its CDN still
+    serves). ``refuse``: its dedicated listener is closed (see ``dedicated_ports``); a request
+    that reaches it elsewhere is read and the connection closed without an answer."""
+    max_images: int | None = None
+    """Images the account may be billed for; a submit that would go over gets the provider's
+    out-of-credit answer (failed, refunded jobs do not count)."""
+    extra_latency_s: float = 0
+    """Added before every answer of the provider's API: a slow provider."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_in_flight is None or self.max_in_flight >= 1, "max_in_flight >= 1")
+        _require(self.rate_limit_rps is None or self.rate_limit_rps > 0, "rate_limit_rps > 0")
+        for name in ("latency_s", "sync_latency_s", "credits", "max_images"):
+            value = getattr(self, name)
+            _require(value is None or value >= 0, f"{name} must be >= 0")
+        _require(self.extra_latency_s >= 0, "extra_latency_s must be >= 0")
+        _require(self.outage in (None, *get_args(Outage)), "outage: 503, refuse or null")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], base: Self | None = None) -> Self:
+        """``base`` (or the defaults) with the keys of ``data`` replaced; unknown keys raise."""
+        return _merge(cls, base or cls(), data, "providers.")
+
+
+OVERRIDDEN = ("max_in_flight", "rate_limit_rps", "latency_s", "sync_latency_s", "credits")
+"""The ``ProviderOverrides`` fields that replace a global ``SimulatorConfig`` field."""
+NO_OVERRIDES = ProviderOverrides()
 
 
 @dataclass(frozen=True)
@@ -81,6 +134,18 @@ class SimulatorConfig:
     """Deliveries after the first, on a connection error or a non-2xx answer."""
     webhook_backoff_s: float = 0.5
     """Wait before retry k (1-based) is ``webhook_backoff_s * 2 ** (k - 1)``."""
+    rate_limit_scope: RateLimitScope = "all"
+    """``submits``: only paid submits spend the ``rate_limit_rps`` bucket; every other request
+    spends a separate one of ``read_rate_limit_rps`` (as Replicate limits creates apart)."""
+    read_rate_limit_rps: float | None = None
+    """The read bucket's rate with scope ``submits`` (burst: one second's worth); None: none."""
+    ratelimit_headers: bool = False
+    """Send OpenAI's ``x-ratelimit-*-requests`` headers on answers a rate limit applies to."""
+    dedicated_ports: bool = False
+    """Also serve each provider alone on its own port (``url_for``), so one can refuse
+    connections while the others keep serving."""
+    providers: Mapping[str, ProviderOverrides] = field(default_factory=dict)
+    """Per-provider overrides by name; a partial JSON update merges into each one."""
     faults: Faults = field(default_factory=Faults)
 
     def __post_init__(self) -> None:
@@ -102,19 +167,34 @@ class SimulatorConfig:
         _require(self.result_shape in get_args(ResultShape), "result_shape: images or string")
         _require(self.credits is None or self.credits >= 0, "credits must be >= 0")
         _require(self.cdn_ttl_s is None or self.cdn_ttl_s >= 0, "cdn_ttl_s must be >= 0")
+        _require(self.rate_limit_scope in get_args(RateLimitScope), "rate_limit_scope: all|submits")
+        _require(
+            self.read_rate_limit_rps is None or self.read_rate_limit_rps > 0,
+            "read_rate_limit_rps > 0",
+        )
+        unknown = sorted(set(self.providers) - set(PROVIDERS))
+        _require(not unknown, f"unknown provider(s) {unknown}; one of {', '.join(PROVIDERS)}")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], base: Self | None = None) -> Self:
-        """``base`` (or the defaults) with ``data`` applied; ``faults`` may be a partial dict."""
+        """``base`` (or the defaults) with ``data`` applied; ``faults`` may be a partial dict,
+        ``providers`` a partial dict of partial dicts (a provider set to null loses its
+        overrides; ``{}`` clears them all)."""
         return _merge(cls, base or cls(), data, "")
+
+    def overrides(self, provider: str) -> ProviderOverrides:
+        return self.providers.get(provider, NO_OVERRIDES)
+
+    def for_provider(self, provider: str) -> Self:
+        """This config as ``provider`` sees it: its overrides in place of the global values."""
+        extra = self.providers.get(provider)
+        if extra is None:
+            return self
+        changes = {name: getattr(extra, name) for name in OVERRIDDEN}
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
 
 
 def _merge(cls: type[T], base: T, data: Mapping[str, Any], prefix: str) -> T:
@@ -143,9 +223,40 @@ def _coerce(hint: Any, value: Any, current: Any, name: str) -> Any:
         raise ValueError(f"{name} must be one of {', '.join(map(str, args))}")
     if hint is Faults:
         return value if isinstance(value, Faults) else Faults.from_mapping(value, current)
+    if origin is Mapping:
+        return _merge_providers(value, current, name)
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
         if math.isfinite(value):
             return float(value)
-    elif hint in (int, str) and type(value) is hint:
+    elif hint in (int, str, bool) and type(value) is hint:
         return value
     raise ValueError(f"{name} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def _merge_providers(
+    value: Any, current: Mapping[str, ProviderOverrides], name: str
+) -> dict[str, ProviderOverrides]:
+    """Each named provider's entry merged into its current one; null drops the entry.
+
+    A mapping of nothing but ``ProviderOverrides`` (``{}`` included) replaces them all, as a
+    ``Faults`` value does, so restoring a saved config (``to_dict()`` or the dataclass's own
+    fields) clears the overrides a test set."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name} must be an object keyed by provider")
+    whole = all(isinstance(v, ProviderOverrides) for v in value.values())
+    merged = {} if whole else dict(current)
+    for provider, changes in value.items():
+        if provider not in PROVIDERS:
+            raise ValueError(f"unknown provider {name}.{provider}; one of {', '.join(PROVIDERS)}")
+        if changes is None:
+            merged.pop(provider, None)
+        elif isinstance(changes, ProviderOverrides):
+            merged[provider] = changes
+        else:
+            merged[provider] = _merge(
+                ProviderOverrides,
+                merged.get(provider, NO_OVERRIDES),
+                changes,
+                f"{name}.{provider}.",
+            )
+    return merged

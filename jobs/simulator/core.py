@@ -153,10 +153,27 @@ class Surface(Protocol):
         """An error response when the credentials are missing or refused, else None."""
         ...
 
+    def generate(self, req: Request) -> Response:
+        """The paid submit: the only route that spends the submit bucket with scope ``submits``."""
+        ...
+
 
 def number(value: float) -> float | int:
     """Whole amounts as JSON integers (``24``, not ``24.0``), as the providers send them."""
     return int(value) if float(value).is_integer() else value
+
+
+def go_duration(seconds: float) -> str:
+    """Seconds in OpenAI's ``x-ratelimit-reset-*`` format (Go's): ``120ms``, ``1.5s``, ``6m0s``."""
+    ms = max(0, round(seconds * 1000))
+    if ms < 1000:
+        return f"{ms}ms" if ms else "0s"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    text = f"{rest / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{text}"
+    return f"{minutes}m{text}" if minutes else text
 
 
 def iso_ms(ms: int) -> str:

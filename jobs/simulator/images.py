@@ -101,13 +101,18 @@ def _shade(colour: tuple[int, int, int]) -> tuple[int, int, int]:
     return (r + 128) % 256, (g + 128) % 256, (b + 128) % 256
 
 
-def serve_cdn(state: State, cache: ImageCache, req: Request, name: str) -> Response:
-    """``GET /cdn/images/{jobId}-{k}.{ext}``: no auth, 404 until done and after expiry."""
+def serve_cdn(
+    state: State, cache: ImageCache, req: Request, name: str, provider: str | None = None
+) -> Response:
+    """``GET /cdn/images/{jobId}-{k}.{ext}``: no auth, 404 until done and after expiry, and
+    for another provider's job on a ``provider``'s dedicated port."""
     match = _NAME.fullmatch(name)
     now = time.monotonic()
     with state.lock:
         job = state.jobs.get(match["id"]) if match else None
         ttl = state.config.cdn_ttl_s
+    if job is not None and provider not in (None, job.provider):
+        job = None
     if match is None or job is None or job.status(now) != "COMPLETED":
         return json_response(404, {"error": "Not found"})
     k = int(match["k"])

@@ -315,7 +315,7 @@ class SyncSurface:
         params = self.dialect.parse(body)
         if state.fault("invalid_json"):
             return Response(200, GARBLED_JSON)
-        config = state.config
+        config = state.config.for_provider(provider)
         latency = state.duration(params.prompt, config.sync_latency_s, config.sync_latency_jitter_s)
         if POLICY in params.prompt or state.fault("job_failed_policy"):
             message = POLICY_ERROR if provider == "oxen" else MODERATION
@@ -347,15 +347,14 @@ class SyncSurface:
         provider, state = self.provider, self.state
         now = time.monotonic()
         with state.lock:
-            limit = state.config.max_in_flight
+            limit = state.config.for_provider(provider).max_in_flight
             count, wait = state.in_flight(provider, now)
             if limit is not None and count >= limit:
                 state.count_429(provider, "concurrency")
                 msg = f"Too many concurrent requests (limit {limit})"
                 return error_response(provider, "rate_limit", msg, retry_after=wait)
             cost = price(provider, params.quality, params.n)
-            available = state.remaining(provider)
-            if available is not None and cost > available:
+            if state.shortfall(provider, cost, params.n) is not None:
                 return error_response(provider, "credits", NO_CREDITS[provider])
             width, height = parse_size(params.size)
             job = Job(

@@ -31,9 +31,10 @@ SLOW_FACTOR = 5
 POLICY_ERROR = "Content policy violation: the request was flagged by the safety system"
 TRANSIENT_ERROR = "Upstream provider timeout"
 IDEMPOTENCY_WINDOW_S = 24 * 3600
-LimitCause = Literal["concurrency", "rate", "fault"]
-LIMIT_CAUSES: tuple[LimitCause, ...] = ("concurrency", "rate", "fault")
-"""Why a 429 was served: the in-flight cap, the request-rate bucket, or an injected fault."""
+LimitCause = Literal["concurrency", "rate", "read_rate", "fault"]
+LIMIT_CAUSES: tuple[LimitCause, ...] = ("concurrency", "rate", "read_rate", "fault")
+"""Why a 429 was served: the in-flight cap, the request-rate bucket (``rate``: submits, or all
+requests with scope ``all``; ``read_rate``: the rest with scope ``submits``), or a fault."""
 WEBHOOK_COUNTS = ("sent", "delivered", "failed", "dropped")
 
 
@@ -42,6 +43,20 @@ def price(provider: str, quality: str | None, n: int) -> float:
     request = ImageRequest(prompt="x", quality=quality, n=n)  # type: ignore[arg-type]
     cost: float = REGISTRY[provider].prices.cost(request)
     return cost
+
+
+@dataclass(frozen=True)
+class Spend:
+    """One request's draw on a rate-limit bucket, and the bucket as it is left."""
+
+    cause: LimitCause
+    rps: float
+    wait: float | None
+    """Seconds until a token is free when the request was refused, else None."""
+    remaining: int
+    """Whole tokens left after this request."""
+    full_in: float
+    """Seconds until the bucket is full again."""
 
 
 @dataclass
@@ -158,7 +173,9 @@ class State:
             self.replays = 0
             self._active: list[tuple[float, str]] = []
             self._active_count: Counter[str] = Counter()
-            self._buckets: dict[str, tuple[float, float]] = {}
+            self._buckets: dict[tuple[str, LimitCause], tuple[float, float]] = {}
+            self.images: Counter[str] = Counter()
+            """Images billed per provider, net of refunds (for ``max_images``)."""
             self.limited: Counter[tuple[str, LimitCause]] = Counter()
             self.webhooks: Counter[str] = Counter()
 
@@ -190,20 +207,30 @@ class State:
             self.fail_once_seen.add(key)
             return True
 
-    def take_token(self, provider: str) -> float | None:
-        """Spend one request token; returns seconds to wait when the bucket is empty."""
-        rps, burst = self.config.rate_limit_rps, self.config.rate_limit_burst
+    def take_token(self, provider: str, paid: bool = True, *, spend: bool = True) -> Spend | None:
+        """Draw one token from the bucket this request spends (None: no limit applies to it).
+
+        ``paid``: a generation submit; with scope ``submits`` the others use the read bucket.
+        ``spend=False`` only reads the bucket, for answers given before the limiter is reached.
+        """
+        config = self.config.for_provider(provider)
+        cause: LimitCause
+        if config.rate_limit_scope == "submits" and not paid:
+            cause, rps = "read_rate", config.read_rate_limit_rps
+        else:
+            cause, rps = "rate", config.rate_limit_rps
         if rps is None:
             return None
+        burst = config.rate_limit_burst if cause == "rate" else max(1, int(rps))
         with self.lock:
             now = time.monotonic()
-            tokens, last = self._buckets.get(provider, (float(burst), now))
+            tokens, last = self._buckets.get((provider, cause), (float(burst), now))
             tokens = min(float(burst), tokens + (now - last) * rps)
-            if tokens < 1:
-                self._buckets[provider] = (tokens, now)
-                return (1 - tokens) / rps
-            self._buckets[provider] = (tokens - 1, now)
-            return None
+            wait = (1 - tokens) / rps if tokens < 1 else None
+            if wait is None and spend:
+                tokens -= 1
+            self._buckets[provider, cause] = (tokens, now)
+        return Spend(cause, rps, wait, int(tokens), (burst - tokens) / rps)
 
     def settle(self, now: float) -> None:
         """Retire jobs that have ended: free their slot and refund the failed ones."""
@@ -214,6 +241,7 @@ class State:
                 self._active_count[job.provider] -= 1
                 if job.failure:
                     self.refunded[job.provider] += job.cost
+                    self.images[job.provider] -= job.n
 
     def in_flight(self, provider: str, now: float) -> tuple[int, float]:
         """Non-terminal jobs of ``provider`` and the seconds until the first of them ends."""
@@ -224,19 +252,38 @@ class State:
             return self._active_count[provider], wait if math.isfinite(wait) else 1.0
 
     def remaining(self, provider: str) -> float | None:
-        if self.config.credits is None:
+        credits = self.config.for_provider(provider).credits
+        if credits is None:
             return None
         with self.lock:
             self.settle(time.monotonic())
             spent = self.charged.get(provider, 0.0) - self.refunded.get(provider, 0.0)
-            left = self.config.credits - spent
+            left = credits - spent
             return round(left, 6)
+
+    def shortfall(self, provider: str, cost: float, n: int) -> float | None:
+        """None when the account can pay ``cost`` for ``n`` images, else the credits it has
+        (with ``max_images``, the price of the images it may still be billed for)."""
+        with self.lock:
+            available = self.remaining(provider)
+            if available is not None and cost > available:
+                return available
+            cap = self.config.overrides(provider).max_images
+            if cap is None:
+                return None
+            self.settle(time.monotonic())
+            left = cap - self.images[provider]
+            if n <= left:
+                return None
+            allowed = round(cost / n * max(0, left), 6)
+            return allowed if available is None else min(allowed, available)
 
     def add(self, job: Job) -> None:
         """Record an accepted job and charge for it."""
         with self.lock:
             self.jobs[job.id] = job
             self.charged[job.provider] += job.cost
+            self.images[job.provider] += job.n
             self._active_count[job.provider] += 1
             heapq.heappush(self._active, (job.ends, job.id))
 
