@@ -2,11 +2,11 @@
 
 ``Simulator`` serves APIFrame v2 (async jobs) at its root and OpenAI, AI/ML API, Omixa and
 Oxen (synchronous) under ``/{provider}``, with the same fields, errors and billing as the
-real services (APIFrame webhooks and Oxen's model schemas included), plus configurable
-latency, limits, image sizes and injected ``Faults``.
+real services (APIFrame webhooks, Oxen's model schemas and OpenAI's Batch API included),
+plus configurable latency, limits, image sizes, injected ``Faults`` and ``BatchConfig``.
 """
 
-from jobs.simulator.config import Faults, SimulatorConfig
+from jobs.simulator.config import BatchConfig, Faults, SimulatorConfig
 from jobs.simulator.server import Simulator
 
-__all__ = ["Faults", "Simulator", "SimulatorConfig"]
+__all__ = ["BatchConfig", "Faults", "Simulator", "SimulatorConfig"]

@@ -17,8 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from jobs.pricing import PRICES
-from jobs.request import ImageRequest
+from jobs.simulator import prices
 from jobs.simulator.config import SimulatorConfig
 from jobs.simulator.core import number
 
@@ -37,11 +36,9 @@ LIMIT_CAUSES: tuple[LimitCause, ...] = ("concurrency", "rate", "fault")
 WEBHOOK_COUNTS = ("sent", "delivered", "failed", "dropped")
 
 
-def price(provider: str, quality: str | None, n: int) -> float:
-    """The charge for ``n`` images, computed exactly as ``plan`` estimates it."""
-    request = ImageRequest(prompt="x", quality=quality, n=n)  # type: ignore[arg-type]
-    cost: float = PRICES[provider].cost(request)
-    return cost
+def price(provider: str, model: str, quality: str | None, size: str, n: int) -> float:
+    """The charge for ``n`` images of ``size``, from the simulator's own table (``prices``)."""
+    return prices.charge(provider, model, quality, size, n)
 
 
 @dataclass
