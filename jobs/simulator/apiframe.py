@@ -169,8 +169,9 @@ class ApiFrame:
                 self.state.count_429(PROVIDER, "concurrency")
                 msg = f"Too many concurrent jobs (limit {limit})"
                 return error_response(PROVIDER, "rate_limit", msg, retry_after=wait)
+            width, height = ASPECT_SIZES[params.get("aspect_ratio", "1:1")]
             n = params.get("number_of_images", 1)
-            cost = price(PROVIDER, params.get("quality"), n)
+            cost = price(PROVIDER, body["model"], params.get("quality"), f"{width}x{height}", n)
             available = self.state.shortfall(PROVIDER, cost, n)
             if available is not None:
                 extra = {"creditsRequired": number(cost), "creditsAvailable": number(available)}

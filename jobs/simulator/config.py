@@ -111,6 +111,46 @@ NO_OVERRIDES = ProviderOverrides()
 
 
 @dataclass(frozen=True)
+class BatchConfig:
+    """OpenAI's Batch API (``/openai/v1/batches``): its pace, limits and faults.
+
+    A batch's timeline is fixed when it is created, from the values in force then.
+    """
+
+    request_latency_s: float = 1.0
+    """How long one request of a batch runs (five times as long for a ``[[slow]]`` prompt)."""
+    concurrency: int = 8
+    """Requests of one batch running at once."""
+    validating_s: float = 0.5
+    finalizing_s: float = 0.5
+    cancelling_s: float = 1.0
+    """How long a cancelled batch stays ``cancelling``; requests already running may finish."""
+    window_s: float = 24 * 3600.0
+    """The completion window: a batch still running this long after creation expires."""
+    enqueued_limit: int | None = None
+    """Images of one API key not yet finished across its batches; a batch that would go over
+    fails validation with ``token_limit_exceeded``. None: no limit."""
+    create_drop: float = 0
+    """Probability that ``POST /v1/batches`` creates the batch, then hangs up without answering."""
+    error_5xx: float = 0
+    """Probability that one request of a batch fails with a 500 (a line in the error file)."""
+
+    def __post_init__(self) -> None:
+        for name in ("request_latency_s", "validating_s", "finalizing_s", "cancelling_s"):
+            _require(getattr(self, name) >= 0, f"batch.{name} must be >= 0")
+        _require(self.window_s > 0, "batch.window_s must be > 0")
+        _require(self.concurrency >= 1, "batch.concurrency must be >= 1")
+        _require(self.enqueued_limit is None or self.enqueued_limit >= 1, "batch.enqueued_limit")
+        for name in ("create_drop", "error_5xx"):
+            _require(0 <= getattr(self, name) <= 1, f"batch.{name} must be between 0 and 1")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], base: Self | None = None) -> Self:
+        """``base`` (or the defaults) with the keys of ``data`` replaced; unknown keys raise."""
+        return _merge(cls, base or cls(), data, "batch.")
+
+
+@dataclass(frozen=True)
 class SimulatorConfig:
     """How the simulated providers behave. Times are seconds; ``credits`` is per provider."""
 
@@ -147,6 +187,7 @@ class SimulatorConfig:
     providers: Mapping[str, ProviderOverrides] = field(default_factory=dict)
     """Per-provider overrides by name; a partial JSON update merges into each one."""
     faults: Faults = field(default_factory=Faults)
+    batch: BatchConfig = field(default_factory=BatchConfig)
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, "port must be 0..65535")
@@ -177,9 +218,9 @@ class SimulatorConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], base: Self | None = None) -> Self:
-        """``base`` (or the defaults) with ``data`` applied; ``faults`` may be a partial dict,
-        ``providers`` a partial dict of partial dicts (a provider set to null loses its
-        overrides; ``{}`` clears them all)."""
+        """``base`` (or the defaults) with ``data`` applied; ``faults`` and ``batch`` may be
+        partial dicts, ``providers`` a partial dict of partial dicts (a provider set to null
+        loses its overrides; ``{}`` clears them all)."""
         return _merge(cls, base or cls(), data, "")
 
     def overrides(self, provider: str) -> ProviderOverrides:
@@ -221,8 +262,8 @@ def _coerce(hint: Any, value: Any, current: Any, name: str) -> Any:
         if value in args:
             return value
         raise ValueError(f"{name} must be one of {', '.join(map(str, args))}")
-    if hint is Faults:
-        return value if isinstance(value, Faults) else Faults.from_mapping(value, current)
+    if hint in (Faults, BatchConfig):
+        return value if isinstance(value, hint) else hint.from_mapping(value, current)
     if origin is Mapping:
         return _merge_providers(value, current, name)
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):

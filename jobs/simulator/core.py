@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
@@ -103,6 +103,8 @@ class Response:
     headers: dict[str, str] = field(default_factory=dict)
     drop: bool = False
     truncate_to: int | None = None
+    stream: Iterable[bytes] | None = None
+    """Sent chunked as it is produced, instead of ``body``: files too big to build first."""
 
 
 def json_response(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> Response:

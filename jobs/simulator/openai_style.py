@@ -7,6 +7,7 @@ differ only in schema, defaults and response shape, which each ``Dialect`` spell
 from __future__ import annotations
 
 import base64
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -63,6 +64,10 @@ NO_CREDITS = {
     "oxen": "Insufficient credits",
 }
 _SIZES = ("1024x1024", "1536x1024", "1024x1536")
+OPENAI_MODELS = ("gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5")
+FREE_SIZE_MODELS = ("gpt-image-2", "gpt-image-2-2026-04-21")
+"""Models that take any ``WIDTHxHEIGHT`` within ``_free_size_problem``'s rules (OpenAPI 2026-08)."""
+_FREE_SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")
 _OXEN_SIZES = {
     "auto": "1024x1024",
     "square": "1024x1024",
@@ -123,8 +128,33 @@ class Dialect:
     """Model objects served at ``GET /api/ai/models/{id}`` (Oxen only)."""
 
 
+def _free_size_problem(size: str) -> str | None:
+    """gpt-image-2: both sides multiples of 16, between 1:3 and 3:1, at most 3840x2160."""
+    match = _FREE_SIZE.fullmatch(size)
+    if match is None:
+        return f"must be auto, one of {', '.join(_SIZES)}, or WIDTHxHEIGHT"
+    width, height = int(match[1]), int(match[2])
+    long, short = max(width, height), min(width, height)
+    if width % 16 or height % 16:
+        return "both sides must be multiples of 16"
+    if long > 3 * short:
+        return "the aspect ratio must be between 1:3 and 3:1"
+    if long > 3840 or short > 2160:
+        return "must be at most 3840x2160 or 2160x3840"
+    return None
+
+
 def _openai_checks(body: dict[str, Any]) -> list[Problem]:
     problems = []
+    size = body.get("size", "auto")
+    if size != "auto" and size not in _SIZES:
+        reason = (
+            _free_size_problem(size)
+            if body["model"] in FREE_SIZE_MODELS
+            else f"must be one of auto, {', '.join(_SIZES)} for {body['model']}"
+        )
+        if reason is not None:
+            problems.append(Problem("size", reason))
     if body.get("background") == "transparent" and body.get("output_format") == "jpeg":
         problems.append(Problem("background", "transparent requires png or webp output_format"))
     if body.get("stream"):
@@ -132,7 +162,8 @@ def _openai_checks(body: dict[str, Any]) -> list[Problem]:
     return problems
 
 
-def _openai_response(params: Params, job: Job, images: list[str]) -> dict[str, Any]:
+def openai_response(params: Params, job: Job, images: list[str]) -> dict[str, Any]:
+    """The 200 body of ``/v1/images/generations``; also a Batch API output line's ``body``."""
     quality = params.quality if params.quality not in (None, "auto") else "high"
     square = {"low": 272, "medium": 1056, "high": 4160}[quality or "high"]
     output = square if job.width == job.height else square * 3 // 2
@@ -163,10 +194,10 @@ DIALECTS = (
         path="/v1/images/generations",
         schema=obj(
             {
-                "model": one_of("gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5"),
+                "model": one_of(*OPENAI_MODELS, *FREE_SIZE_MODELS),
                 "prompt": text(1, 32000),
                 "n": integer(1, 10),
-                "size": one_of("auto", *_SIZES),
+                "size": text(1),
                 "quality": one_of("auto", "low", "medium", "high"),
                 "background": _BACKGROUND,
                 "output_format": _FORMAT,
@@ -180,7 +211,7 @@ DIALECTS = (
             required=("model", "prompt"),
         ),
         parse=lambda b: Params.of(b, size=b.get("size", "auto"), inline=True),
-        respond=_openai_response,
+        respond=openai_response,
         cross_check=_openai_checks,
     ),
     Dialect(
@@ -353,10 +384,10 @@ class SyncSurface:
                 state.count_429(provider, "concurrency")
                 msg = f"Too many concurrent requests (limit {limit})"
                 return error_response(provider, "rate_limit", msg, retry_after=wait)
-            cost = price(provider, params.quality, params.n)
+            width, height = parse_size(params.size)
+            cost = price(provider, body["model"], params.quality, f"{width}x{height}", params.n)
             if state.shortfall(provider, cost, params.n) is not None:
                 return error_response(provider, "credits", NO_CREDITS[provider])
-            width, height = parse_size(params.size)
             job = Job(
                 id=str(uuid.uuid4()),
                 provider=provider,

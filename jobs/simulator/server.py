@@ -32,6 +32,7 @@ from jobs.simulator.core import (
     json_response,
 )
 from jobs.simulator.images import ImageCache, serve_cdn
+from jobs.simulator.openai_batch import MAX_UPLOAD, UPLOAD_PATH, Batches, Combined
 from jobs.simulator.openai_style import DIALECTS, SyncSurface
 from jobs.simulator.state import Spend, State
 from jobs.simulator.webhooks import Webhooks
@@ -74,7 +75,9 @@ class Simulator:
         self._webhooks = Webhooks(self._state)
         sync = {d.provider: SyncSurface(d, self._state, self._cache) for d in DIALECTS}
         apiframe = ApiFrame(self._state, self._webhooks)
-        self._surfaces: dict[str, Surface] = {"apiframe": apiframe, **sync}
+        self._batches = Batches(self._state)
+        openai = Combined(sync["openai"], self._batches)
+        self._surfaces: dict[str, Surface] = {"apiframe": apiframe, **sync, "openai": openai}
         self._main: _Listener | None = None
         self._dedicated: dict[str, _Listener] = {}
         self._ports: dict[str, int] = {}
@@ -151,13 +154,15 @@ class Simulator:
 
     def ledger(self) -> dict[str, Any]:
         """Submits, replays, request counts, credits, 429s by cause, webhook deliveries and every
-        billed job (``GET /_sim/ledger``)."""
-        return self._state.ledger()
+        billed job, OpenAI batch and batch request (``GET /_sim/ledger``)."""
+        batches = self._batches.ledger()  # bills finished batch requests first
+        return self._state.ledger() | batches
 
     def reset(self) -> None:
         """Forget jobs, charges, idempotency keys, limits and pending webhooks; re-seed the RNG."""
         self._webhooks.reset()
         self._state.reset()
+        self._batches.reset()
         self._cache.clear()
 
     def update(self, **changes: Any) -> SimulatorConfig:
@@ -390,16 +395,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         request_id = f"req_{uuid.uuid4().hex}"
         length = int(self.headers.get("Content-Length") or 0)
+        url = urlsplit(self.path)
         refusal = None
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             refusal = json_response(411, {"error": "Content-Length is required"})
-        elif length > MAX_BODY:
+        elif length > (MAX_UPLOAD if url.path == UPLOAD_PATH else MAX_BODY):
             refusal = json_response(413, {"error": "Request body too large"})
         if refusal is not None:
             self.close_connection = True
             self._send(refusal, request_id)
             return
-        url = urlsplit(self.path)
         fallback = _http_url(self.server.simulator.config.host, self.server.server_address[1])
         host = self.headers.get("Host") or fallback.removeprefix("http://")
         req = Request(
@@ -417,6 +422,9 @@ class _Handler(BaseHTTPRequestHandler):
         if response.drop:
             self._hang_up()
             return
+        if response.stream is not None:
+            self._send_chunked(response, request_id)
+            return
         self.send_response(response.status)
         self.send_header("Content-Type", response.content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -428,6 +436,25 @@ class _Handler(BaseHTTPRequestHandler):
         if cut is not None:
             self.wfile.flush()
             self._hang_up()
+
+    def _send_chunked(self, response: Response, request_id: str) -> None:
+        """Write the body as it is produced; a client that leaves mid-way just ends it."""
+        self.send_response(response.status)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("x-request-id", request_id)
+        for name, value in response.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        try:
+            for chunk in response.stream or ():
+                if chunk:
+                    self.wfile.write(b"%x\r\n" % len(chunk))
+                    self.wfile.write(chunk)
+                    self.wfile.write(b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            self.close_connection = True
 
     def _hang_up(self) -> None:
         self.close_connection = True

@@ -17,8 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from jobs.manifest.request import ImageRequest
-from jobs.registry import REGISTRY
+from jobs.simulator import prices
 from jobs.simulator.config import SimulatorConfig
 from jobs.simulator.core import number
 
@@ -38,11 +37,9 @@ requests with scope ``all``; ``read_rate``: the rest with scope ``submits``), or
 WEBHOOK_COUNTS = ("sent", "delivered", "failed", "dropped")
 
 
-def price(provider: str, quality: str | None, n: int) -> float:
-    """The charge for ``n`` images, computed exactly as ``plan`` estimates it."""
-    request = ImageRequest(prompt="x", quality=quality, n=n)  # type: ignore[arg-type]
-    cost: float = REGISTRY[provider].prices.cost(request)
-    return cost
+def price(provider: str, model: str, quality: str | None, size: str, n: int) -> float:
+    """The charge for ``n`` images of ``size``, from the simulator's own table (``prices``)."""
+    return prices.charge(provider, model, quality, size, n)
 
 
 @dataclass(frozen=True)
