@@ -1,0 +1,685 @@
+"""How fast to send each kind of request to a provider, and how many jobs to keep in flight.
+
+Pure functions over frozen states: the dispatcher passes the clock (``now``) and the counts of
+the last interval (about a second), stores ``to_dict()`` in Redis and paces a token bucket at
+``state.rate``. Each request kind (submits, polls) has its own :class:`RateState`, so a poll
+429 never slows submits; the in-flight cap has a :class:`CapState`.
+
+**The rate.** A 429 is either *ours* (we are above the account's real limit) or *noise* (the
+provider refuses some requests whatever our rate: shared capacity short). TCP's AIMD takes
+every loss for congestion, which is why the old limiter (x0.7 per 429) sat at its floor under
+3 % random 429s: the known weakness of loss-based TCP on lossy links, which TCP Westwood and BBR
+answer by looking at what gets through rather than at each loss. So this is AIMD with *loss
+discrimination* and a BBR-like model of the limit:
+
+* **Evidence, not single 429s.** The share of 429s among recent requests (counts decayed over
+  about ``WINDOW_REQUESTS`` requests or ``WINDOW_S``, whichever is shorter) must exceed the
+  noise floor ``q`` by ``MIN_EXCESS`` and by ``Z_TRIGGER`` binomial standard deviations, with at
+  least ``MIN_THROTTLED`` 429s, before the rate is cut.
+* **Cut to what got through, then find out whose the 429s were.** The cut goes to the rate the
+  provider accepted (BBR's delivery rate: with a real limit L, that is L), the lower of
+  ``rate·(1 - share)/(1 - q)`` and the last interval's accepted requests, times
+  ``CUT_MARGIN``. VERIFY then measures the share at the lower rate (after ``VERIFY_SETTLE_S``,
+  on ``VERIFY_SAMPLES``): significantly lower (``Z_FELL``; near a limit met before, halfway
+  back to ``q`` is enough) means ours, and what got through becomes the limit estimate. Higher
+  (``Z_WORSE``), or above what noise ever is (``NOISE_MAX``), means the provider's burst hid
+  part of our overshoot: cut again. Neither: CONFIRM goes back to the old rate and measures
+  again; the same share there means noise (the old rate stays, both measurements become
+  evidence of ``q``), a higher one means ours. Noise is believed only on two steady
+  measurements that agree, because a wrong noise verdict would teach the controller to
+  tolerate its own 429s. ``q`` is decayed counts (half-life ``NOISE_HALF_LIFE_S``, shrunk by a
+  prior of ``NOISE_PRIOR`` clean requests), so noise that stops is forgotten.
+* **Increase per interval of successes** (not after N quiet seconds): while the rate is what
+  holds work back and recent 429s are no more than ``q`` explains, it grows by ``FAST_STEP`` of
+  the ceiling per second; within ``NEAR`` of the limit estimate it crosses that band in about
+  ``PROBE_REQUESTS`` requests (CUBIC's plateau around its last loss point), so each probe past
+  a real limit, which costs a few 429s, comes once per so many requests. Passing the estimate
+  by ``NEAR`` without trouble moves it up and doubles the probe step (BBR's probe-up): an
+  upgraded account, or an estimate from a wrong verdict, is outgrown in a minute or two.
+* **Slow start** (limits not configured, the ceiling is only a default): start at
+  ``START_FRACTION`` of the ceiling and double per second while the rate binds and no 429
+  comes (TCP slow start). A configured limit starts at the ceiling. A rate the provider
+  announces (``X-RateLimit`` headers) replaces either guess and is a second ceiling from then on.
+* **Blocked**: ``BLOCKED_RUN`` requests refused in a row, or nearly all of an interval's, is not
+  a rate to fit but an account refusing everything. The kind pauses (``pause_until``) until the
+  largest Retry-After, then slow-starts back towards the rate it had (TCP's retransmission
+  timeout) instead of being cut to the floor.
+
+The rate stays within ``[floor, ceiling]``, floor ``max(FLOOR_FRACTION·ceiling, FLOOR_RATE)``
+(never above the ceiling): low enough for a small account, never zero.
+
+Google SRE's client-side throttling, ``max(0, (requests - K·accepts)/(requests + 1))``, was not
+used: it lets ``K - 1`` refused requests through per accepted one, far above the 1 % of 429s
+wanted once the limit is known, and it cannot tell noise from a limit.
+
+**The in-flight cap** needs no statistics: a concurrency 429 is unambiguous (the provider
+counted our jobs), so it sets the cap at once, to the limit the message names or else to what
+was in flight. The cap then grows by one only after holding work back for ``CAP_REGROW_S``
+without a concurrency 429 (Envoy's adaptive concurrency probes its limit the same way, a step at
+a time; its latency gradient has no use here, the provider says when we are over). Not
+configured, the cap starts at ``START_FRACTION`` of the ceiling and doubles every
+``CAP_SLOW_START_S`` that it binds, until the first concurrency 429.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from enum import StrEnum
+
+# --- constants ---------------------------------------------------------------------------------
+
+START_FRACTION = 0.25
+"""Not configured: the first rate (and cap) as a share of the default ceiling."""
+FLOOR_FRACTION = 0.05
+FLOOR_RATE = 0.1
+"""The rate never goes below ``max(FLOOR_FRACTION·ceiling, FLOOR_RATE)`` (nor above the
+ceiling): an account below that gets 429s, answered by pauses, but the rate is never zero."""
+WINDOW_REQUESTS = 100.0
+WINDOW_S = 20.0
+"""The 429 share is over about the last ``WINDOW_REQUESTS`` requests, or the last ``WINDOW_S``
+if that holds fewer (a slow kind must not judge its rate by a minute ago)."""
+MIN_SAMPLES = 10.0
+MIN_THROTTLED = 2.0
+"""No cut on fewer 429s in the window, nor on fewer requests unless most were refused."""
+MIN_EXCESS = 0.015
+Z_TRIGGER = 2.5
+"""A cut needs the share above ``q + MIN_EXCESS`` by ``Z_TRIGGER`` standard deviations of a
+binomial at ``q``. With ``q`` learnt, noise alone still triggers one every 7 minutes or so at
+10 % (measured), each costing a few seconds at 90 % of the rate."""
+CUT_MARGIN = 0.9
+"""The cut goes this far below what got through, so the provider's bucket refills."""
+VERIFY_SETTLE_S = 2.5
+"""Intervals ending this soon after a change are not measured: their requests left before it,
+and the provider's bucket is still empty."""
+VERIFY_SAMPLES = 60.0
+VERIFY_MIN_S = 2.0
+VERIFY_MAX_S = 30.0
+VERIFY_MIN_SENT = 3.0
+"""A measurement ends after ``VERIFY_SAMPLES`` requests and ``VERIFY_MIN_S``, or after
+``VERIFY_MAX_S`` on what there is (with fewer than ``VERIFY_MIN_SENT``, no verdict)."""
+Z_FELL = 1.5
+FELL_FRACTION = 0.5
+"""Ours when the share fell by ``Z_FELL`` standard errors; near a limit met before, when its
+excess over ``q`` fell by ``FELL_FRACTION``."""
+KNOWN_BELOW = 0.05
+"""A cut from within ``KNOWN_BELOW`` under the limit estimate (or above it) is near a limit met
+before, where the halfway fall suffices; further below, 429s are more likely noise."""
+Z_WORSE = 2.0
+"""A share this many standard errors above the one compared with: ours, cut again."""
+NOISE_MAX = 0.2
+Z_NOISE_MAX = 2.0
+"""A share of 429s above ``NOISE_MAX`` (by ``Z_NOISE_MAX`` standard deviations) is not noise
+to ride out: it is taken for ours."""
+NOISE_HALF_LIFE_S = 300.0
+NOISE_PRIOR = 20.0
+"""``q = noise_throttled / (noise_sent + NOISE_PRIOR)``; both counts halve every half-life."""
+FAST_STEP = 0.05
+"""Increase per second as a share of the ceiling, away from a known limit: floor to ceiling in
+about 20 s."""
+NEAR = 0.1
+PROBE_REQUESTS = 500.0
+PROBE_MIN_S = 20.0
+PROBE_MAX_S = 120.0
+"""Within ``NEAR`` of the limit estimate the rate crosses that band in ``PROBE_REQUESTS``
+requests, but in no less than ``PROBE_MIN_S`` nor more than ``PROBE_MAX_S``: a probe past a
+real limit costs a few 429s, so probes come once per so many requests, not seconds."""
+HOLD_SENT = 5
+"""Growth holds while the interval (the window, if the interval had fewer requests than this)
+shows more 429s than the noise floor explains."""
+MAX_STEP_S = 2.0
+"""An update after a long gap grows the rate as if at most this long had passed."""
+BLOCKED_RUN = 5
+BLOCKED_SENT = 10
+BLOCKED_SHARE = 0.9
+BLOCKED_PAUSE_S = 5.0
+"""Blocked: ``BLOCKED_RUN`` requests refused in a row, or at least ``BLOCKED_SENT`` in an
+interval with ``BLOCKED_SHARE`` of them refused. The pause lasts the largest Retry-After
+(``BLOCKED_PAUSE_S`` without one)."""
+CAP_SLOW_START_S = 2.0
+CAP_REGROW_S = 30.0
+"""Not configured, the cap doubles after binding ``CAP_SLOW_START_S``; after a concurrency 429
+it grows by one after ``CAP_REGROW_S`` of binding, and as long since its last change."""
+
+
+class Phase(StrEnum):
+    """Where a controller is in its cycle."""
+
+    SLOW_START = "slow_start"
+    """The ceiling is only a guess: double until the first 429."""
+    STEADY = "steady"
+    """Additive increase while the rate binds; a cut on evidence of our own 429s."""
+    VERIFY = "verify"
+    """Just cut: do the 429s fall at the lower rate (ours) or not?"""
+    CONFIRM = "confirm"
+    """They did not fall: back at the old rate, are they the same (noise) or more (ours)?"""
+
+
+class Kind(StrEnum):
+    """The request kinds the dispatcher paces separately."""
+
+    SUBMIT = "submit"
+    POLL = "poll"
+
+
+# --- the request rate ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Interval:
+    """What happened to one request kind since the last update."""
+
+    now: float
+    sent: int
+    """Requests of this kind sent."""
+    throttled: int
+    """Of them, answered 429 (rate kind)."""
+    binding: bool
+    """This rate held work back (requests waited for tokens)."""
+    retry_after: float | None = None
+    """The largest Retry-After among the 429s, in seconds."""
+    hint: float | None = None
+    """A rate (requests per second) the provider announced in its X-RateLimit headers."""
+
+
+@dataclass(frozen=True)
+class RateState:
+    """One request kind's controller; ``rate`` is what to pace at, ``pause_until`` when to
+    resume after a block (0: no pause)."""
+
+    ceiling: float
+    rate: float
+    phase: Phase
+    updated_at: float
+    pause_until: float = 0.0
+    since: float = 0.0
+    """When the current phase began (VERIFY, CONFIRM: the change of rate)."""
+    target: float = 0.0
+    """SLOW_START: where doubling stops (the ceiling, or the rate before a block)."""
+    before_rate: float = 0.0
+    """VERIFY, CONFIRM: the rate before the cut, kept if the 429s prove to be noise."""
+    candidate: float = 0.0
+    """VERIFY: what got through at the cut, the limit estimate if the 429s prove ours."""
+    limit: float | None = None
+    """The account's rate limit as our own 429s showed it (None: not met yet). A rate that
+    passes it by ``NEAR`` without trouble moves it up."""
+    raises: int = 0
+    """How many times the rate passed ``limit`` since the last cut: the probe step doubles
+    each time."""
+    hint: float | None = None
+    """The rate the provider announced: a second ceiling."""
+    window_sent: float = 0.0
+    window_throttled: float = 0.0
+    """Recent requests and 429s (decayed counts)."""
+    base_sent: float = 0.0
+    base_throttled: float = 0.0
+    """VERIFY: the window that triggered the cut; CONFIRM: the measurement at the lower rate."""
+    verify_sent: float = 0.0
+    verify_throttled: float = 0.0
+    """VERIFY, CONFIRM: the measurement at the current rate."""
+    noise_sent: float = 0.0
+    noise_throttled: float = 0.0
+    """Requests and 429s measured where the 429s were shown not to be ours."""
+    refused_run: int = 0
+    """Requests refused in a row (an interval with any request accepted ends the run)."""
+
+    @property
+    def top(self) -> float:
+        """The highest rate allowed: the ceiling, or the provider's hint if lower."""
+        return self.ceiling if self.hint is None else max(self.floor, min(self.ceiling, self.hint))
+
+    @property
+    def floor(self) -> float:
+        return min(self.ceiling, max(FLOOR_FRACTION * self.ceiling, FLOOR_RATE))
+
+    @property
+    def noise(self) -> float:
+        """``q``: the share of 429s that are not ours (towards 0 on little evidence)."""
+        return min(NOISE_MAX, self.noise_throttled / (self.noise_sent + NOISE_PRIOR))
+
+    @property
+    def share(self) -> float:
+        """The share of 429s among recent requests."""
+        return self.window_throttled / self.window_sent if self.window_sent > 0 else 0.0
+
+    def to_dict(self) -> dict[str, float | str | None]:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object], *, ceiling: float | None = None) -> RateState:
+        """A stored state; ``ceiling`` applies new settings (the rate is clamped to them)."""
+        state = cls(
+            ceiling=_float(data, "ceiling"),
+            rate=_float(data, "rate"),
+            phase=Phase(_text(data, "phase")),
+            updated_at=_float(data, "updated_at"),
+            pause_until=_float(data, "pause_until", 0.0),
+            since=_float(data, "since", 0.0),
+            target=_float(data, "target", 0.0),
+            before_rate=_float(data, "before_rate", 0.0),
+            candidate=_float(data, "candidate", 0.0),
+            limit=_optional(data, "limit"),
+            raises=int(_float(data, "raises", 0.0)),
+            hint=_optional(data, "hint"),
+            window_sent=_float(data, "window_sent", 0.0),
+            window_throttled=_float(data, "window_throttled", 0.0),
+            base_sent=_float(data, "base_sent", 0.0),
+            base_throttled=_float(data, "base_throttled", 0.0),
+            verify_sent=_float(data, "verify_sent", 0.0),
+            verify_throttled=_float(data, "verify_throttled", 0.0),
+            noise_sent=_float(data, "noise_sent", 0.0),
+            noise_throttled=_float(data, "noise_throttled", 0.0),
+            refused_run=int(_float(data, "refused_run", 0.0)),
+        )
+        if ceiling is not None and ceiling != state.ceiling:
+            if ceiling <= 0:
+                raise ValueError(f"ceiling must be positive, not {ceiling}")
+            state = replace(state, ceiling=ceiling)
+            state = replace(state, rate=min(state.top, max(state.floor, state.rate)))
+        return state
+
+
+def start_rate(ceiling: float, *, configured: bool, now: float) -> RateState:
+    """Configured limits are the account's: start at them. A default ceiling is only a guess:
+    start below it and grow fast (slow start)."""
+    if ceiling <= 0:
+        raise ValueError(f"ceiling must be positive, not {ceiling}")
+    state = RateState(ceiling=ceiling, rate=ceiling, phase=Phase.STEADY, updated_at=now, since=now)
+    if configured:
+        return state
+    rate = max(state.floor, START_FRACTION * ceiling)
+    return replace(state, rate=rate, phase=Phase.SLOW_START, target=ceiling)
+
+
+def update_rate(state: RateState, interval: Interval) -> RateState:
+    """The next state after one interval of this kind's requests."""
+    now = interval.now
+    elapsed = max(0.0, now - state.updated_at)
+    sent = max(0, interval.sent)
+    throttled = min(sent, max(0, interval.throttled))
+    kept = 0.5 ** (elapsed / NOISE_HALF_LIFE_S)
+    decay = math.exp(-max(sent / WINDOW_REQUESTS, elapsed / WINDOW_S))
+    run = state.refused_run if not sent else state.refused_run + sent if throttled == sent else 0
+    state = replace(
+        state,
+        updated_at=max(now, state.updated_at),
+        noise_sent=state.noise_sent * kept,
+        noise_throttled=state.noise_throttled * kept,
+        window_sent=state.window_sent * decay + sent,
+        window_throttled=state.window_throttled * decay + throttled,
+        refused_run=run,
+    )
+    if interval.hint is not None and interval.hint > 0:
+        state = replace(state, hint=interval.hint)
+        if state.phase is Phase.SLOW_START:
+            state = replace(state, rate=state.top, phase=Phase.STEADY, since=now)
+        state = replace(state, rate=min(state.rate, state.top))
+    if run >= BLOCKED_RUN or (sent >= BLOCKED_SENT and throttled >= BLOCKED_SHARE * sent):
+        return _blocked(state, now, interval.retry_after)
+    if state.phase in (Phase.VERIFY, Phase.CONFIRM):
+        return _measure(state, now, sent, throttled)
+    if _significant(state.window_sent, state.window_throttled, state.noise):
+        # The window dilutes a sudden overshoot; the last interval's 429s beyond what noise
+        # explains do not, and what it got through is sharper still when it had enough
+        # requests (with a real limit, it is the limit, even while the provider's burst lasts).
+        q = state.noise
+        beyond = throttled - 1 - Z_TRIGGER * math.sqrt(sent * q * (1 - q))
+        share = max(state.share, beyond / sent if sent else 0.0)
+        accepted = None
+        if sent >= MIN_SAMPLES and elapsed:
+            accepted = (sent - throttled) / elapsed
+            # More sent than the rate allows (the dispatcher's own burst): the share says what
+            # got through of that, not of the rate.
+            share = 1 - (1 - share) * max(1.0, sent / elapsed / state.rate)
+        return _cut(state, now, max(0.0, share), restore=state.rate, accepted=accepted)
+    return _grow(state, interval, min(elapsed, MAX_STEP_S), sent, throttled)
+
+
+def _significant(n: float, k: float, q: float) -> bool:
+    """``k`` 429s among ``n`` requests are more than a noise floor ``q`` explains."""
+    if k < MIN_THROTTLED or (n < MIN_SAMPLES and k < n / 2):
+        return False
+    return k > n * (q + MIN_EXCESS) + Z_TRIGGER * math.sqrt(n * q * (1 - q))
+
+
+def _cut(
+    state: RateState, now: float, share: float, *, restore: float, accepted: float | None = None
+) -> RateState:
+    """Down to a little below what got through; then find out whose the 429s were."""
+    q = state.noise
+    got = min(state.rate, state.rate * (1 - share) / (1 - q))
+    if accepted is not None:
+        # The interval's accepted requests are sharper than a diluted share, but inflated
+        # while the provider's burst lasts: the lower of the two.
+        got = min(got, accepted / (1 - q))
+    return replace(
+        state,
+        rate=max(state.floor, got * CUT_MARGIN),
+        phase=Phase.VERIFY,
+        since=now,
+        before_rate=restore,
+        candidate=max(state.floor, got),
+        raises=0,
+        base_sent=state.window_sent,
+        base_throttled=state.window_throttled,
+        verify_sent=0.0,
+        verify_throttled=0.0,
+    )
+
+
+def _measure(state: RateState, now: float, sent: int, throttled: int) -> RateState:
+    """VERIFY measures the share at the lower rate, CONFIRM at the old one again; each compares
+    with the measurement before it (``base_*``)."""
+    if now - state.since < VERIFY_SETTLE_S:
+        return state
+    n, k = state.verify_sent + sent, state.verify_throttled + throttled
+    state = replace(state, verify_sent=n, verify_throttled=k)
+    waited = now - state.since
+    done = (n >= VERIFY_SAMPLES and waited >= VERIFY_MIN_S) or waited >= VERIFY_MAX_S
+    beyond_noise = n >= VERIFY_MIN_SENT and k > n * NOISE_MAX + Z_NOISE_MAX * math.sqrt(
+        n * NOISE_MAX * (1 - NOISE_MAX)
+    )
+    if not done and not (beyond_noise and state.phase is Phase.CONFIRM):
+        return state
+    steady = replace(state, phase=Phase.STEADY, since=now, window_sent=n, window_throttled=k)
+    if n < VERIFY_MIN_SENT:
+        return steady  # too little demand to tell: keep this rate, the safer side
+    q = state.noise
+    share, base = k / n, state.base_throttled / max(state.base_sent, 1.0)
+    z = _z(base, state.base_sent, share, n)
+    if beyond_noise or (z >= Z_WORSE and share > q + MIN_EXCESS):
+        # More 429s than the measurement before, or than noise ever is. In VERIFY the
+        # provider's burst had hidden part of our overshoot; in CONFIRM they came back with
+        # the old rate. Ours: cut to what gets through now.
+        return _cut(steady, now, share, restore=state.before_rate)
+    if state.phase is Phase.CONFIRM:
+        # The same share at both rates: noise, whatever our rate. Both measurements tell q,
+        # and a limit estimate about this rate (from a cut taken for ours) was noise too.
+        limit = state.limit
+        if limit is not None and limit <= state.rate / CUT_MARGIN * (1 + NEAR):
+            limit = None
+        return replace(
+            steady,
+            limit=limit,
+            noise_sent=state.noise_sent + state.base_sent + n,
+            noise_throttled=state.noise_throttled + state.base_throttled + k,
+        )
+    limit = state.limit
+    known = limit is not None and state.before_rate >= limit * (1 - KNOWN_BELOW)
+    if z <= -Z_FELL or (known and share - q <= FELL_FRACTION * (base - q)):
+        ours = replace(steady, limit=state.candidate)
+        if _significant(n, k, q):
+            # Still more than q explains: noise not known yet, or a cut too shallow. Learn
+            # nothing; the window (this measurement) triggers the next cut, which tells.
+            return ours
+        return replace(
+            ours, noise_sent=state.noise_sent + n, noise_throttled=state.noise_throttled + k
+        )
+    # No clear fall: back to the old rate, and measure the share there, steadily this time.
+    return replace(
+        state,
+        phase=Phase.CONFIRM,
+        since=now,
+        rate=min(state.top, state.before_rate),
+        base_sent=n,
+        base_throttled=k,
+        verify_sent=0.0,
+        verify_throttled=0.0,
+    )
+
+
+def _z(base: float, base_n: float, share: float, n: float) -> float:
+    """How many standard errors ``share`` (of ``n``) lies above ``base`` (of ``base_n``)."""
+    pooled = (base * base_n + share * n) / (base_n + n)
+    spread = math.sqrt(max(pooled * (1 - pooled), 1e-12) * (1 / max(base_n, 1.0) + 1 / n))
+    return (share - base) / spread
+
+
+def _grow(
+    state: RateState, interval: Interval, elapsed: float, sent: int, throttled: int
+) -> RateState:
+    """Increase per interval of successes, while this rate is what holds work back."""
+    if interval.now < state.pause_until or not interval.binding:
+        return state
+    if sent < HOLD_SENT:  # a few requests a second: most intervals are empty
+        sent, throttled = round(state.window_sent), round(state.window_throttled)
+    expected = state.noise * sent
+    if throttled > expected + 2 * math.sqrt(expected) + 0.5:
+        if state.phase is Phase.SLOW_START:
+            return replace(state, phase=Phase.STEADY, since=interval.now)  # the first sign
+        return state
+    if state.phase is Phase.SLOW_START:
+        target = min(state.top, state.target)
+        rate = min(target, state.rate * 2 ** min(elapsed, 1.0))
+        phase = Phase.STEADY if rate >= target else Phase.SLOW_START
+        return replace(state, rate=rate, phase=phase)
+    limit, raises, fast = state.limit, state.raises, FAST_STEP * state.top
+    if limit is not None and state.rate > limit * (1 + NEAR):
+        limit, raises = state.rate, raises + 1  # passed cleanly: the limit is higher
+    if limit is not None and state.rate >= limit * (1 - NEAR):
+        # Across the band around the limit in PROBE_REQUESTS requests, within PROBE_MIN_S and
+        # PROBE_MAX_S: a probe past the limit costs a few 429s, so one per so many requests.
+        per_second = min(1 / PROBE_MIN_S, max(state.rate / PROBE_REQUESTS, 1 / PROBE_MAX_S))
+        step = min(fast, NEAR * limit * per_second * 2**raises)
+    else:
+        step = fast
+    return replace(
+        state, rate=min(state.top, state.rate + step * elapsed), limit=limit, raises=raises
+    )
+
+
+def _blocked(state: RateState, now: float, retry_after: float | None) -> RateState:
+    """Nearly everything refused: the account is blocked, not merely over its rate. Wait it
+    out, then slow-start back towards the rate we had."""
+    wait = retry_after if retry_after is not None and retry_after > 0 else BLOCKED_PAUSE_S
+    if state.phase is Phase.SLOW_START:
+        target = state.target
+    elif state.phase in (Phase.VERIFY, Phase.CONFIRM):
+        target = state.before_rate
+    else:
+        target = state.rate
+    return replace(
+        state,
+        pause_until=max(state.pause_until, now + wait),
+        phase=Phase.SLOW_START,
+        since=now,
+        target=target,
+        rate=max(state.floor, min(state.rate, START_FRACTION * target)),
+        window_sent=0.0,
+        window_throttled=0.0,
+        verify_sent=0.0,
+        verify_throttled=0.0,
+        refused_run=0,
+    )
+
+
+# --- the in-flight cap -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CapState:
+    """How many jobs may be in flight at the provider at once (each submit takes a slot)."""
+
+    ceiling: int
+    cap: int
+    phase: Phase
+    """SLOW_START (doubling) or STEADY."""
+    changed_at: float
+    """The last concurrency 429 or raise."""
+    bound_since: float | None = None
+    """Since when the cap has held work back without a break (None: it does not now)."""
+
+    def to_dict(self) -> dict[str, float | str | None]:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object], *, ceiling: int | None = None) -> CapState:
+        """A stored state; ``ceiling`` applies new settings (the cap is clamped to them)."""
+        state = cls(
+            ceiling=int(_float(data, "ceiling")),
+            cap=int(_float(data, "cap")),
+            phase=Phase(_text(data, "phase")),
+            changed_at=_float(data, "changed_at"),
+            bound_since=_optional(data, "bound_since"),
+        )
+        if ceiling is not None and ceiling != state.ceiling:
+            if ceiling < 1:
+                raise ValueError(f"ceiling must be at least 1, not {ceiling}")
+            state = replace(state, ceiling=ceiling, cap=max(1, min(ceiling, state.cap)))
+        return state
+
+
+def start_cap(ceiling: int, *, configured: bool, now: float) -> CapState:
+    """A configured cap is the account's; a default one is a guess, approached by doubling."""
+    if ceiling < 1:
+        raise ValueError(f"ceiling must be at least 1, not {ceiling}")
+    if configured:
+        return CapState(ceiling=ceiling, cap=ceiling, phase=Phase.STEADY, changed_at=now)
+    cap = max(1, math.ceil(START_FRACTION * ceiling))
+    phase = Phase.STEADY if cap >= ceiling else Phase.SLOW_START
+    return CapState(ceiling=ceiling, cap=cap, phase=phase, changed_at=now)
+
+
+def on_concurrency_429(
+    state: CapState, *, in_flight: int, named_limit: int | None, now: float
+) -> CapState:
+    """The provider runs all it allows of ours: the cap becomes the limit it names, else the
+    number we had in flight when refused (our other jobs). A named limit above what we had in
+    flight means the account is shared, or our count lags: the smaller wins. Never raises the
+    cap, never below 1."""
+    lower = min(state.cap, in_flight)
+    if named_limit is not None and named_limit > 0:
+        lower = min(lower, named_limit)
+    return replace(state, cap=max(1, lower), phase=Phase.STEADY, changed_at=now, bound_since=None)
+
+
+def update_cap(state: CapState, *, now: float, binding: bool) -> CapState:
+    """Grow the cap while it holds work back: doubling in slow start, else by one after a quiet
+    while (so a probe past the account's limit costs one concurrency 429)."""
+    if not binding:
+        return state if state.bound_since is None else replace(state, bound_since=None)
+    since = now if state.bound_since is None else state.bound_since
+    state = replace(state, bound_since=since)
+    if state.cap >= state.ceiling:
+        return state
+    if state.phase is Phase.SLOW_START:
+        if now - since < CAP_SLOW_START_S:
+            return state
+        cap = min(state.ceiling, state.cap * 2)
+        phase = Phase.STEADY if cap >= state.ceiling else Phase.SLOW_START
+        return replace(state, cap=cap, phase=phase, changed_at=now, bound_since=now)
+    if now - since < CAP_REGROW_S or now - state.changed_at < CAP_REGROW_S:
+        return state
+    return replace(state, cap=state.cap + 1, changed_at=now, bound_since=now)
+
+
+_NAMED = re.compile(
+    r"\b(?:limit|max(?:imum)?|at\s+most|up\s+to)\b(?:\s+(?:of|is))?\s*[:=]?\s*(\d+)\b"
+    r"|\bconcurren\w*(?:\s+(?:limit|jobs|requests))?\s*[:=]\s*(\d+)\b",
+    re.IGNORECASE,
+)
+
+
+def named_limit(message: str) -> int | None:
+    """The concurrency limit a 429's message names, if any: "Too many concurrent jobs (limit
+    16)", "max 16 concurrent", "at most 16 jobs", "concurrency_limit=16"."""
+    for match in _NAMED.finditer(message):
+        value = int(match.group(1) or match.group(2))
+        if value > 0:
+            return value
+    return None
+
+
+# --- a provider's controllers together --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """One provider's controllers: a rate per request kind, and the in-flight cap. A kind's
+    state changes only through its own intervals."""
+
+    submits: RateState
+    polls: RateState
+    cap: CapState
+
+    def rate(self, kind: Kind) -> RateState:
+        return self.submits if kind is Kind.SUBMIT else self.polls
+
+    def to_dict(self) -> dict[str, dict[str, float | str | None]]:
+        return {
+            str(Kind.SUBMIT): self.submits.to_dict(),
+            str(Kind.POLL): self.polls.to_dict(),
+            "cap": self.cap.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Mapping[str, object]]) -> Limits:
+        return cls(
+            submits=RateState.from_dict(data[Kind.SUBMIT]),
+            polls=RateState.from_dict(data[Kind.POLL]),
+            cap=CapState.from_dict(data["cap"]),
+        )
+
+
+def start_limits(
+    *,
+    submits_per_second: float,
+    polls_per_second: float,
+    max_in_flight: int,
+    configured: bool,
+    now: float,
+) -> Limits:
+    return Limits(
+        submits=start_rate(submits_per_second, configured=configured, now=now),
+        polls=start_rate(polls_per_second, configured=configured, now=now),
+        cap=start_cap(max_in_flight, configured=configured, now=now),
+    )
+
+
+def update_limits(limits: Limits, kind: Kind, interval: Interval) -> Limits:
+    """``update_rate`` on the one kind the interval counted."""
+    if kind is Kind.SUBMIT:
+        return replace(limits, submits=update_rate(limits.submits, interval))
+    return replace(limits, polls=update_rate(limits.polls, interval))
+
+
+# --- (de)serialisation -------------------------------------------------------------------------
+
+
+def _plain(value: object) -> float | str | None:
+    """A field as JSON has it: numbers as floats, the phase as its value."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, bool | int | float):
+        return float(value)
+    raise TypeError(f"not a plain value: {value!r}")
+
+
+def _text(data: Mapping[str, object], key: str) -> str:
+    value = data[key]
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _float(data: Mapping[str, object], key: str, default: float | None = None) -> float:
+    """A number as JSON or a Redis hash stores it (float, int, str or bytes)."""
+    value = data.get(key)
+    if value is None or value in ("", b""):
+        if default is None:
+            raise KeyError(key)
+        return default
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, int | float | str):
+        return float(value)
+    raise TypeError(f"{key}: not a number: {value!r}")
+
+
+def _optional(data: Mapping[str, object], key: str) -> float | None:
+    value = data.get(key)
+    if value is None or value in ("", b"", "None", b"None"):
+        return None
+    return _float(data, key)
