@@ -15,6 +15,8 @@ import redis
 from tests import servers
 from tests.servers import S3Server
 
+pytest_plugins = ["tests.receivers"]
+
 # --- Redis -----------------------------------------------------------------------------------
 
 

@@ -21,6 +21,10 @@ from jobs.output.rows import ResultRow
 from jobs.pricing import currency
 from jobs.registry import REGISTRY
 
+ROOT = Path(__file__).resolve().parent.parent
+"""The repository's root: ``examples/``, ``deploy/``, ``jobs/`` are under it."""
+SCHEMAS = ROOT / "tests" / "schemas"
+CATALOG = ROOT / "examples" / "catalog.jsonl"
 CLI = [sys.executable, "-m", "worker"]
 FAST = {
     # Short waits so end-to-end runs take seconds; the code paths are the production ones.

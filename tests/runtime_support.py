@@ -118,3 +118,15 @@ def record_reads(store: Store) -> list[str]:
 
     store.get = counting  # type: ignore[method-assign]
     return reads
+
+
+def plan_settings(redis_url: str) -> CoreSettings:
+    """An account of 50 in flight at 25 requests/s with 5 s jobs, on an unreachable simulator:
+    what ``plan`` estimates from, with nothing spent."""
+    return settings(
+        redis_url,
+        simulator_max_in_flight=50,
+        simulator_requests_per_second=25,
+        simulator_expected_latency_s=5.0,
+        simulator_base_url="http://127.0.0.1:9/v2",
+    )

@@ -45,9 +45,8 @@ from jobs.providers import build, create, names
 from jobs.providers.base import Artifact, Finished, Pending, Provider, SubmitOutcome, Submitted
 from jobs.settings import PROVIDER_NAMES, Settings
 from jobs.simulator import Faults, Simulator, SimulatorConfig
+from tests.harness import ROOT, SCHEMAS
 
-ROOT = Path(__file__).resolve().parent.parent
-SCHEMAS = Path(__file__).resolve().parent / "schemas"
 AIMLAPI_SEED = Path("/work/shared/seeds/003_8048455bc0784a35.txt")
 """Where aimlapi.json was copied from; the verbatim check is skipped where it is absent."""
 

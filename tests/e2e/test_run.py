@@ -8,9 +8,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from tests.harness import check_invariants, read_local, run_batch, run_cli
+from tests.harness import ROOT, check_invariants, read_local, run_batch, run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
 CATALOG = ROOT / "examples" / "catalog.jsonl"
 BAD = ROOT / "examples" / "bad.jsonl"
 

@@ -38,8 +38,8 @@ import pytest
 import yaml
 
 from jobs.settings import PROVIDER_NAMES, Settings
+from tests.harness import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 DEPLOY = ROOT / "deploy"
@@ -535,7 +535,7 @@ def test_dockerignore_keeps_secrets_and_clutter_out_but_not_what_the_build_copie
         ".git/HEAD",
         ".venv/bin/python",
         "out/catalog-1/images/a/0.png",
-        "tests/test_run.py",
+        "tests/e2e/test_run.py",
         ".pytest_cache/v/cache/lastfailed",
         ".mypy_cache/3.11/jobs/settings.data.json",
         "jobs/__pycache__/settings.cpython-311.pyc",

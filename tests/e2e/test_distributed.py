@@ -9,10 +9,9 @@ from typing import Any
 import redis
 
 from jobs.simulator import Simulator, SimulatorConfig
-from tests.harness import check_invariants, read_s3, run_cli, start_worker, stop, wait_for
+from tests.harness import CATALOG, check_invariants, read_s3, run_cli, start_worker, stop, wait_for
 from tests.servers import S3Server
 
-CATALOG = Path(__file__).resolve().parent.parent / "examples" / "catalog.jsonl"
 KEY = "afk_distributed_test_key_0123456789"
 
 

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from jobs.simulator import Simulator, SimulatorConfig, prices
+from tests.harness import ROOT
 
 TOKEN = "sk-test"
 QUALITIES: tuple[str | None, ...] = (None, "auto", "low", "medium", "high")
-SIMULATOR = Path(__file__).resolve().parent.parent / "jobs" / "simulator"
+SIMULATOR = ROOT / "jobs" / "simulator"
 
 
 @pytest.fixture

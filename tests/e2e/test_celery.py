@@ -22,6 +22,7 @@ import redis
 from jobs.simulator import Simulator, SimulatorConfig
 from tests.harness import (
     CLI,
+    ROOT,
     check_invariants,
     cli_env,
     read_local,
@@ -34,7 +35,6 @@ from tests.servers import free_port
 from worker.redis import keys
 
 CELERY = [sys.executable, "-m", "celery", "-A", "worker.app"]
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def only_broker(redis_url: str) -> dict[str, str]:

@@ -14,8 +14,8 @@ import pytest
 import redis
 
 from jobs.simulator import Simulator, SimulatorConfig
+from tests.e2e.test_secrets import leaks, new_key
 from tests.harness import check_invariants, read_local, run_cli, start_worker, stop, wait_for
-from tests.test_secrets import leaks, new_key
 from worker.redis import keys
 
 LINE_FIELDS = ("batch", "line_id", "job_id", "provider", "step", "outcome")

@@ -13,9 +13,8 @@ import pytest
 
 from jobs.output.rows import ResultRow
 from jobs.simulator import Simulator, SimulatorConfig
-from tests.harness import check_invariants, read_local, run_batch, run_cli
+from tests.harness import CATALOG, check_invariants, read_local, run_batch, run_cli
 
-CATALOG = Path(__file__).resolve().parent.parent / "examples" / "catalog.jsonl"
 PROVIDERS = ["apiframe", "openai", "aimlapi", "omixa", "oxen"]
 KEYS = {p: ("afk_" if p == "apiframe" else "sk-") + "e2e-test-key" for p in PROVIDERS}
 

@@ -25,11 +25,10 @@ import redis
 
 from jobs.simulator import Simulator, SimulatorConfig
 from tests import servers
-from tests.harness import run_cli
+from tests.harness import ROOT, run_cli
 from tests.servers import ManagedProcess, S3Server
 from worker.redis.state import State
 
-ROOT = Path(__file__).resolve().parent.parent
 KEY = "afk_infrastructure_test_key"
 QUICK = {
     # Fail fast: one boto attempt per call.

@@ -2,111 +2,24 @@
 
 What a receiver relies on: the signature verifies over the exact body, a retry is the same
 delivery (same body, same ``X-Imagebatch-Delivery``), a 5xx is retried until it lands, a 4xx
-is final, a receiver that hangs never holds the caller up, and ``imagebatch run`` (which
-exits right after finalize) still delivers its batch's summary.
+is final, a receiver that hangs never holds the caller up. (That ``imagebatch run``, which
+exits right after finalize, still delivers its batch's summary: ``tests/e2e``.)
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from jobs.settings import CoreSettings, Settings
-from tests.harness import run_batch
+from tests.receivers import SECRET
 from worker.batch import notify
 
-ROOT = Path(__file__).resolve().parent.parent
-CATALOG = ROOT / "examples" / "catalog.jsonl"
-SECRET = "whsec_test_0123456789abcdef"
 SUMMARY = {"batch_id": "b-1", "total": 3, "succeeded": 2, "failed": 1, "rejected": 0}
-
-
-Answer = int | str | tuple[float, int]
-
-
-@dataclass
-class Received:
-    body: bytes
-    headers: dict[str, str]
-    path: str
-
-
-@dataclass
-class Receiver:
-    """Answers each POST with the next scripted status (the last one repeats); ``"hang"``
-    holds the request until the test ends, ``(seconds, status)`` answers late."""
-
-    script: list[Answer]
-    url: str = ""
-    requests: list[Received] = field(default_factory=list)
-    release: threading.Event = field(default_factory=threading.Event)
-    arrived: threading.Condition = field(default_factory=threading.Condition)
-
-    def next_answer(self) -> Answer:
-        index = min(len(self.requests) - 1, len(self.script) - 1)
-        return self.script[index]
-
-    def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
-        with self.arrived:
-            assert self.arrived.wait_for(lambda: len(self.requests) >= count, timeout), (
-                f"{len(self.requests)} of {count} requests arrived"
-            )
-            return list(self.requests)
-
-
-@pytest.fixture
-def receiver() -> Iterator[Any]:
-    """A factory: ``receiver(200)``, ``receiver(500, 500, 200)``, ``receiver("hang")``."""
-    servers: list[tuple[ThreadingHTTPServer, threading.Thread, Receiver]] = []
-
-    def make(*script: Answer) -> Receiver:
-        state = Receiver(list(script))
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                with state.arrived:
-                    state.requests.append(Received(body, dict(self.headers.items()), self.path))
-                    answer = state.next_answer()
-                    state.arrived.notify_all()
-                if answer == "hang":
-                    state.release.wait(30)
-                    return
-                if isinstance(answer, tuple):
-                    state.release.wait(answer[0])
-                    answer = answer[1]
-                self.send_response(int(answer))
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        state.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/T0/B0/tok3n-secret-path"
-        servers.append((server, thread, state))
-        return state
-
-    yield make
-    for server, thread, state in servers:
-        state.release.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-    assert notify.wait_pending(10), "a notification thread outlived its test"
-    notify._exiting.clear()
 
 
 def settings_for(url: str, secret: str | None = SECRET, **more: Any) -> CoreSettings:
@@ -207,27 +120,3 @@ def test_an_unusable_url_is_logged_not_raised(caplog: pytest.LogCaptureFixture) 
         assert notify.send(settings_for("ftp://127.0.0.1/x"), SUMMARY) is False
         assert notify.send(settings_for("http://"), SUMMARY) is False
     assert "IMAGEBATCH_NOTIFY_URL" in caplog.text
-
-
-def test_imagebatch_run_delivers_its_summary_before_it_exits(receiver: Any, tmp_path: Path) -> None:
-    # A slow 500 first: it comes back after the CLI has stopped its worker and is exiting,
-    # so the retry only happens because exit waits for it (a bare daemon thread would die).
-    rx = receiver((8.0, 500), (0.2, 200))
-    result = run_batch(
-        CATALOG,
-        "simulator",
-        tmp_path,
-        "notified",
-        env={"IMAGEBATCH_NOTIFY_URL": rx.url, "IMAGEBATCH_NOTIFY_SECRET": SECRET},
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert len(rx.requests) == 2, "the notification was lost when the CLI exited"
-    got = rx.requests[-1]
-    assert notify.verify(got.body, SECRET, got.headers["X-Imagebatch-Signature"])
-    sent = json.loads(got.body)
-    stored = json.loads((tmp_path / "notified" / "summary.json").read_text())
-    assert sent == stored
-    assert (sent["batch_id"], sent["total"], sent["succeeded"]) == ("notified", 20, 20)
-    assert (sent["failed"], sent["rejected"], sent["credits"]) == (0, 0, 552)
-    assert SECRET not in result.stdout + result.stderr
-    assert "tok3n-secret-path" not in result.stdout + result.stderr

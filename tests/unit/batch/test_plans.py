@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 import redis
 
 from jobs.settings import CoreSettings
 from jobs.validate import Plan, tally
-from tests.harness import run_cli
-from tests.runtime_support import settings, text_client
+from tests.runtime_support import plan_settings, settings, text_client
 from worker.batch import estimate as plans
 from worker.redis.state import State
 
@@ -29,13 +27,7 @@ def estimate(configured: CoreSettings, known: plans.Known | None = None) -> floa
 
 @pytest.fixture
 def configured(redis_client: redis.Redis[bytes], redis_url: str) -> CoreSettings:
-    return settings(
-        redis_url,
-        simulator_max_in_flight=50,
-        simulator_requests_per_second=25,
-        simulator_expected_latency_s=5.0,
-        simulator_base_url="http://127.0.0.1:9/v2",
-    )
+    return plan_settings(redis_url)
 
 
 def test_a_cold_estimate_is_rounds_of_the_configured_cap_times_the_latency(
@@ -106,24 +98,3 @@ def test_plan_gives_up_on_a_redis_that_does_not_answer_within_a_second() -> None
 
     assert plans.learned(dead, ["simulator"]) == plans.Known()
     assert time.monotonic() - began < 3
-
-
-def test_plan_prints_the_learned_estimate(
-    configured: CoreSettings, redis_url: str, tmp_path: Path
-) -> None:
-    manifest = tmp_path / "m.jsonl"
-    manifest.write_bytes(b"\n".join(LINES) + b"\n")
-    env = {
-        "IMAGEBATCH_REDIS_URL": redis_url,
-        "IMAGEBATCH_SIMULATOR_BASE_URL": "http://127.0.0.1:9/v2",
-        "IMAGEBATCH_SIMULATOR_MAX_IN_FLIGHT": "50",
-        "IMAGEBATCH_SIMULATOR_REQUESTS_PER_SECOND": "25",
-        "IMAGEBATCH_SIMULATOR_EXPECTED_LATENCY_S": "5",
-    }
-    cold = run_cli("plan", manifest, "--provider", "simulator", env=env)
-    State(text_client(redis_url)).set_limits("simulator", cap=4, rate=25.0)
-    warm = run_cli("plan", manifest, "--provider", "simulator", env=env)
-
-    assert cold.returncode == warm.returncode == 0, cold.stderr + warm.stderr
-    assert cold.stdout.rstrip().endswith("est. 22s"), cold.stdout
-    assert warm.stdout.rstrip().endswith("est. 4m12s"), warm.stdout  # 50 rounds of 5 s

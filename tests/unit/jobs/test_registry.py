@@ -23,10 +23,10 @@ from jobs.registry import REGISTRY, SPECS, ProviderSpec
 from jobs.settings import PROVIDER_NAMES, Settings
 from jobs.simulator import Simulator, SimulatorConfig
 from jobs.simulator.openai_style import DIALECTS
+from tests.harness import SCHEMAS
 from worker.cli import main
 from worker.observability import logs
 
-SCHEMAS = Path(__file__).resolve().parent / "schemas"
 SURFACES = frozenset({"apiframe"} | {dialect.provider for dialect in DIALECTS})
 """What the simulator serves: APIFrame at its root and each synchronous dialect."""
 FIELDS = ("api_key", "base_url", "max_in_flight", "requests_per_second", "timeout_s")
