@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-import boto3
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -33,10 +32,12 @@ from urllib3.exceptions import HTTPError as URLLib3Error
 
 from jobs.errors import ConfigError
 from jobs.settings import Settings
+from jobs.storage import is_s3
+from jobs.storage.s3 import s3_client
 from jobs.text import shown
 
 if TYPE_CHECKING:
-    from mypy_boto3_s3 import S3Client
+    pass
 
 CHUNK = 1024 * 1024
 S3_CONFIG = Config(retries={"mode": "standard"}, connect_timeout=10, read_timeout=60)
@@ -75,7 +76,7 @@ def read_chunks(source: str, settings: Settings) -> Iterator[bytes]:
         while chunk := sys.stdin.buffer.read(CHUNK):
             yield chunk
         return
-    if source.startswith("s3://"):
+    if is_s3(source):
         yield from _s3_chunks(source, settings)
         return
     try:
@@ -95,7 +96,7 @@ def _s3_chunks(source: str, settings: Settings) -> Iterator[bytes]:
         raise ConfigError(f"manifest {uri} is not a usable S3 location: expected s3://bucket/key")
     endpoint = _without_userinfo(settings.s3_endpoint_url)
     try:
-        body = _client(settings).get_object(Bucket=bucket, Key=key)["Body"]
+        body = s3_client(settings, S3_CONFIG).get_object(Bucket=bucket, Key=key)["Body"]
     except ClientError as exc:
         raise _refused(exc, uri, bucket, endpoint) from None
     except BotoCoreError as exc:
@@ -112,17 +113,6 @@ def _s3_chunks(source: str, settings: Settings) -> Iterator[bytes]:
         ) from None
     finally:
         body.close()
-
-
-def _client(settings: Settings) -> S3Client:
-    """A fresh session each time: the default one would keep the credentials it first found."""
-    config = S3_CONFIG
-    if settings.s3_endpoint_url:
-        # S3-compatible servers (MinIO, SeaweedFS) rarely do virtual-hosted buckets.
-        config = config.merge(Config(s3={"addressing_style": "path"}))
-    return boto3.session.Session().client(
-        "s3", endpoint_url=settings.s3_endpoint_url, config=config
-    )
 
 
 def _refused(exc: ClientError, uri: str, bucket: str, endpoint: str | None) -> ConfigError:

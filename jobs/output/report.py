@@ -27,6 +27,7 @@ from PIL import Image
 
 from jobs.errors import StorageError
 from jobs.manifest.request import EXTENSIONS, ID_PATTERN
+from jobs.output import parts
 from jobs.output.layout import image_key
 from jobs.output.report_page import (
     Cost,
@@ -439,3 +440,10 @@ def _shrink(data: bytes, box: int) -> Thumbnail:
     out = io.BytesIO()
     small.save(out, "WEBP", quality=75, method=0)
     return Thumbnail(out.getvalue(), small.width, small.height, alpha)
+
+
+def rebuild(store: Store, batch: str, summary: Mapping[str, Any], *, previews: int) -> str:
+    """``report.html`` from what the store holds: the rows of the batch's part files, in
+    manifest order (finalize and ``imagebatch report`` both call this)."""
+    rows = (ResultRow.model_validate_json(row) for _, row in parts.rows_in_order(store, batch))
+    return write_report(store, batch, rows, summary, max_thumbnails=previews)

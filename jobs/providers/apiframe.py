@@ -7,6 +7,7 @@ original job instead of buying a second one.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, ClassVar
 
@@ -134,39 +135,43 @@ class APIFrame:
                 f"{self.name} does not know job {job_id}", retryable=True, type="job_lost"
             )
         check(response, self.name)
-        job = json_object(response, self.name)
-        status = str(job.get("status", ""))
-        if status == "COMPLETED":
-            urls = result_urls(job.get("result"))
-            if not urls:
-                raise TransientProviderError(
-                    f"{self.name} job completed with no image URL", type="malformed_response"
-                )
-            cost = job.get("creditCost")
-            credits = float(cost) if isinstance(cost, int | float) else None
-            return Finished(
-                [Artifact(url=url) for url in urls],
-                credits=credits,
-                job_id=job_id,
-                latency_s=seconds_between(job.get("createdAt"), job.get("completedAt")),
-                expired=job.get("expired") is True,
-            )
-        if status == "FAILED":
-            reason = str(job.get("error") or "job failed")
-            if any(word in reason.lower() for word in POLICY_WORDS):
-                raise JobFailed(reason, retryable=False, type="content_policy")
-            raise JobFailed(reason, retryable=True, type="job_failed")
-        if status == "CANCELLED":
-            raise JobFailed(
-                "the job was cancelled at the provider", retryable=False, type="cancelled"
-            )
-        if status not in PENDING:
-            log.warning("%s job %s has unknown status %r; still waiting", self.name, job_id, status)
-        progress = job.get("progress")
-        return Pending(status, progress if isinstance(progress, int) else None)
+        return job_outcome(json_object(response, self.name), job_id, self.name)
 
     def close(self) -> None:
         self.client.close()
+
+
+def job_outcome(job: Mapping[str, Any], job_id: str, provider: str) -> PollOutcome:
+    """What a Job object (a poll's answer, or a webhook delivery: the same fields) says of the
+    job: ``Finished``, ``Pending``, or ``JobFailed`` raised. The one place APIFrame's outcome
+    is read."""
+    status = str(job.get("status", ""))
+    if status == "COMPLETED":
+        urls = result_urls(job.get("result"))
+        if not urls:
+            raise TransientProviderError(
+                f"{provider} job completed with no image URL", type="malformed_response"
+            )
+        cost = job.get("creditCost")
+        credits = float(cost) if isinstance(cost, int | float) else None
+        return Finished(
+            [Artifact(url=url) for url in urls],
+            credits=credits,
+            job_id=job_id,
+            latency_s=seconds_between(job.get("createdAt"), job.get("completedAt")),
+            expired=job.get("expired") is True,
+        )
+    if status == "FAILED":
+        reason = str(job.get("error") or "job failed")
+        if any(word in reason.lower() for word in POLICY_WORDS):
+            raise JobFailed(reason, retryable=False, type="content_policy")
+        raise JobFailed(reason, retryable=True, type="job_failed")
+    if status == "CANCELLED":
+        raise JobFailed("the job was cancelled at the provider", retryable=False, type="cancelled")
+    if status not in PENDING:
+        log.warning("%s job %s has unknown status %r; still waiting", provider, job_id, status)
+    progress = job.get("progress")
+    return Pending(status, progress if isinstance(progress, int) else None)
 
 
 def seconds_between(start: object, end: object) -> float | None:

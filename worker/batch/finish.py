@@ -14,7 +14,7 @@ from typing import Any
 
 from jobs.clock import now_iso
 from jobs.manifest.backlog import Cursor, lines_from
-from jobs.output import layout, parts, results
+from jobs.output import layout, parts, report, results
 from jobs.output.batch_info import write_info
 from jobs.pricing import Money
 from worker.lines.records import BatchStatus
@@ -172,13 +172,9 @@ def _summary(
 
 def _report(rt: Runtime, batch: str, summary: dict[str, Any]) -> None:
     """report.html is for people: a failure to draw it never fails the batch."""
-    from jobs.output.report import write_report
-    from jobs.output.rows import ResultRow
-
     store = rt.store(rt.state.batch(batch)["out"])
     try:
-        rows = (ResultRow.model_validate_json(row) for _, row in parts.rows_in_order(store, batch))
-        write_report(store, batch, rows, summary, max_thumbnails=rt.settings.report_previews)
+        report.rebuild(store, batch, summary, previews=rt.settings.report_previews)
     except Exception:
         log.exception("batch %s: report.html could not be written", batch)
 

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from jobs import policy
+from jobs.providers import http
 from jobs.settings import CoreSettings
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ def send(
                         response.status_code,
                         attempt,
                     )
-                    retry_after = _retry_after(response)
+                    retry_after = http.retry_after(response)
                 if attempt == attempts:
                     break
                 wait = policy.retry_wait(
@@ -211,16 +212,6 @@ def _pause(seconds: float) -> None:
     """Back off; once the process is exiting, only a short pause is left."""
     if _exiting.wait(seconds):
         time.sleep(EXIT_PAUSE_S)
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("Retry-After")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None  # an HTTP date: backoff instead
 
 
 @atexit.register

@@ -17,7 +17,7 @@ import click
 from jobs.errors import ConfigError
 from jobs.manifest.sources import read_chunks
 from jobs.manifest.spool import spool
-from jobs.output import layout, parts, results
+from jobs.output import layout, report, results
 from jobs.settings import CoreSettings
 from jobs.storage import absolute_out, open_store
 from jobs.text import shown
@@ -275,25 +275,20 @@ def cancel(batch_id: str, debug: bool) -> None:
     click.echo(f"{batch_id}: cancelled; unsubmitted lines will end failed (cancelled)")
 
 
-@click.command()
+@click.command(name="report")
 @click.argument("batch_id")
 @out_opt
 @debug_opt
-def report(batch_id: str, out: str | None, debug: bool) -> None:
+def report_command(batch_id: str, out: str | None, debug: bool) -> None:
     """(Re)build OUT/BATCH/report.html, the contact sheet of a batch."""
     set_debug(debug)
-    from jobs.output.report import write_report
-    from jobs.output.rows import ResultRow
-
     with user_errors():
         settings = settings_from_env()
         store = open_store(absolute_out(out or settings.out), settings)
         summary = results.read_json(store, layout.summary_key(batch_id))
         if summary is None:
             raise ConfigError(f"no finished batch {shown(batch_id)} there (pass --out)")
-        rows = (ResultRow.model_validate_json(r) for _, r in parts.rows_in_order(store, batch_id))
-        previews = settings.report_previews
-        click.echo(write_report(store, batch_id, rows, summary, max_thumbnails=previews))
+        click.echo(report.rebuild(store, batch_id, summary, previews=settings.report_previews))
 
 
-COMMANDS = [run, submit, status_command, ls_command, plan, retry, cancel, report]
+COMMANDS = [run, submit, status_command, ls_command, plan, retry, cancel, report_command]

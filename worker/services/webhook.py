@@ -14,19 +14,22 @@ import hmac
 import json
 import logging
 import threading
-from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from jobs.errors import ImagebatchError, JobFailed
-from jobs.providers.apiframe import POLICY_WORDS, result_urls
-from jobs.providers.base import Artifact, Finished
+from jobs.errors import ImagebatchError, JobFailed, TransientProviderError
+from jobs.providers.apiframe import job_outcome
+from jobs.providers.base import Finished
 from jobs.settings import WEBHOOK_PATH
+from worker import transitions
+from worker.celery import tasks
 from worker.lines import steps
 from worker.lines.records import LineStatus
 from worker.runtime import Runtime
 
 MAX_BODY = 1024 * 1024
+EVENT_STATUS = {"completed": "COMPLETED", "failed": "FAILED", "progress": "PROCESSING"}
+"""A delivery's ``event``, as the job status it reports (the body's ``status`` otherwise)."""
 log = logging.getLogger(__name__)
 
 
@@ -39,15 +42,6 @@ def verified(body: bytes, header: str | None, api_key: str) -> bool:
         return False
     given = header.strip().removeprefix("sha256=")
     return hmac.compare_digest(given.encode(), signature(body, api_key).encode())
-
-
-def _seconds(start: Any, end: Any) -> float | None:
-    try:
-        a = datetime.fromisoformat(str(start).replace("Z", "+00:00"))
-        b = datetime.fromisoformat(str(end).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return max(0.0, (b - a).total_seconds())
 
 
 class Receiver:
@@ -93,33 +87,19 @@ class Receiver:
             return 200, "stale: ignored"
         meta = self.rt.state.batch(batch)
         ctx = self.rt.context(meta)
-        if event in ("completed", "COMPLETED".lower()):
-            urls = result_urls(payload.get("result"))
-            if not urls:
-                return 200, "no result yet: ignored"
-            cost = payload.get("creditCost")
-            outcome = Finished(
-                [Artifact(url=url) for url in urls],
-                credits=float(cost) if isinstance(cost, int | float) else None,
-                job_id=job_id,
-                latency_s=_seconds(payload.get("createdAt"), payload.get("completedAt")),
-            )
-            t = steps.finished_by_webhook(ctx, rec, outcome)
-        elif event == "failed":
-            reason = str(payload.get("error") or "job failed")
-            policy = any(word in reason.lower() for word in POLICY_WORDS)
-            kind = "content_policy" if policy else "job_failed"
-            t = steps.failed_by_webhook(
-                ctx, rec, JobFailed(reason, retryable=not policy, type=kind)
-            )
+        status = EVENT_STATUS.get(event, str(payload.get("status", "")).upper())
+        try:
+            outcome = job_outcome({**payload, "status": status}, job_id, provider)
+        except JobFailed as exc:
+            t = steps.failed_by_webhook(ctx, rec, exc)
+        except TransientProviderError:
+            return 200, "no result yet: ignored"
         else:
-            return 200, "progress noted"
-        applied = self.rt.state.apply(
-            rec, t, model=rec.request.model, index_jobs=True, total=int(meta.get("total", -1))
-        )
+            if not isinstance(outcome, Finished):
+                return 200, "progress noted"
+            t = steps.finished_by_webhook(ctx, rec, outcome)
+        applied = transitions.apply(self.rt, rec, t, meta=meta, index_jobs=True)
         if applied.last:
-            from worker.celery import tasks
-
             tasks.send_finalize(batch)
         return 200, "applied" if applied.applied else "stale: ignored"
 

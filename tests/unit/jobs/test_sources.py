@@ -53,6 +53,15 @@ def test_a_manifest_in_s3_is_read_whole(manifest: str) -> None:
     assert b"".join(read_chunks(manifest, settings())) == MANIFEST
 
 
+def test_an_s3_uri_in_capitals_is_read_from_s3_like_the_output_location(
+    aws_env: S3Server, s3_bucket: str
+) -> None:
+    # Given a manifest in S3 and its URI written S3:// (as --out accepts it)
+    aws_env.client.put_object(Bucket=s3_bucket, Key="in/Upper.jsonl", Body=MANIFEST)
+    # Then it is read from S3, not looked for as a local path
+    assert b"".join(read_chunks(f"S3://{s3_bucket}/in/Upper.jsonl", settings())) == MANIFEST
+
+
 def test_a_missing_key_says_the_manifest_does_not_exist(aws_env: S3Server, s3_bucket: str) -> None:
     message = config_error(f"s3://{s3_bucket}/nope.jsonl", aws_env.secret_key)
     assert message == f"manifest s3://{s3_bucket}/nope.jsonl does not exist"

@@ -5,6 +5,7 @@ body, the line's state) and over HTTP, down to the simulator's own signed delive
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from prometheus_client import CollectorRegistry
 
 from jobs.settings import WEBHOOK_PATH
 from jobs.simulator import Simulator, SimulatorConfig
@@ -28,6 +30,7 @@ from tests.runtime_support import (
 from tests.servers import free_port
 from worker.lines import steps
 from worker.lines.records import LineRecord, LineStatus, Transition
+from worker.observability.metrics import ProcessMetrics
 from worker.redis import keys
 from worker.runtime import Runtime
 from worker.services import webhook
@@ -124,6 +127,31 @@ def test_a_signed_completed_webhook_fetches_the_line_it_names(
     assert rt.state.line_of_job(PROVIDER, JOB) is None  # no second delivery can find it
     assert rt.state.counters(BATCH)["webhooks"] == 1.0
     assert rt.state.expected_latency(PROVIDER, "gpt-image-1.5") == pytest.approx(12.5)
+
+
+def test_a_line_a_webhook_finishes_is_logged_and_counted_like_one_a_poll_finishes(
+    rt: Runtime, receiver: webhook.Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given this process's metrics watching its transitions (as a worker's and run's do)
+    registry = CollectorRegistry()
+    rt.observers.append(ProcessMetrics(registry).observe)
+    waiting_for(rt)
+    # When a signed webhook says the line's job completed
+    with caplog.at_level(logging.INFO, logger="imagebatch.lines"):
+        assert handle(receiver, delivery()) == (200, "applied")
+    # Then the line's transition is in the log with its context, and in the metrics
+    logged = [r for r in caplog.records if getattr(r, "line_id", None) == "line-0"]
+    assert [r.getMessage() for r in logged] == ["line line-0: completed"]
+    assert logged[0].__dict__["job_id"] == JOB and logged[0].__dict__["batch"] == BATCH
+    labels = {"provider": PROVIDER, "step": "poll", "outcome": "completed"}
+    assert registry.get_sample_value("imagebatch_transitions_total", labels) == 1.0
+    assert (
+        registry.get_sample_value(
+            "imagebatch_credits_total", {"provider": PROVIDER, "unit": "credits"}
+        )
+        == 24.0
+    )
+    assert registry.get_sample_value("imagebatch_job_seconds_count", {"provider": PROVIDER}) == 1.0
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from jobs.clock import now_iso
 from jobs.errors import ConfigError, StorageError
 from jobs.manifest.spool import Spooled, spool
 from jobs.settings import CoreSettings
-from jobs.storage import CHUNK, absolute_out
+from jobs.storage import CHUNK, absolute_out, is_s3
 from jobs.storage.s3 import S3Store
 from jobs.text import shown
 
@@ -99,7 +99,7 @@ class Inbox(Protocol):
 
 
 def open_inbox(uri: str, settings: CoreSettings) -> Inbox:
-    if uri[:5].lower() == "s3://":
+    if is_s3(uri):
         return S3Inbox(uri.rstrip("/"), settings)
     return FolderInbox(absolute_out(uri))
 
