@@ -172,6 +172,30 @@ def run_batch(
             )
             for i in range(workers)
         ]
+        profilers = (
+            [
+                subprocess.Popen(
+                    [
+                        "py-spy",
+                        "record",
+                        "--pid",
+                        str(proc.pid),
+                        "--format",
+                        "raw",
+                        "--rate",
+                        "200",
+                        "--gil",
+                        "-o",
+                        f"{os.environ['BENCH_PYSPY']}.{i}.txt",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for i, proc in enumerate(procs)
+            ]
+            if os.environ.get("BENCH_PYSPY")
+            else []
+        )
         try:
             _wait_for_workers(server, workers)
             redis_cpu0, commands0 = server.cpu(), server.by_command()
@@ -202,6 +226,9 @@ def run_batch(
             summary = json.loads((out / "bench" / "summary.json").read_text())
             plan_learned = plan_seconds(source, env)
         finally:
+            for profiler in profilers:
+                profiler.send_signal(2)
+                profiler.wait(30)
             for proc in procs:
                 proc.terminate()
             for proc in procs:

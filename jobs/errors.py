@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -96,6 +97,23 @@ class RateLimited(TransientProviderError):
     def kind(self) -> str:
         """``concurrency`` when the provider says too many jobs run at once, else ``rate``."""
         return "concurrency" if "concurren" in self.message.lower() else "rate"
+
+    @property
+    def named_limit(self) -> int | None:
+        """The concurrency limit the message names, if any: "Too many concurrent jobs (limit
+        16)", "max 16 concurrent", "at most 16 jobs", "concurrency_limit=16"."""
+        for match in _NAMED_LIMIT.finditer(self.message):
+            value = int(match.group(1) or match.group(2))
+            if value > 0:
+                return value
+        return None
+
+
+_NAMED_LIMIT = re.compile(
+    r"\b(?:limit|max(?:imum)?|at\s+most|up\s+to)\b(?:\s+(?:of|is))?\s*[:=]?\s*(\d+)\b"
+    r"|\bconcurren\w*(?:\s+(?:limit|jobs|requests))?\s*[:=]\s*(\d+)\b",
+    re.IGNORECASE,
+)
 
 
 class AmbiguousSubmit(TransientProviderError):

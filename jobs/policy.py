@@ -40,12 +40,22 @@ def retry_wait(tries: int, base: float, cap: float, retry_after: float | None) -
     return backoff(tries, base, cap)
 
 
+FIRST_LOOK = 0.6
+"""With a learned latency, the first poll comes at this share of it: most jobs still run, so
+the poll sees their progress, and two such looks tell when the job will end."""
+END_MARGIN_S = 0.03
+"""A poll planned for a job's predicted end comes this much after it."""
+SOON_S = 0.1
+"""The shortest wait between two polls of a job."""
+
+
 def first_poll(expected_s: float | None, initial_s: float, webhook_s: float | None) -> float:
     """Seconds from a job's acceptance to its first poll.
 
-    With a learned latency the first look comes just after the job is expected to be done, so
-    most jobs take one poll; without one, after ``initial_s``. With webhooks on, polling is
-    only the fallback for a webhook that never came.
+    With a learned latency the first look comes well before the job is expected to be done
+    (``FIRST_LOOK``): a provider that reports progress then tells when it will end, and the slot
+    is free within a few hundred ms of it. Without one, after ``initial_s``. With webhooks on,
+    polling is only the fallback for a webhook that never came.
     """
     if _testing:
         return 0.0
@@ -53,7 +63,53 @@ def first_poll(expected_s: float | None, initial_s: float, webhook_s: float | No
         return max(webhook_s, 3 * (expected_s or initial_s))
     if expected_s is None:
         return initial_s
-    return expected_s * 1.005 + 0.02
+    return FIRST_LOOK * expected_s
+
+
+def after_progress(
+    t: float,
+    progress: int,
+    before: tuple[float, int] | None,
+    max_s: float,
+    queue: float | None = None,
+) -> float | None:
+    """Seconds until the next poll of a job that reported ``progress`` (0-100) ``t`` seconds
+    after it was accepted, with ``before`` the (t, progress) of the previous look, if any, and
+    ``queue`` the learned share of a job's time before its progress starts (``queue_share``);
+    None when progress says nothing (0, or no change since the last look).
+
+    Two looks extrapolate the end (progress rising at its recent pace). One look and the
+    learned queue share place it too: progress runs evenly over the rest of the job, so
+    ``t = D·(q + (1 - q)·p/100)``. Either way the next poll goes just after the end. One look
+    and nothing learned only bound it (``t·100/p`` if progress rose from the start), so the next
+    look comes a quarter of the way there, close enough to measure the pace.
+    """
+    if _testing:
+        return 0.0
+    if progress <= 0:
+        return None
+    if progress >= 100:
+        return SOON_S
+    if before is not None:
+        then, earlier = before
+        if progress <= earlier or t <= then:
+            return None
+        pace = (progress - earlier) / (t - then)
+        return min(max_s, max(SOON_S, (100 - progress) / pace + END_MARGIN_S))
+    if queue is not None:
+        whole = t / (queue + (1 - queue) * progress / 100)
+        return min(max_s, max(SOON_S, whole - t + END_MARGIN_S))
+    remaining = t * (100 - progress) / progress
+    return min(max_s, max(SOON_S, 0.25 * remaining))
+
+
+def queue_share(t: float, progress: int, latency: float) -> float | None:
+    """What a finished job says of its provider's progress: the share of its time before the
+    progress began, from one look (``progress`` at ``t``) and its whole ``latency``."""
+    if not 0 < progress < 100 or latency <= 0 or t <= 0:
+        return None
+    share = (t / latency - progress / 100) / (1 - progress / 100)
+    return min(0.9, max(0.0, share))
 
 
 def next_poll(

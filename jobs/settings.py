@@ -3,6 +3,7 @@
 Nothing else in the code base reads ``os.environ``: the settings object is built at the edge
 (the CLI, a worker process) and passed down. The per-provider fields
 (``IMAGEBATCH_<NAME>_API_KEY``, ``_BASE_URL``, ``_MAX_IN_FLIGHT``, ``_REQUESTS_PER_SECOND``,
+``_SUBMITS_PER_SECOND``, ``_POLLS_PER_SECOND``,
 ``_TIMEOUT_S``, ``_EXPECTED_LATENCY_S``, and ``IMAGEBATCH_USD_PER_CREDIT_<NAME>`` for providers
 that bill in credits) are generated from the provider registry, so a new provider needs no
 edit here.
@@ -27,6 +28,9 @@ PROVIDER_NAMES = tuple(name for name, spec in REGISTRY.items() if not spec.built
 """Every real provider (the built-in simulator is a registry entry too, but not a vendor)."""
 
 
+Limit = Literal["cap", "submits", "polls"]
+
+
 @dataclass(frozen=True)
 class ProviderConfig:
     """What one adapter needs: where, who, how fast, how many at once."""
@@ -38,6 +42,21 @@ class ProviderConfig:
     requests_per_second: float
     timeout_s: float
     expected_latency_s: float = 15.0
+    submits_per_second: float | None = None
+    """Paid submits per second; None: ``requests_per_second``."""
+    polls_per_second: float | None = None
+    """Polls (reads of a job) per second; None: ``requests_per_second``."""
+    configured: frozenset[Limit] = frozenset()
+    """The limits the user set (the account's real ones): the limiter starts at them and
+    provokes no 429; the others are defaults it approaches gently (slow start)."""
+
+    @property
+    def submit_rate(self) -> float:
+        return self.submits_per_second or self.requests_per_second
+
+    @property
+    def poll_rate(self) -> float:
+        return self.polls_per_second or self.requests_per_second
 
     def __repr__(self) -> str:
         key = "set" if self.api_key is not None else "unset"
@@ -153,7 +172,22 @@ class CoreSettings(BaseSettings):
             requests_per_second=getattr(self, f"{name}_requests_per_second"),
             timeout_s=getattr(self, f"{name}_timeout_s"),
             expected_latency_s=getattr(self, f"{name}_expected_latency_s"),
+            submits_per_second=getattr(self, f"{name}_submits_per_second"),
+            polls_per_second=getattr(self, f"{name}_polls_per_second"),
+            configured=self._configured(name),
         )
+
+    def _configured(self, name: str) -> frozenset[Limit]:
+        given = self.model_fields_set
+        rate = f"{name}_requests_per_second" in given
+        found: set[Limit] = set()
+        if f"{name}_max_in_flight" in given:
+            found.add("cap")
+        if rate or f"{name}_submits_per_second" in given:
+            found.add("submits")
+        if rate or f"{name}_polls_per_second" in given:
+            found.add("polls")
+        return frozenset(found)
 
     def usd_per_credit(self, name: str) -> float | None:
         """USD value of one credit of ``name`` (a credit-billing provider), if configured."""
@@ -175,6 +209,8 @@ def _provider_fields() -> dict[str, Any]:
             float,
             Field(default=spec.requests_per_second, gt=0),
         )
+        for kind in ("submits", "polls"):
+            fields[f"{name}_{kind}_per_second"] = (float | None, Field(default=None, gt=0))
         fields[f"{name}_timeout_s"] = (float, Field(default=spec.timeout_s, gt=0))
         fields[f"{name}_expected_latency_s"] = (
             float,

@@ -94,12 +94,14 @@ def put_line(state: State, rec: LineRecord, score: float | None = None) -> None:
     state.client.hset(keys.line(rec.batch, rec.idx), mapping=data)
     home = rec.info.home.value
     zset = {
-        "ready": keys.ready(rec.provider),
+        "ready": keys.ready(rec.batch, rec.provider),
         "flight": keys.flight(rec.provider),
         "store": keys.STORE,
     }.get(home)
     if zset is not None:
         state.client.zadd(zset, {rec.member: time.time() if score is None else score})
+    if home == "ready":
+        state.client.sadd(keys.queues(rec.provider), rec.batch)
     state.client.sadd(keys.PROVIDERS, rec.provider)
 
 
@@ -121,12 +123,13 @@ def record_reads(store: Store) -> list[str]:
 
 
 def plan_settings(redis_url: str) -> CoreSettings:
-    """An account of 50 in flight at 25 requests/s with 5 s jobs, on an unreachable simulator:
-    what ``plan`` estimates from, with nothing spent."""
+    """An account of 50 in flight at 25 submits/s (polls: 100/s) with 5 s jobs, on an
+    unreachable simulator: what ``plan`` estimates from, with nothing spent."""
     return settings(
         redis_url,
         simulator_max_in_flight=50,
         simulator_requests_per_second=25,
+        simulator_polls_per_second=100,
         simulator_expected_latency_s=5.0,
         simulator_base_url="http://127.0.0.1:9/v2",
     )

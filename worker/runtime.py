@@ -45,7 +45,7 @@ class Runtime:
         self._providers: dict[str, Provider] = {}
         self._stores: dict[str, Store] = {}
         self._meta: dict[str, tuple[float, dict[str, str]]] = {}
-        self._latency: dict[tuple[str, str], tuple[float, float | None]] = {}
+        self._jobs: dict[tuple[str, str], tuple[float, tuple[float | None, float | None]]] = {}
         self.downloads = httpx.Client(
             timeout=httpx.Timeout(60.0, connect=10.0),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
@@ -90,16 +90,24 @@ class Runtime:
         return meta
 
     def expected_latency(self, provider: str, model: str) -> float | None:
-        """The learned latency of a provider's model, read at most every two seconds."""
+        """The learned latency of a provider's model."""
+        return self._learned(provider, model)[0]
+
+    def queue_share(self, provider: str, model: str) -> float | None:
+        """The learned share of a job's time before its progress starts."""
+        return self._learned(provider, model)[1]
+
+    def _learned(self, provider: str, model: str) -> tuple[float | None, float | None]:
+        """What the fleet learned of a provider's model's jobs, read at most every two seconds."""
         now = time.monotonic()
         key = (provider, model)
         with self._lock:
-            cached = self._latency.get(key)
+            cached = self._jobs.get(key)
         if cached is not None and now - cached[0] < 2.0:
             return cached[1]
-        value = self.state.expected_latency(provider, model)
+        value = self.state.learned_job(provider, model)
         with self._lock:
-            self._latency[key] = (now, value)
+            self._jobs[key] = (now, value)
         return value
 
     def context(self, meta: dict[str, str]) -> Context:
@@ -113,6 +121,7 @@ class Runtime:
             downloads=self.downloads,
             trusted_hosts=self.trusted_hosts,
             expected_latency=self.expected_latency,
+            queue_share=self.queue_share,
             reserve=lambda amount, budget: state.reserve(batch, amount, budget),
             put_blob=lambda idx, k, data: state.put_blob(batch, idx, k, data, ttl),
             get_blob=state.get_blob,

@@ -72,16 +72,14 @@ def apply(
     )
     rt.observe(rec, t, seconds)
     if t.limit is not None:
-        spec = rt.settings.provider_config(rec.provider)
-        state.note_429(
-            rec.provider,
-            t.limit.kind,
-            t.limit.retry_after,
-            state.in_flight(rec.provider),
-            spec.max_in_flight,
-            spec.requests_per_second,
-            floor_rate=min(0.5, spec.requests_per_second),
-        )
+        cap = None
+        if t.limit.kind == "concurrency":
+            # The provider runs all it allows of ours: what we have in flight (this line has
+            # just left), or the limit it names if that is smaller.
+            cap = state.in_flight(rec.provider)
+            if t.limit.named_limit is not None:
+                cap = min(cap, t.limit.named_limit)
+        state.note_429(rec.provider, str(t.limit.request), cap=cap, retry_after=t.limit.retry_after)
     if t.stop is not None and meta.get("status", BatchStatus.RUNNING) == BatchStatus.RUNNING:
         reason, message = t.stop
         state.set_batch(

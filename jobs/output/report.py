@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote
 
-from PIL import Image
-
 from jobs.errors import StorageError
 from jobs.manifest.request import EXTENSIONS, ID_PATTERN
 from jobs.output import parts
@@ -400,6 +398,8 @@ def store_preview(store: Store, batch: str, line_id: str, k: int, data: bytes) -
 
 def _stored_preview(store: Store, key: str) -> Thumbnail | None:
     """A preview the store step already made (only its header is read), or None."""
+    from PIL import Image  # only drawing a report needs Pillow: the CLI starts faster without
+
     try:
         data = store.get(key)
         if data is None:
@@ -416,6 +416,8 @@ def make_thumbnail(data: bytes, box: int = THUMB_PX) -> Thumbnail:
     Raises:
         ThumbnailError: the bytes are not a decodable image, or it is implausibly large.
     """
+    from PIL import Image
+
     try:
         with warnings.catch_warnings():
             # A decompression-bomb warning must stop this image, not go to the caller's log.
@@ -428,6 +430,8 @@ def make_thumbnail(data: bytes, box: int = THUMB_PX) -> Thumbnail:
 
 
 def _shrink(data: bytes, box: int) -> Thumbnail:
+    from PIL import Image
+
     with Image.open(io.BytesIO(data)) as image:
         if image.width * image.height > MAX_PIXELS:
             raise ThumbnailError(f"image of {image.width}x{image.height} is too large to preview")

@@ -10,8 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from botocore.exceptions import ClientError, ConnectTimeoutError, EndpointConnectionError
-
 from jobs.errors import ConfigError, StorageError
 from jobs.settings import Settings
 from jobs.storage.base import CHUNK, Store
@@ -68,6 +66,8 @@ def _store_hint(out: str, exc: StorageError) -> str:
     """What to fix, from what the store said (the boto error behind the StorageError)."""
     if not is_s3(out):
         return "choose a directory you can write with --out or IMAGEBATCH_OUT"
+    from botocore.exceptions import ClientError, ConnectTimeoutError, EndpointConnectionError
+
     cause = exc.__cause__
     code = ""
     if isinstance(cause, ClientError):

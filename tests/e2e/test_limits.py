@@ -83,9 +83,99 @@ def test_an_account_with_lower_limits_than_ours_throttles_us_but_fails_no_line(
     # had in flight at a concurrency 429: at least the account's 6, more while finished jobs
     # wait for their poll under the request budget)...
     assert 6 <= int(float(learned[b"cap"])) < 64, learned
-    assert float(learned[b"rate"]) < 20, learned
+    # (submits and polls share the account's 8 requests a second: together below our 40)
+    assert float(learned[b"submit_rate"]) + float(learned[b"poll_rate"]) < 20, learned
     # ...and once it had, 429s were rare: at most 2 % of the second half's requests
     later = throttled(ledger) - throttled(halfway)
     sent = api_requests(ledger) - api_requests(halfway)
     assert later <= max(1, 0.02 * sent), (later, sent)
     assert ledger["submits"] == lines
+
+
+def run_batch_on(
+    account: SimulatorConfig, source: Path, tmp_path: Path, redis_url: str, **settings: str
+) -> tuple[dict[str, Any], dict[bytes, bytes], Any]:
+    """``submit`` a batch to a fleet of one worker against ``account``; the simulator's ledger,
+    the provider's limits as the fleet left them, and the outcome."""
+    out = tmp_path / "out"
+    with Simulator(account) as sim:
+        env = {
+            "IMAGEBATCH_BROKER_URL": redis_url,
+            "IMAGEBATCH_APIFRAME_BASE_URL": sim.base_url,
+            "IMAGEBATCH_APIFRAME_API_KEY": KEY,
+            "IMAGEBATCH_OUT": str(out),
+            **settings,
+        }
+        submitted = run_cli(
+            "submit", str(source), "--provider", "apiframe", "--batch-id", "b", env=env
+        )
+        assert submitted.returncode == 0, submitted.stderr
+        worker = start_worker(env, "lim", tmp_path / "w.log")
+        client = redis.Redis.from_url(redis_url)
+        try:
+            wait_for(lambda: client.hget(keys.batch("b"), "summary"), 120, "the batch")
+            limits = client.hgetall(keys.limit("apiframe"))
+        finally:
+            stop(worker)
+            client.close()
+        return sim.ledger(), limits, read_local(out, "b")
+
+
+def test_a_poll_429_slows_polls_and_not_submits(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis[Any]
+) -> None:
+    # Given an account that limits reads to 2 a second (submits: what we are told, 20 a second)
+    source = manifest(tmp_path / "reads.jsonl", 40)
+    account = SimulatorConfig(
+        latency_s=0.6,
+        rate_limit_rps=20,
+        rate_limit_burst=20,
+        rate_limit_scope="submits",
+        read_rate_limit_rps=2,
+        image_mode="tiny",
+    )
+    ledger, limits, outcome = run_batch_on(
+        account,
+        source,
+        tmp_path,
+        redis_url,
+        IMAGEBATCH_APIFRAME_SUBMITS_PER_SECOND="20",
+        IMAGEBATCH_APIFRAME_POLLS_PER_SECOND="20",
+        IMAGEBATCH_APIFRAME_MAX_IN_FLIGHT="40",
+    )
+    # Then polls were refused (the reads' budget), no submit was, and every line succeeded
+    check_invariants(source, outcome, ledger, redis_client)
+    assert ledger["rate_limited"]["read_rate"] > 0
+    assert ledger["rate_limited"]["rate"] == 0
+    # ...and the poll rate came down towards the account's reads, the submit rate did not
+    assert float(limits[b"poll_rate"]) < 10, limits
+    assert float(limits[b"submit_rate"]) == 20.0, limits
+
+
+def test_told_the_account_s_limits_a_batch_provokes_no_429(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis[Any]
+) -> None:
+    # Given an account of 6 jobs at once and 8 submits a second, and imagebatch told so
+    source = manifest(tmp_path / "told.jsonl", 60)
+    account = SimulatorConfig(
+        latency_s=0.6,
+        latency_jitter_s=0.4,
+        max_in_flight=6,
+        rate_limit_rps=8,
+        rate_limit_burst=8,
+        rate_limit_scope="submits",
+        image_mode="tiny",
+    )
+    ledger, limits, outcome = run_batch_on(
+        account,
+        source,
+        tmp_path,
+        redis_url,
+        IMAGEBATCH_APIFRAME_SUBMITS_PER_SECOND="8",
+        IMAGEBATCH_APIFRAME_POLLS_PER_SECOND="50",
+        IMAGEBATCH_APIFRAME_MAX_IN_FLIGHT="6",
+    )
+    # Then no request was refused, and every line succeeded
+    check_invariants(source, outcome, ledger, redis_client)
+    assert throttled(ledger) == 0, ledger["rate_limited"]
+    assert int(limits[b"cap"]) == 6

@@ -22,10 +22,11 @@ def test_plan_prints_the_learned_estimate(
         "IMAGEBATCH_SIMULATOR_BASE_URL": "http://127.0.0.1:9/v2",
         "IMAGEBATCH_SIMULATOR_MAX_IN_FLIGHT": "50",
         "IMAGEBATCH_SIMULATOR_REQUESTS_PER_SECOND": "25",
+        "IMAGEBATCH_SIMULATOR_POLLS_PER_SECOND": "100",
         "IMAGEBATCH_SIMULATOR_EXPECTED_LATENCY_S": "5",
     }
     cold = run_cli("plan", manifest, "--provider", "simulator", env=env)
-    State(text_client(redis_url)).set_limits("simulator", cap=4, rate=25.0)
+    State(text_client(redis_url)).set_limits("simulator", cap=4, submit_rate=25.0)
     warm = run_cli("plan", manifest, "--provider", "simulator", env=env)
 
     assert cold.returncode == warm.returncode == 0, cold.stderr + warm.stderr

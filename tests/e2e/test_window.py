@@ -73,7 +73,9 @@ class Sampler(threading.Thread):
             try:
                 held = sum(1 for _ in self.client.scan_iter(match=keys.line_pattern(self.batch)))
                 in_flight = self.client.zcard(keys.flight(self.provider))
-                due = self.client.zcount(keys.ready(self.provider), "-inf", time.time() - 0.5)
+                due = self.client.zcount(
+                    keys.ready(self.batch, self.provider), "-inf", time.time() - 0.5
+                )
             except redis.RedisError:
                 continue
             self.samples += 1

@@ -144,7 +144,7 @@ def stuck_lines(client: redis.Redis[Any], batch: str) -> str:
         member = keys.member(batch, int(key.decode().rsplit(":", 1)[1]))
         scores = {
             zset: client.zscore(zset, member)
-            for zset in (keys.ready("apiframe"), keys.flight("apiframe"), keys.STORE)
+            for zset in (keys.ready(batch, "apiframe"), keys.flight("apiframe"), keys.STORE)
         }
         due = {z.split(":")[1]: round(s - now, 1) for z, s in scores.items() if s is not None}
         report.append(f"{member}: due_in={due} {item}")

@@ -1,5 +1,5 @@
 """``plan``'s time estimate, from the same model the scheduler runs by: each provider's
-in-flight cap and request rate (submits and polls share it), and its expected job latency.
+in-flight cap, its submit and poll rates, and its expected job latency.
 Where the fleet's Redis already learned them (the account's real limits after its 429s, the
 jobs' latency, the workers alive), those count; else the configured ones. Providers run side
 by side, so the slowest one sets the time, unless the workers themselves are the bound (fast
@@ -23,8 +23,9 @@ __all__ = ["Adapters", "Known", "Learned", "duration", "estimate_seconds", "lear
 
 log = logging.getLogger(__name__)
 
-POLLS_PER_JOB = 1.2
-"""What a learned first poll costs on average: most jobs are done at the first look."""
+POLLS_PER_JOB = 3.0
+"""Polls a job takes on average: an early look at its progress, a second to measure its pace,
+one at its predicted end."""
 OVERHEAD_S = 2.0
 """Validating, seeding and finalizing a small batch."""
 JOBS_PER_WORKER_S = 45.0
@@ -50,7 +51,8 @@ class Learned:
     """What earlier runs taught the fleet about one provider's account."""
 
     cap: int | None = None
-    rate: float | None = None
+    submit_rate: float | None = None
+    poll_rate: float | None = None
     latency_s: float | None = None
 
 
@@ -75,7 +77,8 @@ def learned(settings: CoreSettings, names: list[str]) -> Known:
             known = state.learned_latencies(name)
             found[name] = Learned(
                 cap=int(float(limits["cap"])) if "cap" in limits else None,
-                rate=float(limits["rate"]) if "rate" in limits else None,
+                submit_rate=float(limits["submit_rate"]) if "submit_rate" in limits else None,
+                poll_rate=float(limits["poll_rate"]) if "poll_rate" in limits else None,
                 latency_s=max(known) if known else None,
             )
         return Known(max(1, state.workers_alive()), found)
@@ -112,10 +115,10 @@ def estimate_seconds(
         latency = account.latency_s or latency_of(settings, name)
         ceiling = min(config.max_in_flight, settings.worker_concurrency * 8)
         cap = max(1, min(account.cap or ceiling, ceiling))
-        rate = min(account.rate or config.requests_per_second, config.requests_per_second)
-        requests = jobs * (1 + (POLLS_PER_JOB if adapter.polled else 0))
+        submit_rate = min(account.submit_rate or config.submit_rate, config.submit_rate)
+        poll_rate = min(account.poll_rate or config.poll_rate, config.poll_rate)
+        polls = jobs * POLLS_PER_JOB if adapter.polled else 0.0
         by_slots = math.ceil(jobs / cap) * latency
-        by_rate = requests / rate
-        slowest = max(slowest, by_slots, by_rate)
+        slowest = max(slowest, by_slots, jobs / submit_rate, polls / poll_rate)
     by_workers = all_jobs / (JOBS_PER_WORKER_S * known.workers)
     return max(slowest, by_workers) + OVERHEAD_S if plan.valid else 0.0

@@ -1,6 +1,2 @@
-"""Celery: the only code that imports it. Importing this package registers imagebatch's
-worker threads (``bootstep``) on the app, so every worker started from it runs them."""
-
-from worker.celery import bootstep
-
-__all__ = ["bootstep"]
+"""Celery: the only code that imports it (the app, the tasks, the worker's own threads, the
+embedded default, the beat)."""

@@ -1,17 +1,17 @@
 """imagebatch's threads in every Celery worker, however it was started (``imagebatch worker``,
 the embedded run, ``celery -A worker.app worker``): the metrics endpoint, the lease keeper
-and the scheduler, which one worker of the fleet leads at a time."""
+and the scheduler, which one worker of the fleet leads at a time. Each way of starting a
+worker calls ``install``; commands that only send tasks never load any of it."""
 
 from __future__ import annotations
 
 import socket
 from typing import Any
 
-from celery import bootsteps
+from celery import Celery, bootsteps
 
 from worker import runtime
 from worker.celery import tasks
-from worker.celery.app import app
 from worker.dispatch.lease import Heartbeat
 from worker.dispatch.scheduler import SchedulerThread
 from worker.observability import metrics
@@ -48,4 +48,7 @@ class ImagebatchStep(bootsteps.StartStopStep):
         self.stop(parent)
 
 
-app.steps["worker"].add(ImagebatchStep)
+def install(app: Celery) -> Celery:
+    """Run imagebatch's threads in every worker this app starts (idempotent)."""
+    app.steps["worker"].add(ImagebatchStep)
+    return app

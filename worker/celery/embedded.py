@@ -22,6 +22,7 @@ from celery.worker import WorkController
 from celery.worker import state as worker_state
 
 from jobs.errors import ConfigError
+from worker.celery import bootstep
 from worker.redis.connect import answers, server_binary
 from worker.redis.keys import QUEUE
 
@@ -97,7 +98,9 @@ def die_with_parent() -> Callable[[], None] | None:
 
 @contextmanager
 def in_process_worker(app: Celery, concurrency: int) -> Iterator[WorkController]:
-    """A thread-pool worker running in a background thread until the block ends."""
+    """A thread-pool worker, imagebatch's threads installed, running in a background thread
+    until the block ends."""
+    bootstep.install(app)
     app.finalize()
     worker = WorkController(
         app=app,

@@ -30,8 +30,9 @@ class LinesFailed(ImagebatchError):
 
 def _run(step: Step, batch: str, lines: Sequence[Sequence[int]]) -> dict[str, object]:
     rt = runtime.current()
-    runner = Runner(rt, on_last=send_finalize, heartbeat=rt.heartbeat)
-    report = runner.run(step, batch, [(int(idx), int(seq)) for idx, seq in lines])
+    report = Runner(rt, rt.heartbeat).run(step, batch, [(int(idx), int(seq)) for idx, seq in lines])
+    for ended in sorted(report.last):
+        send_finalize(ended)
     if report.failed:
         raise LinesFailed(f"batch {batch}: lines failed: {', '.join(report.failed)}")
     return report.as_result()

@@ -51,7 +51,6 @@ from worker.cli.session import (
     print_rejection,
     print_summary,
 )
-from worker.observability import metrics
 
 
 @click.command()
@@ -74,6 +73,8 @@ def run(
     debug: bool,
 ) -> None:
     """Validate, enqueue, process and wait (embedded Redis + worker when no broker is set)."""
+    from worker.observability import metrics  # the exporter only for a run that serves one
+
     set_debug(debug)
     with user_errors():
         settings = settings_from_env()

@@ -31,11 +31,12 @@ from worker.redis.connect import broker_url
 def worker(ctx: click.Context) -> None:
     """Start a worker (threads pool, I/O-bound defaults); other options go to celery worker."""
     from worker import runtime
+    from worker.celery import bootstep
     from worker.celery.app import configure, run_worker
 
     with user_errors():
         settings = settings_from_env()
-        configure(settings, broker_url(settings))
+        bootstep.install(configure(settings, broker_url(settings)))
         runtime.configure(settings)
         logs.for_worker()
         if settings.log_format == "json":

@@ -64,7 +64,6 @@ configured, the cap starts at ``START_FRACTION`` of the ceiling and doubles ever
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from enum import StrEnum
@@ -573,23 +572,6 @@ def update_cap(state: CapState, *, now: float, binding: bool) -> CapState:
     if now - since < CAP_REGROW_S or now - state.changed_at < CAP_REGROW_S:
         return state
     return replace(state, cap=state.cap + 1, changed_at=now, bound_since=now)
-
-
-_NAMED = re.compile(
-    r"\b(?:limit|max(?:imum)?|at\s+most|up\s+to)\b(?:\s+(?:of|is))?\s*[:=]?\s*(\d+)\b"
-    r"|\bconcurren\w*(?:\s+(?:limit|jobs|requests))?\s*[:=]\s*(\d+)\b",
-    re.IGNORECASE,
-)
-
-
-def named_limit(message: str) -> int | None:
-    """The concurrency limit a 429's message names, if any: "Too many concurrent jobs (limit
-    16)", "max 16 concurrent", "at most 16 jobs", "concurrency_limit=16"."""
-    for match in _NAMED.finditer(message):
-        value = int(match.group(1) or match.group(2))
-        if value > 0:
-            return value
-    return None
 
 
 # --- a provider's controllers together --------------------------------------------------------

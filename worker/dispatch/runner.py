@@ -1,6 +1,8 @@
 """Run a dispatched step for a group of lines: claim each line, let its step decide, apply the
-transition, and carry on in the same task when the next step is due at once (the worker that
-sees a job finish stores its images, and no message is sent for that).
+transition, and carry on in the same task when the next step is due at once: the worker that
+sees a job finish stores its images (no message is sent for that), and the slot the job freed
+is handed to the next READY line of its provider at once (a *handoff*: the same pump the
+leader runs, for one submit), so a slot is busy again within milliseconds, not a tick later.
 
 The step that runs is the one the line's status needs (``records.TABLE``), whatever the task
 was called: a poll dispatched for a line whose submit died with its worker re-runs the submit.
@@ -22,7 +24,7 @@ from jobs.errors import ImagebatchError
 from worker import transitions
 from worker.lines import steps, store
 from worker.lines.endings import fail
-from worker.lines.records import LineRecord, LineStatus, Step, Transition
+from worker.lines.records import TABLE, Home, LineRecord, LineStatus, Step, Transition
 from worker.lines.steps import Context
 from worker.redis.connect import RedisError
 from worker.redis.state import home_key
@@ -45,25 +47,32 @@ class Report:
 
     outcomes: Counter[str] = field(default_factory=Counter)
     failed: list[str] = field(default_factory=list)
-    stats: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
-    last: bool = False
-    """The batch's last line ended in this task: finalize it (after the stats are written)."""
+    stats: defaultdict[str, defaultdict[str, float]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(float))
+    )
+    """Statistics counts by batch, written once at the task's end."""
+    last: set[str] = field(default_factory=set)
+    """Batches whose last line ended in this task: finalize them (after the stats are written)."""
+    handoffs: int = 0
 
     def as_result(self) -> dict[str, object]:
         return {"outcomes": dict(self.outcomes), "failed": self.failed}
 
 
-class Runner:
-    """Runs steps for one task. ``on_last(batch)`` is called when a batch's last line ends."""
+Ready = list[tuple[Context, LineRecord, Transition]]
+"""Lines whose images turned out ready in this task, to store before it ends."""
 
-    def __init__(
-        self,
-        rt: Runtime,
-        on_last: Callable[[str], None],
-        heartbeat: Lease | None = None,
-    ) -> None:
+HANDOFFS_PER_TASK = 8
+"""A task hands freed slots on at most this often: it stays short, and the leader does the rest."""
+NO_LIMITS_YET = (1, 1.0, 1.0)
+"""What a handoff may take before the leader has written a provider's limits: one submit."""
+
+
+class Runner:
+    """Runs steps for one task; ``report.last`` names the batches it ended."""
+
+    def __init__(self, rt: Runtime, heartbeat: Lease | None = None) -> None:
         self.rt = rt
-        self.on_last = on_last
         self.heartbeat = heartbeat
 
     def run(self, dispatched: Step, batch: str, lines: Sequence[tuple[int, int]]) -> Report:
@@ -74,19 +83,19 @@ class Runner:
         if not meta:
             return report
         ctx = self.rt.context(meta)
-        ready: list[tuple[LineRecord, Transition]] = []
+        ready: Ready = []
         for idx, seq in lines:
             work = partial(self._first, dispatched, ctx, idx, seq, report, ready)
             self._guarded(batch, idx, report, work)
-        for rec, fetched in ready:
+        for line_ctx, rec, fetched in ready:
             # The images are ready now: store them in this task, with the bytes in hand.
             stored = rec.evolve(status=fetched.status, settled=rec.seq, owner="", **fetched.changes)
-            with_bytes = replace(ctx, payload=fetched.payload)
+            with_bytes = replace(line_ctx, payload=fetched.payload)
             work = partial(self._step, with_bytes, stored, Step.STORE, report, [])
-            self._guarded(batch, rec.idx, report, work)
-        self._flush_stats(batch, report)
-        if report.last:
-            self.on_last(batch)
+            self._guarded(rec.batch, rec.idx, report, work)
+        for name, stats in report.stats.items():
+            self.rt.state.add_counts(name, **stats)
+        report.stats.clear()
         return report
 
     def _guarded(self, batch: str, idx: int, report: Report, work: Callable[[], None]) -> None:
@@ -112,7 +121,7 @@ class Runner:
         idx: int,
         seq: int,
         report: Report,
-        ready: list[tuple[LineRecord, Transition]],
+        ready: Ready,
     ) -> None:
         state, batch = self.rt.state, ctx.batch["batch_id"]
         owner = f"{seq}:{uuid.uuid4().hex[:12]}"
@@ -139,12 +148,7 @@ class Runner:
         self._step(ctx, rec, step, report, ready)
 
     def _step(
-        self,
-        ctx: Context,
-        rec: LineRecord,
-        step: Step,
-        report: Report,
-        ready: list[tuple[LineRecord, Transition]],
+        self, ctx: Context, rec: LineRecord, step: Step, report: Report, ready: Ready
     ) -> None:
         started = time.perf_counter()
         with self._held(rec):
@@ -154,20 +158,40 @@ class Runner:
         if inline:
             # Stored by this task: the line is ours for a lease, like any dispatched step.
             t = replace(t, due_in=self.rt.settings.lease_s)
-        if self._apply(ctx, rec, t, report, seconds) and inline:
-            ready.append((rec, t))
+        if not self._apply(ctx, rec, t, report, seconds):
+            return
+        if inline:
+            ready.append((ctx, rec, t))
+        if rec.info.home is Home.FLIGHT and TABLE[t.status].home is not Home.FLIGHT:
+            self._hand_off(rec.provider, report, ready)
 
-    def _flush_stats(self, batch: str, report: Report) -> None:
-        if report.stats:
-            self.rt.state.add_counts(batch, **report.stats)
-            report.stats.clear()
+    def _hand_off(self, provider: str, report: Report, ready: Ready) -> None:
+        """The line left its slot: give the slot to the provider's next READY line now, within
+        the provider's cap and submit budget (only for job APIs, whose submit is quick)."""
+        if report.handoffs >= HANDOFFS_PER_TASK or not self.rt.provider(provider).polled:
+            return
+        pumped = self.rt.state.pump(
+            provider,
+            time.time(),
+            self.rt.settings.lease_s,
+            polls=0,
+            submits=1,
+            defaults=NO_LIMITS_YET,
+        )
+        for batch, idx, seq in pumped.submits:
+            report.handoffs += 1
+            meta = self.rt.batch_meta(batch)
+            if not meta:
+                continue  # its batch is gone: the pump's orphan check drops the line next time
+            work = partial(self._first, Step.SUBMIT, self.rt.context(meta), idx, seq, report, ready)
+            self._guarded(batch, idx, report, work)
 
     @contextmanager
     def _held(self, rec: LineRecord) -> Iterator[None]:
         if self.heartbeat is None:
             yield
             return
-        with self.heartbeat.holding(home_key(rec.info.home, rec.provider), rec.member):
+        with self.heartbeat.holding(home_key(rec.info.home, rec.provider, rec.batch), rec.member):
             yield
 
     def _apply(
@@ -179,7 +203,7 @@ class Runner:
         seconds: float | None = None,
     ) -> bool:
         applied = transitions.apply(
-            self.rt, rec, t, meta=ctx.batch, seconds=seconds, stats=report.stats
+            self.rt, rec, t, meta=ctx.batch, seconds=seconds, stats=report.stats[rec.batch]
         )
         if not applied.applied:
             report.outcomes["stale"] += 1
@@ -188,5 +212,5 @@ class Runner:
         if t.status is LineStatus.FAILED:
             report.failed.append(rec.id)
         if applied.last:
-            report.last = True
+            report.last.add(rec.batch)
         return True

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 from jobs.errors import ImagebatchError
-from worker.dispatch.limiter import Limiter
+from worker.dispatch.limits import Controllers
 from worker.lines.records import TABLE, BatchStatus, Step
 from worker.redis import keys
 from worker.redis.connect import LockLost, Unavailable
@@ -42,6 +42,8 @@ EARLY_S = 0.05
 """A poll due this soon is sent now, with the others of this pass (fewer, fuller tasks)."""
 GROUP = 8
 """At most this many lines per task; fewer when few are dispatched, so they run in parallel."""
+MOST_PER_PUMP = 512
+"""A pump hands out at most this many of each kind (the budgets bound it first)."""
 
 
 class Dispatch(Protocol):
@@ -63,7 +65,7 @@ class Scheduler:
 
     def __init__(self, rt: Runtime, dispatch: Dispatch) -> None:
         self.rt, self.dispatch = rt, dispatch
-        self.limiter = Limiter(rt.state, rt.settings)
+        self.controllers = Controllers(rt.state, rt.settings)
         self.next_due: dict[str, float] = {}
         self.next_store = 0.0
         self.next_batches = 0.0
@@ -86,8 +88,7 @@ class Scheduler:
         wait = IDLE_S
         for provider in sorted(self.providers):
             if pump_all or now >= self.next_due.get(provider, 0.0):
-                force = "limit" in events
-                self.next_due[provider] = now + self._pump(provider, now, force=force)
+                self.next_due[provider] = now + self._pump(provider, now)
             wait = min(wait, self.next_due[provider] - now)
         if "store" in events or now >= self.next_store:
             self.next_store = now + self._stores(now)
@@ -102,12 +103,20 @@ class Scheduler:
         """A line ended: a batch pass soon (the window may have room), but not on every line."""
         return now >= self.next_batches - BATCH_PASS_S / 2
 
-    def _pump(self, provider: str, now: float, *, force: bool) -> float:
-        settings = self.rt.settings
-        bucket = self.limiter.bucket(provider, now, force=force)
-        budget = bucket.budget(now)
-        pumped = self.rt.state.pump(provider, now + EARLY_S, settings.lease_s, bucket.cap, budget)
-        bucket.spend(len(pumped.polls) + len(pumped.submits))
+    def _pump(self, provider: str, now: float) -> float:
+        """Hand out what the provider can do now; returns how long until it can do more."""
+        controllers = self.controllers
+        defaults = controllers.defaults(provider, now)
+        pumped = self.rt.state.pump(
+            provider,
+            now + EARLY_S,
+            self.rt.settings.lease_s,
+            polls=MOST_PER_PUMP,
+            submits=MOST_PER_PUMP,
+            defaults=defaults,
+        )
+        controllers.observe(provider, pumped.binding, now)
+        controllers.update_if_due(provider, now)
         by_step: dict[tuple[Step, str], list[tuple[int, int]]] = defaultdict(list)
         for batch, idx, seq in pumped.submits:
             by_step[Step.SUBMIT, batch].append((idx, seq))
@@ -120,25 +129,17 @@ class Scheduler:
             size = GROUP if polled or step is not Step.SUBMIT else 1
             for group in groups(lines, size):
                 self.dispatch.step(step, batch, group)
-        ready_due = pumped.next_ready is not None and pumped.next_ready <= now
-        flight_due = pumped.next_flight is not None and pumped.next_flight <= now
-        self.limiter.raise_if_due(
-            bucket,
-            now,
-            cap_bound=ready_due and pumped.in_flight >= bucket.cap,
-            rate_bound=(ready_due or flight_due) and bucket.budget(now) == 0,
-        )
-        candidates = [IDLE_S]
-        if pumped.next_flight is not None:
-            candidates.append(pumped.next_flight - now)
-        if pumped.next_ready is not None and pumped.in_flight < bucket.cap:
-            candidates.append(pumped.next_ready - now)
-        wait = max(0.0, min(candidates))
-        if wait == 0.0:
-            # Work is due but held back: by the request budget (until the next token) or by
-            # the cap (until a slot frees, which wakes us).
-            wait = bucket.next_token_in(now) if bucket.budget(now) == 0 else IDLE_S
-        return max(0.005, wait)
+        # Due work held back waits for its budget's next token (or pause's end); held back by
+        # the cap, for a slot to free, which wakes the leader. Work not yet due, for its time.
+        candidates = [IDLE_S, controllers.until_update(provider, now)]
+        for due_at in (pumped.next_flight, pumped.next_ready):
+            if due_at is not None and due_at > now:
+                candidates.append(due_at - now)
+        if pumped.binding.submits:
+            candidates.append(pumped.submit_wait)
+        if pumped.binding.polls:
+            candidates.append(pumped.poll_wait)
+        return max(0.005, min(candidates))
 
     def _buildable(self, provider: str) -> bool:
         try:

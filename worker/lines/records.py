@@ -131,6 +131,10 @@ class LineRecord:
     """The latency this job is expected to take (learned); its first poll is planned from it."""
     misses: int = 0
     """Downloads of a finished job's image that answered 404 (CDN lag) since the last success."""
+    progress: int = 0
+    """The job's progress (0-100) at the last poll that saw it running, if the provider tells."""
+    progress_t: float = 0.0
+    """Seconds from the job's acceptance to that poll: two such samples predict its end."""
     fetched_at: float = 0.0
     """When the images were found ready: the storage deadline counts from here."""
     artifacts: tuple[dict[str, str], ...] = ()
@@ -176,8 +180,10 @@ class LineRecord:
 
 _FIELD = {"request_json": "request"}
 _INTS = {"line", "seq", "settled", "attempt", "first_attempt", "tries", "polls", "misses"}
+_INTS |= {"progress"}
 _INTS |= {"ambiguous"}
 _FLOATS = {"accepted_at", "deadline", "credits", "reserved", "expected_s", "fetched_at"}
+_FLOATS |= {"progress_t"}
 _JSON = {"artifacts", "images"}
 
 
@@ -208,11 +214,15 @@ def encode_changes(changes: dict[str, Any]) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class LimitEvent:
-    """What a step learned about its provider's real limits."""
+    """A 429: what a step learned about its provider's real limits."""
 
     kind: str
     """``concurrency`` (too many jobs at once) or ``rate`` (too many requests)."""
-    retry_after: float
+    request: Step
+    """The kind of request refused (a submit or a poll): each has its own budget."""
+    retry_after: float | None
+    named_limit: int | None = None
+    """The concurrency limit the provider's message names, if it does."""
 
 
 @dataclass(frozen=True)
@@ -229,6 +239,9 @@ class Transition:
     limit: LimitEvent | None = None
     latency_s: float | None = None
     """A finished job's latency, for the provider's learned expectation."""
+    queue_share: float | None = None
+    """What the finished job says of its provider's progress reports (``policy.queue_share``),
+    learned beside its latency."""
     stop: tuple[str, str] | None = None
     """``(reason, message)`` when no later submit of the batch can succeed (402, 401/403)."""
     outcome: str = ""

@@ -27,12 +27,19 @@ from jobs.errors import (
     TransientProviderError,
 )
 from jobs.pricing import currency
-from jobs.providers.base import Artifact, Finished, Provider
+from jobs.providers.base import Artifact, Finished, Pending, Provider
 from jobs.settings import CoreSettings
 from jobs.storage import Store
 from worker.lines.endings import fail, regenerate, stopped_error
 from worker.lines.faults import crash_point
-from worker.lines.records import BatchStatus, LimitEvent, LineRecord, LineStatus, Transition
+from worker.lines.records import (
+    BatchStatus,
+    LimitEvent,
+    LineRecord,
+    LineStatus,
+    Step,
+    Transition,
+)
 
 
 def idempotency_key(batch: str, line_id: str, attempt: int, part: int = 0) -> str:
@@ -53,6 +60,8 @@ class Context:
     downloads: Any
     trusted_hosts: Callable[[str], frozenset[str]]
     expected_latency: Callable[[str, str], float | None]
+    queue_share: Callable[[str, str], float | None]
+    """The learned share of a job's time before its progress starts (``policy.queue_share``)."""
     reserve: Callable[[float, float], bool]
     put_blob: Callable[[int, int, bytes], str]
     get_blob: Callable[[str], bytes | None]
@@ -110,7 +119,7 @@ def submit(ctx: Context, rec: LineRecord) -> Transition:
         outcome = adapter.submit(request, key, **_webhook(ctx, adapter))
         crash_point(settings, "after_submit")
     except RateLimited as exc:
-        return _again(ctx, rec, exc, LineStatus.READY, changes, counts)
+        return _again(ctx, rec, exc, LineStatus.READY, changes, counts, request=Step.SUBMIT)
     except AmbiguousSubmit as exc:
         # The job may exist: keep the slot, and try again with the same key.
         return _again(ctx, rec, exc, LineStatus.SUBMITTING, changes | {"ambiguous": 1}, counts)
@@ -183,7 +192,7 @@ def poll(ctx: Context, rec: LineRecord) -> Transition:
     try:
         outcome = adapter.poll(rec.job_id)
     except RateLimited as exc:
-        return _again(ctx, rec, exc, LineStatus.SUBMITTED, {}, {"polls": 1})
+        return _again(ctx, rec, exc, LineStatus.SUBMITTED, {}, {"polls": 1}, request=Step.POLL)
     except TransientProviderError as exc:
         # Polling may go on to the line's deadline: a read is never billed.
         wait = policy.retry_wait(rec.tries + 1, settings.retry_base_s, settings.retry_max_s, None)
@@ -199,21 +208,41 @@ def poll(ctx: Context, rec: LineRecord) -> Transition:
     except ProviderError as exc:
         return fail(rec, exc, counts={"polls": 1})
     if not isinstance(outcome, Finished):
-        polls = rec.polls + 1
-        expected = rec.expected_s or None
-        webhook_s = settings.webhook_poll_s if ctx.webhook_url and adapter.webhooks else None
-        delay = webhook_s or policy.next_poll(
-            polls, expected, settings.poll_initial_s, settings.poll_max_s
-        )
-        return Transition(
-            LineStatus.SUBMITTED,
-            {"polls": polls, "tries": 0},
-            due_in=0.0 if policy.testing() else delay,
-            counts={"polls": 1},
-            outcome="pending",
-        )
+        return _pending(ctx, rec, outcome, adapter.webhooks, now)
     latency = outcome.latency_s if outcome.latency_s is not None else now - rec.accepted_at
     return _fetched(ctx, rec, outcome, {}, {"polls": 1}, latency=latency)
+
+
+def _pending(
+    ctx: Context, rec: LineRecord, outcome: Pending, webhooks: bool, now: float
+) -> Transition:
+    """The job still runs: look again when it should be done (from its progress, where the
+    provider reports it; else in steps that grow), or at the webhook's fallback pace."""
+    settings = ctx.settings
+    polls = rec.polls + 1
+    changes: dict[str, Any] = {"polls": polls, "tries": 0}
+    t = now - rec.accepted_at
+    delay: float | None = None
+    if ctx.webhook_url and webhooks:
+        delay = settings.webhook_poll_s
+    elif outcome.progress is not None:
+        before = (rec.progress_t, rec.progress) if rec.progress else None
+        queue = ctx.queue_share(rec.provider, rec.request.model)
+        delay = policy.after_progress(t, outcome.progress, before, settings.poll_max_s, queue)
+        if outcome.progress > 0:
+            changes |= {"progress": outcome.progress, "progress_t": round(t, 3)}
+    if delay is None:
+        delay = policy.next_poll(
+            polls, rec.expected_s or None, settings.poll_initial_s, settings.poll_max_s
+        )
+    return Transition(
+        LineStatus.SUBMITTED,
+        changes,
+        due_in=0.0 if policy.testing() else delay,
+        counts={"polls": 1},
+        outcome="pending",
+        detail=f"{outcome.progress}%" if outcome.progress else "",
+    )
 
 
 def finished_by_webhook(ctx: Context, rec: LineRecord, outcome: Finished) -> Transition:
@@ -257,11 +286,14 @@ def _fetched(
     }
     if outcome.job_id:
         changes["job_id"] = outcome.job_id
+    polled = ctx.adapter(rec.provider).polled
+    queue = policy.queue_share(rec.progress_t, rec.progress, latency) if rec.progress else None
     return Transition(
         LineStatus.FETCHED,
         changes,
         counts=counts,
-        latency_s=max(0.0, latency) if ctx.adapter(rec.provider).polled else None,
+        latency_s=max(0.0, latency) if polled else None,
+        queue_share=queue if polled else None,
         outcome="completed",
         payload=tuple(outcome.artifacts),
     )
@@ -274,10 +306,12 @@ def _again(
     back_to: LineStatus,
     changes: dict[str, Any],
     counts: dict[str, float],
+    request: Step = Step.SUBMIT,
 ) -> Transition:
-    """Try again later. A 429 is back-pressure: it slows the provider's shared limiter down
-    and costs the line no try (only its deadline ends the wait); anything else transient
-    counts a try, and the line fails after ``http_retries``."""
+    """Try again later. A 429 is back-pressure: the line waits what the provider asked (its
+    Retry-After), costs no try (only its deadline ends the wait), and is counted for the
+    provider's controller, which slows every worker only on evidence that our own load causes
+    the 429s. Anything else transient counts a try; the line fails after ``http_retries``."""
     settings = ctx.settings
     throttled = isinstance(exc, RateLimited)
     tries = rec.tries if throttled else rec.tries + 1
@@ -289,7 +323,7 @@ def _again(
         retry_after = 1.0
     wait = policy.retry_wait(tries, settings.retry_base_s, settings.retry_max_s, retry_after)
     if isinstance(exc, RateLimited):
-        limit = LimitEvent(exc.kind, retry_after or 1.0)
+        limit = LimitEvent(exc.kind, request, exc.retry_after, exc.named_limit)
         counts = counts | {"throttled": 1}
         outcome = f"429 ({exc.kind})"
     else:

@@ -8,9 +8,10 @@
     imagebatch_batch_status{batch,status}              1 for the batch's status (running…)
     imagebatch_in_flight{provider}                     lines holding a slot (ZCARD ib:flight:P)
     imagebatch_waiting{provider}                       lines waiting for a slot (ZCARD ib:ready:P)
-    imagebatch_limit_cap{provider}                     the adaptive limiter's in-flight cap
-    imagebatch_limit_rate{provider}                    ... and its requests per second
-    imagebatch_limit_pause_seconds{provider}           what is left of a Retry-After pause
+    imagebatch_limit_cap{provider}                     the adaptive in-flight cap
+    imagebatch_limit_rate{provider,kind}               the adaptive rate of submits or polls (/s)
+    imagebatch_limit_pause_seconds{provider,kind}      what is left of a pause (a blocked account)
+    imagebatch_throttled{provider}                     429s the provider answered (cumulative)
     imagebatch_queue_depth{queue}                      Celery messages waiting (LLEN imagebatch)
     imagebatch_redis_up                                0 when the fleet could not be read
 """
@@ -22,6 +23,7 @@ import logging
 import re
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -44,20 +46,29 @@ def label(value: object) -> str:
     return text[:40] or "none"
 
 
-def current_limits(
-    view: ProviderView, settings: CoreSettings, now: float
-) -> tuple[int, float, float] | None:
-    """(cap, rate, pause left) as the scheduler's ``limiter.Limiter`` reads them: the saved
-    adaptive values, never above the configured ceilings; the ceilings before any 429."""
+@dataclass(frozen=True)
+class Limits:
+    """A provider's limits as the pumps go by: the saved adaptive values, never above the
+    configured ceilings (the ceilings before the leader wrote any)."""
+
+    cap: int
+    rates: dict[str, float]
+    pauses: dict[str, float]
+    """Seconds left of each kind's pause."""
+    throttled: int
+
+
+def current_limits(view: ProviderView, settings: CoreSettings, now: float) -> Limits | None:
     try:
         config = settings.provider_config(view.provider)
     except KeyError:
         return None
     saved = view.limits
     cap = min(config.max_in_flight, max(1, int(float(saved.get("cap", config.max_in_flight)))))
-    rate = min(config.requests_per_second, float(saved.get("rate", config.requests_per_second)))
-    pause = max(0.0, float(saved.get("pause_until", 0)) - now)
-    return cap, rate, pause
+    ceilings = {"submit": config.submit_rate, "poll": config.poll_rate}
+    rates = {k: min(c, float(saved.get(f"{k}_rate", c))) for k, c in ceilings.items()}
+    pauses = {k: max(0.0, float(saved.get(f"{k}_pause", 0)) - now) for k in ceilings}
+    return Limits(cap, rates, pauses, int(saved.get("throttled", 0)))
 
 
 class FleetCollector(Collector):
@@ -121,24 +132,28 @@ class FleetCollector(Collector):
         yield from (lines, done, ended, credits, status)
 
     def _providers(self, views: list[ProviderView]) -> Iterator[Metric]:
-        def gauge(name: str, doc: str) -> GaugeMetricFamily:
-            return GaugeMetricFamily(f"imagebatch_{name}", doc, labels=["provider"])
+        def gauge(name: str, doc: str, *labels: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"imagebatch_{name}", doc, labels=["provider", *labels])
 
         in_flight = gauge("in_flight", "Lines holding one of the provider's slots")
         waiting = gauge("waiting", "Lines waiting for a slot of the provider")
         cap = gauge("limit_cap", "The adaptive in-flight cap of the provider")
-        rate = gauge("limit_rate", "The adaptive request rate of the provider (per second)")
-        pause = gauge("limit_pause_seconds", "Seconds left of the provider's Retry-After pause")
+        rate = gauge("limit_rate", "The adaptive rate of a request kind (per second)", "kind")
+        pause = gauge("limit_pause_seconds", "Seconds left of a request kind's pause", "kind")
+        throttled = gauge("throttled", "429 answers of the provider, all workers (cumulative)")
         now = time.time()
         for view in views:
             in_flight.add_metric([view.provider], view.in_flight)
             waiting.add_metric([view.provider], view.waiting)
             limits = current_limits(view, self.settings, now)
-            if limits is not None:
-                cap.add_metric([view.provider], limits[0])
-                rate.add_metric([view.provider], limits[1])
-                pause.add_metric([view.provider], limits[2])
-        yield from (in_flight, waiting, cap, rate, pause)
+            if limits is None:
+                continue
+            cap.add_metric([view.provider], limits.cap)
+            throttled.add_metric([view.provider], limits.throttled)
+            for kind in ("submit", "poll"):
+                rate.add_metric([view.provider, kind], limits.rates[kind])
+                pause.add_metric([view.provider, kind], limits.pauses[kind])
+        yield from (in_flight, waiting, cap, rate, pause, throttled)
 
 
 def scrape_clients(settings: CoreSettings) -> tuple[State, State | None]:

@@ -5,6 +5,7 @@ Per batch (all removed by finalize, except the batch record with its summary):
     ib:B              hash    the batch record: status, out, total, cursor, window, summary…
     ib:B:n            hash    counters: done, succeeded, failed, rejected, credits:<currency>…
     ib:B:l:I          hash    one line in the window (``worker.records.LineRecord``)
+    ib:B:ready:P      zset    the batch's READY lines for provider P, by when they may be submitted
     ib:B:rows         list    finished rows not yet written to a part file ("I<TAB>row json")
     ib:B:skip         bitmap  lines that already have a row (rejected, or done in a past run)
     ib:B:prior        hash    I -> attempts an earlier run made (numbering continues past them)
@@ -14,10 +15,11 @@ Per batch (all removed by finalize, except the batch record with its summary):
 Shared by every batch:
     ib:batches        set     batches not yet finalized
     ib:providers      set     providers with lines in the window
-    ib:ready:P        zset    READY lines "B I", by the time they may be submitted
+    ib:queues:P       set     batches with READY lines for P (the pump takes them in turn)
     ib:flight:P       zset    lines holding one of P's slots, by when they next need a step
     ib:store          zset    FETCHED lines, by when their store step is due (or its lease ends)
-    ib:limit:P        hash    P's adaptive limits: cap, rate, pause_until, last decrease…
+    ib:limit:P        hash    P's limits: the cap and each request kind's rate, token bucket,
+                              pause and counters (sent, 429s); the controller's state (ctl)
     ib:latency:P:M    hash    learned job latency of model M at P (a running quantile)
     ib:jobs:P         hash    provider job id -> "B I" (webhooks find their line)
     ib:scheduler      string  the scheduler's leader lock (token lock)
@@ -40,8 +42,10 @@ WAKE = f"{PREFIX}:wake"
 
 LINE_FORMAT = PREFIX + ":%s:l:%s"
 """``LINE_FORMAT % (batch, idx)``; Lua scripts receive it so they can reach a member's line."""
-READY_FORMAT = PREFIX + ":ready:%s"
-"""``READY_FORMAT % provider``, for the feeder's Lua script."""
+READY_FORMAT = PREFIX + ":%s:ready:%s"
+"""``READY_FORMAT % (batch, provider)``: Lua scripts reach a batch's READY lines with it."""
+QUEUES_FORMAT = PREFIX + ":queues:%s"
+"""``QUEUES_FORMAT % provider``: the batches with READY lines for the provider."""
 
 
 def batch(b: str) -> str:
@@ -85,8 +89,14 @@ def batch_pattern(b: str) -> str:
     return f"{PREFIX}:{b}:*"
 
 
-def ready(provider: str) -> str:
-    return READY_FORMAT % provider
+def ready(b: str, provider: str) -> str:
+    """The batch's READY lines for ``provider`` (one zset per batch: the pump shares a
+    provider's slots between batches in turn, so a small batch never waits behind a big one)."""
+    return READY_FORMAT % (b, provider)
+
+
+def queues(provider: str) -> str:
+    return QUEUES_FORMAT % provider
 
 
 def flight(provider: str) -> str:
@@ -122,7 +132,7 @@ def inbox_claim(name: str, sha256: str) -> str:
 
 
 RESERVED = frozenset(
-    {"batches", "providers", "ready", "flight", "store", "limit", "latency", "jobs"}
+    {"batches", "providers", "queues", "flight", "store", "limit", "latency", "jobs"}
     | {"scheduler", "wake", "worker", "inbox"}
 )
 """Words of the shared keys: a batch with one of these ids would collide with them."""

@@ -26,9 +26,9 @@ from worker.redis.claims import Claim
 LUA = Path(__file__).with_name("lua")
 
 
-def home_key(home: Home, provider: str) -> str:
+def home_key(home: Home, provider: str, batch: str) -> str:
     if home is Home.READY:
-        return keys.ready(provider)
+        return keys.ready(batch, provider)
     if home is Home.FLIGHT:
         return keys.flight(provider)
     if home is Home.STORE:
@@ -46,6 +46,19 @@ class Pumped:
     in_flight: int
     next_flight: float | None
     next_ready: float | None
+    binding: Binding
+    submit_wait: float
+    """Seconds until a submit may go out (the next token, or the end of a pause)."""
+    poll_wait: float
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Which of a provider's limits held due work back in a pump: what the controller grows."""
+
+    submits: bool = False
+    polls: bool = False
+    cap: bool = False
 
 
 @dataclass(frozen=True)
@@ -180,7 +193,8 @@ class State:
         released = 0
         for rec in self.lines(b):
             if rec.status is LineStatus.READY:
-                self.client.zadd(keys.ready(rec.provider), {rec.member: now})
+                self.client.zadd(keys.ready(b, rec.provider), {rec.member: now})
+                self.client.sadd(keys.queues(rec.provider), b)
                 released += 1
         return released
 
@@ -226,6 +240,7 @@ class State:
             *cursor,
             keys.LINE_FORMAT,
             keys.READY_FORMAT,
+            keys.QUEUES_FORMAT,
             repr(eligible),
             len(lines),
         ]
@@ -245,18 +260,45 @@ class State:
     def providers(self) -> set[str]:
         return set(self.client.smembers(keys.PROVIDERS))
 
-    def pump(self, provider: str, now: float, lease: float, cap: int, budget: int) -> Pumped:
-        polls, submits, in_flight, nf, nr = self._run(
+    def pump(
+        self,
+        provider: str,
+        now: float,
+        lease: float,
+        *,
+        polls: int,
+        submits: int,
+        defaults: tuple[int, float, float],
+    ) -> Pumped:
+        """Hand out up to ``polls`` due polls and ``submits`` READY lines of ``provider``, within
+        its cap and each kind's token bucket (``pump.lua``). ``defaults`` (cap, submit rate,
+        poll rate) count until the controller has written its own."""
+        cap, submit_rate, poll_rate = defaults
+        got_polls, got_submits, in_flight, nf, nr, binding, sw, pw = self._run(
             "pump",
-            [keys.ready(provider), keys.flight(provider)],
-            [repr(now), lease, cap, budget, keys.LINE_FORMAT],
+            [keys.limit(provider), keys.flight(provider), keys.queues(provider)],
+            [
+                repr(now),
+                lease,
+                keys.LINE_FORMAT,
+                keys.READY_FORMAT,
+                provider,
+                polls,
+                submits,
+                cap,
+                repr(submit_rate),
+                repr(poll_rate),
+            ],
         )
         return Pumped(
-            [(*keys.parse_member(m), int(seq), LineStatus(status)) for m, seq, status in polls],
-            [(*keys.parse_member(m), int(seq)) for m, seq in submits],
+            [(*keys.parse_member(m), int(seq), LineStatus(st)) for m, seq, st in got_polls],
+            [(*keys.parse_member(m), int(seq)) for m, seq in got_submits],
             int(in_flight),
             float(nf) if nf else None,
             float(nr) if nr else None,
+            Binding(*(bool(int(flag)) for flag in binding)),
+            float(sw),
+            float(pw),
         )
 
     def claim_stores(
@@ -271,7 +313,12 @@ class State:
         return int(self.client.zcard(keys.flight(provider)))
 
     def waiting(self, provider: str) -> int:
-        return int(self.client.zcard(keys.ready(provider)))
+        """READY lines of every batch for ``provider``."""
+        batches = self.client.smembers(keys.queues(provider))
+        pipe = self.client.pipeline(transaction=False)
+        for b in batches:
+            pipe.zcard(keys.ready(b, provider))
+        return sum(int(n) for n in pipe.execute())
 
     def limits(self, provider: str) -> dict[str, str]:
         return self.client.hgetall(keys.limit(provider))
@@ -280,18 +327,22 @@ class State:
         self.client.hset(keys.limit(provider), mapping={k: _text(v) for k, v in values.items()})
 
     def note_429(
-        self,
-        provider: str,
-        kind: str,
-        retry_after: float,
-        in_flight: int,
-        cap: int,
-        rate: float,
-        floor_rate: float,
+        self, provider: str, request: str, *, cap: int | None, retry_after: float | None
     ) -> None:
-        args = [kind, repr(time.time()), retry_after, in_flight, cap, rate, floor_rate]
+        """Count a 429 of ``request`` (``submit`` or ``poll``) for the controller; ``cap``: a
+        concurrency 429's cap, set at once (``limit.lua``)."""
+        args = [request, "" if cap is None else cap, "" if retry_after is None else retry_after]
         self._run("limit", [keys.limit(provider)], args)
         self.client.lpush(keys.WAKE, "limit")
+
+    def take_counts(self, provider: str) -> dict[str, str]:
+        """The provider's limits and counters, the largest Retry-Afters since the last take
+        reset (the controller's once-a-second read)."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hgetall(keys.limit(provider))
+        pipe.hdel(keys.limit(provider), "submit_retry_after", "poll_retry_after")
+        found, _ = pipe.execute()
+        return dict(found)
 
     def wait_for_wake(self, timeout: float) -> frozenset[str]:
         """Block up to ``timeout`` for the scheduler's next event; the events that came."""
@@ -351,6 +402,9 @@ class State:
         # Once a latency is learned, a sample of the jobs keeps it current.
         learned = rec.expected_s > 0 and rec.idx % 4 != 0
         latency = None if learned else t.latency_s
+        sample = "" if latency is None else repr(latency)
+        if latency is not None and t.queue_share is not None:
+            sample += f" {t.queue_share!r}"
         fields = encode_changes(t.changes)
         counts = {k: v for k, v in t.counts.items() if v and k in immediate}
         if t.row is not None and t.row.credits:
@@ -367,7 +421,7 @@ class State:
             t.row.model_dump_json() if t.row is not None else "",
             rec.idx,
             job_op,
-            "" if latency is None else repr(latency),
+            sample,
             "store" if new is Home.STORE and old is not Home.STORE and t.due_in <= 0 else "",
             rec.status.value,
             len(fields),
@@ -382,14 +436,15 @@ class State:
         args.append(total)
         target = [
             keys.line(rec.batch, rec.idx),
-            home_key(old, rec.provider),
-            home_key(new, rec.provider),
+            home_key(old, rec.provider, rec.batch),
+            home_key(new, rec.provider, rec.batch),
             keys.counters(rec.batch),
             keys.rows(rec.batch),
             keys.WAKE,
             keys.batch(rec.batch),
             keys.jobs(rec.provider) if job_op else "-",
             keys.latency(rec.provider, model) if latency is not None else "-",
+            keys.queues(rec.provider) if new is Home.READY and old is not Home.READY else "-",
         ]
         applied, done, total = self._run("apply", target, args)
         return Applied(bool(applied), bool(applied) and int(total) >= 0 and done == total)
@@ -414,10 +469,16 @@ class State:
         return [x for x in found if x is not None]
 
     def expected_latency(self, provider: str, model: str) -> float | None:
-        mean, dev = self.client.hmget(keys.latency(provider, model), ["mean", "dev"])
-        if mean is None:
-            return None
-        return float(mean) + 0.5 * float(dev or 0)
+        return self.learned_job(provider, model)[0]
+
+    def learned_job(self, provider: str, model: str) -> tuple[float | None, float | None]:
+        """A model's learned job: its expected latency (mean plus half the mean deviation) and
+        the share of its time before its progress starts (None: not learned yet)."""
+        mean, dev, queue = self.client.hmget(
+            keys.latency(provider, model), ["mean", "dev", "queue"]
+        )
+        expected = None if mean is None else float(mean) + 0.5 * float(dev or 0)
+        return expected, None if queue is None else float(queue)
 
     def line_of_job(self, provider: str, job_id: str) -> tuple[str, int] | None:
         found = self.client.hget(keys.jobs(provider), job_id)
@@ -434,7 +495,8 @@ class State:
 
     def fleet(self) -> Fleet:
         """Every active batch's record and counters and every provider's slots and limits, in
-        two round trips (``3 + 2 * batches + 3 * providers`` commands, none per line)."""
+        two round trips (``2 + 2 * batches + providers * (2 + batches)`` commands, none per
+        line)."""
         first = self.client.pipeline(transaction=False)
         first.smembers(keys.BATCHES)
         first.smembers(keys.PROVIDERS)
@@ -446,18 +508,20 @@ class State:
             second.hgetall(keys.counters(b))
         for p in providers:
             second.zcard(keys.flight(p))
-            second.zcard(keys.ready(p))
             second.hgetall(keys.limit(p))
+            for b in batches:
+                second.zcard(keys.ready(b, p))
         answers = iter(second.execute())
         views = []
         for b in batches:
             total, status = next(answers)
             counters = {k: float(v) for k, v in next(answers).items()}
             views.append(BatchView(b, int(total) if total else None, status or "", counters))
-        slots = [
-            ProviderView(p, int(next(answers)), int(next(answers)), dict(next(answers)))
-            for p in providers
-        ]
+        slots = []
+        for p in providers:
+            in_flight, limits = int(next(answers)), dict(next(answers))
+            waiting = sum(int(next(answers)) for _ in batches)
+            slots.append(ProviderView(p, in_flight, waiting, limits))
         return Fleet(views, slots)
 
     def queue_depth(self) -> int:

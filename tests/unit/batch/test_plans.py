@@ -41,20 +41,25 @@ def test_learned_account_limits_and_latency_lengthen_the_estimate(
     configured: CoreSettings, redis_url: str
 ) -> None:
     state = State(text_client(redis_url))
-    state.set_limits("simulator", cap=16, rate=10.0)
+    state.set_limits("simulator", cap=16, submit_rate=10.0, poll_rate=12.0)
     state.client.hset("ib:latency:simulator:gpt-image-1.5", mapping={"mean": 3.0, "dev": 0.0})
 
     known = plans.learned(configured, ["simulator"])
 
-    assert known.accounts == {"simulator": plans.Learned(cap=16, rate=10.0, latency_s=3.0)}
-    # 200 jobs at 16 in flight: 13 rounds of 3 s; 440 requests at 10/s take 44 s: the rate rules.
-    assert estimate(configured, known) == pytest.approx(200 * 2.2 / 10.0 + plans.OVERHEAD_S)
+    learned = plans.Learned(cap=16, submit_rate=10.0, poll_rate=12.0, latency_s=3.0)
+    assert known.accounts == {"simulator": learned}
+    # 200 jobs at 16 in flight: 13 rounds of 3 s; their 200 submits at 10/s take 20 s; their
+    # 600 polls at 12/s (learned: below the 100/s configured) take 50 s: the poll rate rules.
+    polls = 200 * plans.POLLS_PER_JOB / 12.0
+    assert estimate(configured, known) == pytest.approx(polls + plans.OVERHEAD_S)
 
 
 def test_a_learned_cap_never_lifts_the_estimate_above_the_configured_ceiling(
     configured: CoreSettings, redis_url: str
 ) -> None:
-    State(text_client(redis_url)).set_limits("simulator", cap=500, rate=400.0)
+    State(text_client(redis_url)).set_limits(
+        "simulator", cap=500, submit_rate=400.0, poll_rate=400.0
+    )
 
     known = plans.learned(configured, ["simulator"])
 
@@ -69,6 +74,7 @@ def test_fast_jobs_on_high_limits_are_bound_by_the_workers_alive(
             "simulator_expected_latency_s": 0.2,
             "simulator_max_in_flight": 400,
             "simulator_requests_per_second": 1000,
+            "simulator_polls_per_second": 1000,
         }
     )
     one = plans.learned(quick, ["simulator"])

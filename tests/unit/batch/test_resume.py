@@ -76,9 +76,13 @@ def test_a_line_left_in_any_status_is_dispatched_for_the_step_that_status_needs(
     assert started.plan.valid == 1
     rec = LineRecord.from_hash("cups", 0, rt.state.client.hgetall(keys.line("cups", 0)))
     client = rt.state.client
-    client.zrem(keys.ready("apiframe"), rec.member)
+    client.zrem(keys.ready("cups", "apiframe"), rec.member)
     client.hset(keys.line("cups", 0), mapping={"status": status.value, "job_id": "j-1"})
-    home = {"ready": keys.ready("apiframe"), "flight": keys.flight("apiframe"), "store": keys.STORE}
+    home = {
+        "ready": keys.ready("cups", "apiframe"),
+        "flight": keys.flight("apiframe"),
+        "store": keys.STORE,
+    }
     client.zadd(home[TABLE[status].home.value], {rec.member: time.time() - 60})
     # When the scheduler looks
     dispatch = Recorded()
@@ -151,13 +155,13 @@ def test_a_step_that_outlives_its_lease_cannot_undo_the_copy_that_took_over(
     Path(spooled.path).unlink()
     state, member = rt.state, keys.member("cups", 0)
     # Given a submit dispatched to a worker that then stalls past its lease...
-    first = state.pump("apiframe", time.time(), 30, cap=4, budget=4)
+    first = state.pump("apiframe", time.time(), 30, polls=4, submits=4, defaults=(4, 4.0, 4.0))
     ((_, _, seq1),) = first.submits
     slow = state.begin("cups", 0, seq1, f"{seq1}:slow")
     assert slow is not None
     state.client.zadd(keys.flight("apiframe"), {member: time.time() - 1})
     # ...so the scheduler dispatches the line again, and the new copy begins
-    second = state.pump("apiframe", time.time(), 30, cap=4, budget=4)
+    second = state.pump("apiframe", time.time(), 30, polls=4, submits=4, defaults=(4, 4.0, 4.0))
     ((_, _, seq2, status),) = second.polls
     assert seq2 == seq1 + 1 and status is LineStatus.SUBMITTING
     fresh = state.begin("cups", 0, seq2, f"{seq2}:fresh")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import pytest
 
+from jobs.errors import RateLimited
 from worker.dispatch.adaptive import (
     CAP_REGROW_S,
     CAP_SLOW_START_S,
@@ -27,7 +28,6 @@ from worker.dispatch.adaptive import (
     Limits,
     Phase,
     RateState,
-    named_limit,
     on_concurrency_429,
     start_cap,
     start_limits,
@@ -196,6 +196,10 @@ def simulate(
 def clean(configured: bool) -> Run:
     """The run without random 429s (the same for every seed)."""
     return simulate(ABOVE, seconds=TEN_MINUTES, seed=0, configured=configured)
+
+
+def named_limit(message: str) -> int | None:
+    return RateLimited(message).named_limit
 
 
 # --- sporadic 429s -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""``worker.scheduler.Scheduler.tick`` on the suite's real Redis, with a ``Dispatch`` that records
-what the leader would send; and ``worker.limiter``'s additive increase.
+"""``Scheduler.tick`` on the suite's real Redis, with a ``Dispatch`` that records what the
+leader would send; and the leader's limit controllers (``worker.dispatch.limits``) on the
+counts the pumps and 429s leave in Redis.
 
 The recorder stands in for Celery at the dispatch boundary only: every decision the scheduler
 takes is read from, and written to, the real Redis state.
@@ -16,11 +17,12 @@ import redis
 
 from jobs.output.rows import ResultRow
 from tests.runtime_support import BATCH, PROVIDER, put_line, record, runtime, seed_batch
-from worker.dispatch.limiter import RAISE_EVERY_S, Limiter
+from worker.dispatch.adaptive import CAP_REGROW_S, Phase
+from worker.dispatch.limits import UPDATE_EVERY_S, Controllers
 from worker.dispatch.scheduler import GROUP, IDLE_S, Scheduler, groups
 from worker.lines.records import LineRecord, LineStatus, Step
 from worker.redis import keys
-from worker.redis.state import State
+from worker.redis.state import Binding, State
 from worker.runtime import Runtime
 
 CAP = 64
@@ -73,6 +75,8 @@ def make(
             "openai_api_key": "sk-test-key",
         }
         wanted = defaults | values
+        # A setting given as None is left to its default (as if the user never set it).
+        wanted = {name: value for name, value in wanted.items() if value is not None}
         key = frozenset(wanted.items())
         if key not in _runtimes:
             _runtimes[key] = runtime(redis_url, **wanted)
@@ -157,13 +161,15 @@ def test_a_tick_sends_no_more_requests_than_the_rate_allows(make: Any) -> None:
     assert state.waiting(PROVIDER) == 4
 
 
-def test_a_paused_provider_gets_no_request_until_its_retry_after(make: Any) -> None:
+def test_a_paused_provider_gets_no_request_until_its_pause_ends(make: Any) -> None:
     scheduler, sent, state = make()
-    state.set_limits(PROVIDER, pause_until=time.time() + 30)
+    scheduler.controllers.watch(PROVIDER, time.time())  # the leader writes the limits
+    # Given the controller paused both kinds (an account that refuses everything)
+    state.set_limits(PROVIDER, submit_pause=time.time() + 30, poll_pause=time.time() + 30)
     ready(state, 2)
     in_flight(state, 1, due=time.time() - 1)
 
-    scheduler.tick()
+    scheduler.tick(frozenset({"admit"}))
     scheduler.tick(frozenset({"limit"}))
 
     assert sent.steps == []
@@ -207,7 +213,7 @@ def test_lines_of_a_polled_provider_go_out_in_groups_of_at_most_eight(make: Any)
 
 
 def test_submits_to_a_synchronous_provider_go_out_one_line_per_task(make: Any) -> None:
-    scheduler, sent, state = make(openai_requests_per_second=10.0)
+    scheduler, sent, state = make(openai_requests_per_second=10.0, openai_max_in_flight=4)
     ready(state, 3, provider="openai")
 
     scheduler.tick()
@@ -382,13 +388,13 @@ def test_the_leader_sleeps_until_a_waiting_line_may_be_submitted(make: Any) -> N
 
 
 def test_work_held_back_by_the_rate_waits_for_the_next_token(make: Any) -> None:
-    scheduler, sent, state = make(simulator_requests_per_second=2.0)
+    scheduler, sent, state = make(simulator_requests_per_second=2.5)
     ready(state, 3)
 
     wait = scheduler.tick()
 
-    assert len(sent.lines()) == 2
-    assert 0.4 < wait <= 0.5  # one token every half second
+    assert len(sent.lines()) == 2  # a burst of four fifths of a second's worth
+    assert wait == pytest.approx(0.4, abs=0.02)  # one token every 0.4 s
 
 
 def test_work_held_back_by_the_cap_waits_for_a_slot_to_wake_it(make: Any) -> None:
@@ -401,134 +407,132 @@ def test_work_held_back_by_the_cap_waits_for_a_slot_to_wake_it(make: Any) -> Non
     assert wait == pytest.approx(IDLE_S, abs=0.05)
 
 
-# -- the limiter: additive increase -----------------------------------------------------------
+# -- the leader's limit controllers ---------------------------------------------------------
 
 
-def limiter(make: Any, **values: Any) -> tuple[Limiter, State]:
-    scheduler, _, state = make(**values)
-    return scheduler.limiter, state
+def sent(state: State, kind: str, count: int) -> None:
+    """Requests of a kind going out, as pump.lua counts them."""
+    state.client.hincrby(keys.limit(PROVIDER), f"{kind}_sent", count)
 
 
-def test_a_cap_binding_since_a_429_is_not_raised_within_raise_every_s_of_it(make: Any) -> None:
-    limits, state = limiter(make)
-    cut = time.time()
-    state.set_limits(PROVIDER, cap=5, decreased_at=cut)
-    bucket = limits.bucket(PROVIDER, cut)
-
-    for offset in range(0, int(RAISE_EVERY_S), 5):  # binding at every pass since the cut
-        limits.raise_if_due(bucket, cut + offset, cap_bound=True, rate_bound=False)
-
-    assert bucket.cap == 5 and state.limits(PROVIDER)["cap"] == "5"
+def refused(state: State, kind: str, count: int) -> None:
+    for _ in range(count):
+        state.note_429(PROVIDER, kind, cap=None, retry_after=1.0)
 
 
-def test_a_cap_binding_for_raise_every_s_without_a_429_goes_up_by_one(make: Any) -> None:
-    limits, state = limiter(make)
-    cut = time.time()
-    state.set_limits(PROVIDER, cap=5, decreased_at=cut)
-    bucket = limits.bucket(PROVIDER, cut)
-
-    binds = cut + 1
-    limits.raise_if_due(bucket, binds, cap_bound=True, rate_bound=False)
-    limits.raise_if_due(bucket, binds + RAISE_EVERY_S, cap_bound=True, rate_bound=False)
-
-    assert bucket.cap == 6 and state.limits(PROVIDER)["cap"] == "6"
-    assert float(state.limits(PROVIDER)["raised_at"]) > 0
-    # Raised: the next step up needs another RAISE_EVERY_S of binding.
-    again = binds + RAISE_EVERY_S + 1
-    limits.raise_if_due(bucket, again, cap_bound=True, rate_bound=False)
-    limits.raise_if_due(bucket, again + RAISE_EVERY_S - 2, cap_bound=True, rate_bound=False)
-    assert bucket.cap == 6
-    limits.raise_if_due(bucket, again + RAISE_EVERY_S, cap_bound=True, rate_bound=False)
-    assert bucket.cap == 7
+def rates(state: State) -> tuple[float, float]:
+    limits = state.limits(PROVIDER)
+    return float(limits["submit_rate"]), float(limits["poll_rate"])
 
 
-def test_a_cap_that_only_just_began_to_bind_is_not_raised_yet(make: Any) -> None:
-    limits, state = limiter(make)
-    cut = time.time()
-    state.set_limits(PROVIDER, cap=5, decreased_at=cut)
-    bucket = limits.bucket(PROVIDER, cut)
-    quiet = cut + 10 * RAISE_EVERY_S  # long without a 429, and without work waiting
-
-    limits.raise_if_due(bucket, quiet, cap_bound=True, rate_bound=False)  # binds from now on
-
-    assert bucket.cap == 5
-
-
-def test_a_break_in_binding_starts_the_wait_again(make: Any) -> None:
-    limits, state = limiter(make)
-    state.set_limits(PROVIDER, cap=5, decreased_at=0)
-    bucket = limits.bucket(PROVIDER, time.time())
-    start = time.time()
-
-    limits.raise_if_due(bucket, start, cap_bound=True, rate_bound=False)
-    limits.raise_if_due(bucket, start + 20, cap_bound=False, rate_bound=False)  # room again
-    limits.raise_if_due(bucket, start + 25, cap_bound=True, rate_bound=False)
-    limits.raise_if_due(bucket, start + RAISE_EVERY_S + 1, cap_bound=True, rate_bound=False)
-
-    assert bucket.cap == 5  # bound 6 s in a row, not RAISE_EVERY_S
-
-
-def test_a_cap_that_does_not_hold_work_back_is_never_raised(make: Any) -> None:
-    limits, state = limiter(make)
-    state.set_limits(PROVIDER, cap=5, decreased_at=0)
-    bucket = limits.bucket(PROVIDER, time.time())
-
-    for hours in range(3):
-        limits.raise_if_due(bucket, time.time() + 3600 * hours, cap_bound=False, rate_bound=False)
-
-    assert bucket.cap == 5 and "raised_at" not in state.limits(PROVIDER)
-
-
-def test_a_limit_is_never_raised_past_its_configured_ceiling(make: Any) -> None:
-    limits, state = limiter(make, simulator_max_in_flight=5, simulator_requests_per_second=4.0)
-    state.set_limits(PROVIDER, cap=9, rate=9.0, decreased_at=0)  # more than configured now
-    bucket = limits.bucket(PROVIDER, time.time())
-    assert (bucket.cap, bucket.rate) == (5, 4.0)
-
-    now = time.time()
-    for offset in (0, RAISE_EVERY_S, 2 * RAISE_EVERY_S):
-        limits.raise_if_due(bucket, now + offset, cap_bound=True, rate_bound=True)
-
-    assert (bucket.cap, bucket.rate) == (5, 4.0)
-
-
-def test_a_binding_rate_goes_up_by_a_twentieth_of_its_ceiling(make: Any) -> None:
-    limits, state = limiter(make)
-    state.set_limits(PROVIDER, rate=10.0, decreased_at=0)
-    bucket = limits.bucket(PROVIDER, time.time())
-    now = time.time()
-
-    limits.raise_if_due(bucket, now, cap_bound=False, rate_bound=True)
-    limits.raise_if_due(bucket, now + RAISE_EVERY_S, cap_bound=False, rate_bound=True)
-
-    assert bucket.rate == pytest.approx(10.0 + 0.05 * RATE)
-    assert float(state.limits(PROVIDER)["rate"]) == pytest.approx(12.5)
-
-
-def test_the_scheduler_raises_a_cap_that_has_held_ready_lines_back(make: Any) -> None:
-    scheduler, sent, state = make()
-    state.set_limits(PROVIDER, cap=1, decreased_at=time.time() - 10 * RAISE_EVERY_S)
-    ready(state, 3)
-
-    scheduler.tick()  # one slot, three lines: the cap binds from this pass on
-    assert len(sent.lines()) == 1 and state.limits(PROVIDER)["cap"] == "1"
-
-    bucket = scheduler.limiter.buckets[PROVIDER]
-    assert bucket.cap_bound_since is not None
-    bucket.cap_bound_since -= RAISE_EVERY_S  # as if its passes had found it binding since
-    time.sleep(2 / RATE)  # a request token to spend (the first tick used the only one)
-    scheduler.tick(frozenset({"line"}))
-
-    assert state.limits(PROVIDER)["cap"] == "2"
-
-
-def test_the_scheduler_does_not_raise_a_cap_a_429_just_cut(make: Any) -> None:
-    scheduler, sent, state = make()
-    state.set_limits(PROVIDER, cap=1, decreased_at=time.time() - 5)
-    ready(state, 3)
+def test_limits_the_user_configured_are_the_account_s_and_start_at_once(make: Any) -> None:
+    scheduler, _, state = make()  # the fixture sets the simulator's cap and rate
+    ready(state, 1)
 
     scheduler.tick()
-    scheduler.limiter.buckets[PROVIDER].cap_bound_since = time.time() - 10 * RAISE_EVERY_S
+
+    limits = state.limits(PROVIDER)
+    assert (limits["cap"], rates(state)) == (str(CAP), (RATE, RATE))
+
+
+def test_default_limits_are_guesses_approached_by_slow_start(make: Any) -> None:
+    # Given a provider whose limits nobody configured (the registry's defaults)
+    scheduler, _, state = make(simulator_max_in_flight=None, simulator_requests_per_second=None)
+    config = scheduler.rt.settings.provider_config(PROVIDER)
+    assert config.configured == frozenset()
+    ready(state, 1)
+
+    scheduler.tick()
+
+    # Then it starts at a quarter of them and grows while they hold work back
+    limits = state.limits(PROVIDER)
+    assert int(limits["cap"]) == config.max_in_flight // 4
+    assert rates(state)[0] == pytest.approx(config.submit_rate / 4)
+    controllers = Controllers(state, scheduler.rt.settings)
+    now = time.time()
+    controllers.observe(PROVIDER, Binding(submits=True), now)
+    sent(state, "submit", int(config.submit_rate / 4))
+    assert controllers.update_if_due(PROVIDER, now + UPDATE_EVERY_S)
+    assert rates(state)[0] == pytest.approx(config.submit_rate / 2)  # doubled: no 429 came
+
+
+def test_sporadic_429s_do_not_slow_submits(make: Any) -> None:
+    scheduler, _, state = make()
+    controllers = Controllers(state, scheduler.rt.settings)
+    now = time.time()
+    # When a few percent of submits are refused, second after second, at full pace
+    for second in range(1, 31):
+        sent(state, "submit", int(RATE))
+        refused(state, "submit", 1 if second % 3 == 0 else 0)
+        controllers.observe(PROVIDER, Binding(submits=True), now + second)
+        controllers.update_if_due(PROVIDER, now + second)
+    # Then the rate stays at the ceiling
+    assert rates(state)[0] == pytest.approx(RATE, rel=0.05)
+
+
+def test_a_poll_429_slows_polls_not_submits(make: Any) -> None:
+    scheduler, _, state = make()
+    controllers = Controllers(state, scheduler.rt.settings)
+    now = time.time()
+    # When half the polls are refused (a provider whose reads share a smaller budget)
+    for second in range(1, 11):
+        sent(state, "poll", int(RATE))
+        refused(state, "poll", int(RATE) // 2)
+        sent(state, "submit", 10)
+        controllers.observe(PROVIDER, Binding(polls=True), now + second)
+        controllers.update_if_due(PROVIDER, now + second)
+    # Then the poll rate is cut to about what got through, and submits keep theirs
+    submit_rate, poll_rate = rates(state)
+    assert poll_rate <= 0.6 * RATE
+    assert submit_rate == RATE
+
+
+def test_a_concurrency_429_cut_in_a_task_holds_and_regrows_only_after_a_quiet_while(
+    make: Any,
+) -> None:
+    scheduler, _, state = make()
+    controllers = Controllers(state, scheduler.rt.settings)
+    now = time.time()
+    controllers.update_if_due(PROVIDER, now)
+    # When a task's concurrency 429 shows the account runs 5 of ours at most
+    state.note_429(PROVIDER, "submit", cap=5, retry_after=2.0)
+    assert state.limits(PROVIDER)["cap"] == "5"
+    # Then the leader keeps the cut, while the cap holds work back...
+    for second in range(1, int(CAP_REGROW_S)):
+        controllers.observe(PROVIDER, Binding(cap=True), now + second)
+        controllers.update_if_due(PROVIDER, now + second)
+    assert state.limits(PROVIDER)["cap"] == "5"
+    # ...and tries one more job only after holding it back that long without a 429
+    for second in range(int(CAP_REGROW_S), int(CAP_REGROW_S) + 3):
+        controllers.observe(PROVIDER, Binding(cap=True), now + second)
+        controllers.update_if_due(PROVIDER, now + second)
+    assert state.limits(PROVIDER)["cap"] == "6"
+
+
+def test_a_new_leader_takes_over_the_learned_limits(make: Any) -> None:
+    scheduler, _, state = make()
+    first = Controllers(state, scheduler.rt.settings)
+    now = time.time()
+    first.update_if_due(PROVIDER, now)
+    state.note_429(PROVIDER, "submit", cap=7, retry_after=None)
+    first.update_if_due(PROVIDER, now + UPDATE_EVERY_S)
+
+    second = Controllers(state, scheduler.rt.settings)  # the old leader died
+
+    assert second.defaults(PROVIDER, now + 2)[0] == 7
+    assert second.watch(PROVIDER, now + 2).limits.cap.phase is Phase.STEADY
+
+
+def test_the_scheduler_hands_out_no_more_than_the_cap_a_task_just_cut(make: Any) -> None:
+    scheduler, sent_, state = make()
+    ready(state, 5)
+    scheduler.tick()
+    assert len(sent_.lines()) == 5
+    state.note_429(PROVIDER, "submit", cap=2, retry_after=None)  # five were too many
+    for member in [f"{BATCH} {k}" for k in range(5)]:
+        state.client.zrem(keys.flight(PROVIDER), member)
+    ready(state, 5, start=10)
+
     scheduler.tick(frozenset({"limit"}))
 
-    assert len(sent.lines()) == 1 and state.limits(PROVIDER)["cap"] == "1"
+    assert len(sent_.lines()) == 5 + 2

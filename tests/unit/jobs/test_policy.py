@@ -98,11 +98,38 @@ def test_first_poll_of_a_cold_model_is_the_initial_delay() -> None:
     assert policy.first_poll(None, 2.0, None) == 2.0
 
 
-def test_first_poll_with_a_learned_latency_comes_just_after_it() -> None:
-    delay = policy.first_poll(10.0, 2.0, None)
+def test_first_poll_with_a_learned_latency_comes_while_the_job_still_runs() -> None:
+    # Early enough that most jobs still report progress, which tells when they will end.
+    assert policy.first_poll(10.0, 2.0, None) == pytest.approx(6.0)
+    assert policy.first_poll(100.0, 2.0, None) == pytest.approx(60.0)
 
-    assert 10.0 < delay <= 10.5  # never before it, and within a few percent
-    assert 100.0 < policy.first_poll(100.0, 2.0, None) <= 105.0
+
+def test_two_looks_at_a_job_s_progress_put_the_next_poll_just_after_its_end() -> None:
+    # 40 % at 4 s, 60 % at 5 s: 20 points a second, 2 s left
+    assert policy.after_progress(5.0, 60, (4.0, 40), 30.0) == pytest.approx(2.0 + 0.03)
+
+
+def test_one_look_at_a_job_s_progress_puts_the_next_a_quarter_of_the_way_to_its_latest_end() -> (
+    None
+):
+    # 25 % after 3 s: at most 9 s more if it rose evenly from the start
+    assert policy.after_progress(3.0, 25, None, 30.0) == pytest.approx(9.0 / 4)
+
+
+@pytest.mark.parametrize(
+    ("t", "progress", "before"),
+    [(3.0, 0, None), (5.0, 40, (4.0, 40)), (5.0, 30, (4.0, 40))],
+    ids=["queued", "no-change", "went-back"],
+)
+def test_progress_that_tells_nothing_leaves_the_next_poll_to_the_usual_steps(
+    t: float, progress: int, before: tuple[float, int] | None
+) -> None:
+    assert policy.after_progress(t, progress, before, 30.0) is None
+
+
+def test_a_job_about_to_end_is_looked_at_again_soon_and_never_past_the_longest_gap() -> None:
+    assert policy.after_progress(5.0, 99, (4.9, 98), 30.0) == pytest.approx(policy.SOON_S, abs=0.05)
+    assert policy.after_progress(5.0, 1, None, 2.0) == 2.0
 
 
 def test_first_poll_with_webhooks_waits_for_the_webhook() -> None:

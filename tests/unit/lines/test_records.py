@@ -46,6 +46,8 @@ EVERY_FIELD: dict[str, Any] = {
     "reserved": 24.0,
     "expected_s": 12.75,
     "misses": 1,
+    "progress": 40,
+    "progress_t": 2.5,
     "fetched_at": 1796160320.5,
     "artifacts": ({"url": "https://cdn.example/1.png"}, {"blob": "ib:cat-2026:blob:41:1"}),
     "images": (

@@ -28,7 +28,7 @@ from jobs.providers.base import Artifact, Finished
 from jobs.simulator import Simulator, SimulatorConfig
 from tests.runtime_support import BATCH, put_line, record, runtime
 from worker.lines import steps, store
-from worker.lines.records import LimitEvent, LineRecord, LineStatus, Transition
+from worker.lines.records import LimitEvent, LineRecord, LineStatus, Step, Transition
 from worker.lines.steps import Context
 from worker.redis import keys
 from worker.runtime import Runtime
@@ -167,7 +167,7 @@ def test_an_accepted_submit_is_submitted_with_its_first_poll_planned(
     assert key == steps.idempotency_key(BATCH, rec.id, rec.attempt)
 
 
-def test_a_learned_latency_plans_the_first_poll_just_after_it(
+def test_a_learned_latency_plans_the_first_poll_while_the_job_still_runs(
     redis_client: redis.Redis[bytes], redis_url: str, sim: Simulator, out: Path
 ) -> None:
     # A runtime of its own: a process reads the learned latency again only every few seconds.
@@ -183,7 +183,8 @@ def test_a_learned_latency_plans_the_first_poll_just_after_it(
         fresh.close()
 
     assert t.changes["expected_s"] == pytest.approx(10.0)
-    assert 10.0 < t.due_in <= 10.5  # just after the job is expected done: most take one poll
+    # Well before it ends: its progress then tells when it will end
+    assert t.due_in == pytest.approx(policy.FIRST_LOOK * 10.0)
 
 
 def test_a_repeated_submit_of_the_same_attempt_returns_the_job_already_bought(
@@ -228,7 +229,7 @@ def test_a_429_on_submit_puts_the_line_back_without_costing_a_try(
 
     assert t.status is LineStatus.READY
     assert "tries" not in t.changes  # the one try already counted stays the only one
-    assert t.limit == LimitEvent("rate", 1.0)
+    assert t.limit == LimitEvent("rate", Step.SUBMIT, 1.0)
     assert t.due_in == 1.0  # the provider's Retry-After
     assert t.counts == {"submit_requests": 1, "throttled": 1}
     assert submits(sim) == 0
@@ -245,6 +246,7 @@ def test_a_429_for_too_many_jobs_at_once_is_a_concurrency_limit(
 
     assert t.status is LineStatus.READY
     assert t.limit is not None and t.limit.kind == "concurrency"
+    assert t.limit.named_limit == 1  # "Too many concurrent jobs (limit 1)"
 
 
 def test_a_5xx_on_submit_costs_a_try_and_the_line_fails_after_http_retries(
@@ -670,7 +672,7 @@ def test_a_429_on_poll_keeps_the_job_and_costs_no_try(
     t = steps.poll(ctx, rec)
 
     assert t.status is LineStatus.SUBMITTED and t.changes == {}
-    assert t.limit == LimitEvent("rate", 1.0)
+    assert t.limit == LimitEvent("rate", Step.POLL, 1.0)
     assert t.counts == {"polls": 1, "throttled": 1}
 
 

@@ -24,7 +24,7 @@ from jobs.manifest.request import ImageRequest
 from jobs.settings import Settings
 from tests.servers import free_port
 from worker.lines.endings import make_row
-from worker.lines.records import LimitEvent, LineRecord, LineStatus, Transition
+from worker.lines.records import LimitEvent, LineRecord, LineStatus, Step, Transition
 from worker.observability import fleet, metrics
 from worker.redis import keys
 from worker.redis.keys import QUEUE
@@ -101,7 +101,7 @@ def test_observer_counts_a_line_from_submit_to_stored_and_a_failure() -> None:
     throttled = Transition(
         LineStatus.READY,
         counts={"throttled": 1},
-        limit=LimitEvent("concurrency", 1.0),
+        limit=LimitEvent("concurrency", Step.SUBMIT, 1.0),
         outcome="429 (concurrency)",
     )
     m.observe(ready, throttled, 0.02)
@@ -228,9 +228,13 @@ def test_collector_reports_the_fleet_from_redis_in_a_few_commands(
         {},
     )
     state.client.zadd(keys.flight("apiframe"), {keys.member("b1", i): now for i in range(3)})
-    state.client.zadd(keys.ready("apiframe"), {keys.member("b1", i): now for i in range(3, 5)})
+    state.client.zadd(
+        keys.ready("b1", "apiframe"), {keys.member("b1", i): now for i in range(3, 5)}
+    )
     state.client.sadd(keys.PROVIDERS, "apiframe", "openai")
-    state.set_limits("apiframe", cap=3, rate=2.5, pause_until=now + 30)
+    state.set_limits(
+        "apiframe", cap=3, submit_rate=2.5, poll_rate=4.0, submit_pause=now + 30, throttled=7
+    )
     state.client.rpush(QUEUE, "m1", "m2", "m3")
     m = metrics.Metrics(settings)
     try:
@@ -252,15 +256,25 @@ def test_collector_reports_the_fleet_from_redis_in_a_few_commands(
         assert value(registry, "imagebatch_in_flight", provider="apiframe") == 3
         assert value(registry, "imagebatch_waiting", provider="apiframe") == 2
         assert value(registry, "imagebatch_limit_cap", provider="apiframe") == 3
-        assert value(registry, "imagebatch_limit_rate", provider="apiframe") == 2.5
-        pause = value(registry, "imagebatch_limit_pause_seconds", provider="apiframe")
+        rates = {
+            kind: value(registry, "imagebatch_limit_rate", provider="apiframe", kind=kind)
+            for kind in ("submit", "poll")
+        }
+        assert rates == {"submit": 2.5, "poll": 4.0}
+        pause = value(
+            registry, "imagebatch_limit_pause_seconds", provider="apiframe", kind="submit"
+        )
         assert pause is not None and 25 < pause <= 30
+        assert (
+            value(registry, "imagebatch_limit_pause_seconds", provider="apiframe", kind="poll") == 0
+        )
+        assert value(registry, "imagebatch_throttled", provider="apiframe") == 7
         # ...a provider never throttled is at its configured ceiling
         openai = settings.provider_config("openai")
         assert value(registry, "imagebatch_in_flight", provider="openai") == 0
         assert value(registry, "imagebatch_limit_cap", provider="openai") == openai.max_in_flight
-        rate = value(registry, "imagebatch_limit_rate", provider="openai")
-        assert rate == openai.requests_per_second
+        rate = value(registry, "imagebatch_limit_rate", provider="openai", kind="submit")
+        assert rate == openai.submit_rate
         assert value(registry, "imagebatch_queue_depth", queue=QUEUE) == 3
 
         # ...in a few commands per scrape, however many lines there are

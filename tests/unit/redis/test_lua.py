@@ -26,7 +26,7 @@ from tests.runtime_support import (
 )
 from worker.lines.records import LineRecord, LineStatus, Transition
 from worker.redis import keys
-from worker.redis.state import State
+from worker.redis.state import Binding, Pumped, State
 
 MODEL = "gpt-image-1.5"
 LEASE = 30.0
@@ -103,9 +103,10 @@ def test_admit_writes_the_lines_into_the_window_and_moves_the_cursor(state: Stat
     assert state.admit(BATCH, 0, (2, 250, 3), lines, [], eligible=now)
 
     assert [state.read(BATCH, 0), state.read(BATCH, 1)] == lines
-    ((member, when),) = state.client.zrange(keys.ready(PROVIDER), 0, -1, withscores=True)
+    ((member, when),) = state.client.zrange(keys.ready(BATCH, PROVIDER), 0, -1, withscores=True)
     assert member == f"{BATCH} 0" and when == pytest.approx(now)
-    assert state.client.zrange(keys.ready("openai"), 0, -1) == [f"{BATCH} 1"]
+    assert state.client.zrange(keys.ready(BATCH, "openai"), 0, -1) == [f"{BATCH} 1"]
+    assert state.client.smembers(keys.queues("openai")) == {BATCH}
     assert state.providers() == {PROVIDER, "openai"}
     meta = state.batch(BATCH)
     assert (meta["cursor_idx"], meta["cursor_offset"], meta["cursor_line"]) == ("2", "250", "3")
@@ -153,13 +154,36 @@ def test_an_admit_of_only_skipped_lines_moves_the_cursor_without_a_wake(state: S
 
 # -- pump.lua -------------------------------------------------------------------------------------
 
+FAST = 1000.0
+"""A rate no test exhausts: only the cap, or the kind the test limits, binds."""
+
+
+def pump(
+    state: State,
+    now: float,
+    *,
+    cap: int = 64,
+    submit_rate: float = FAST,
+    poll_rate: float = FAST,
+    polls: int = 512,
+    submits: int = 512,
+) -> Pumped:
+    return state.pump(
+        PROVIDER,
+        now,
+        LEASE,
+        polls=polls,
+        submits=submits,
+        defaults=(cap, submit_rate, poll_rate),
+    )
+
 
 def test_pump_submits_ready_lines_only_into_free_slots(state: State) -> None:
     now = time.time()
     ready = ready_lines(state, 5, now - 10)
     flight_lines(state, 1, now + 100)  # one slot taken, not due
 
-    pumped = state.pump(PROVIDER, now, LEASE, cap=3, budget=10)
+    pumped = pump(state, now, cap=3)
 
     assert pumped.submits == [(BATCH, 0, 2), (BATCH, 1, 2)]
     assert pumped.polls == []
@@ -170,7 +194,8 @@ def test_pump_submits_ready_lines_only_into_free_slots(state: State) -> None:
         assert taken is not None
         assert (taken.status, taken.seq) == (LineStatus.SUBMITTING, 2)
         assert score(state, keys.flight(PROVIDER), rec) == pytest.approx(now + LEASE)
-        assert score(state, keys.ready(PROVIDER), rec) is None
+        assert score(state, keys.ready(BATCH, PROVIDER), rec) is None
+    assert pumped.binding == Binding(cap=True)  # due lines left, held back by the cap
 
 
 def test_pump_with_no_free_slot_submits_nothing(state: State) -> None:
@@ -178,54 +203,100 @@ def test_pump_with_no_free_slot_submits_nothing(state: State) -> None:
     ready_lines(state, 2, now - 10)
     flight_lines(state, 2, now + 100)
 
-    pumped = state.pump(PROVIDER, now, LEASE, cap=2, budget=10)
+    pumped = pump(state, now, cap=2)
 
     assert pumped.submits == [] and pumped.in_flight == 2
     assert state.waiting(PROVIDER) == 2
 
 
-def test_pump_sends_no_more_requests_than_the_budget(state: State) -> None:
+def test_submits_spend_their_own_tokens_four_fifths_of_a_second_s_worth_at_most(
+    state: State,
+) -> None:
     now = time.time()
-    ready_lines(state, 5, now - 10)
+    ready_lines(state, 10, now - 10)
 
-    pumped = state.pump(PROVIDER, now, LEASE, cap=64, budget=2)
+    first = pump(state, now, submit_rate=5.0)  # a burst of 4
+    second = pump(state, now + 0.1, submit_rate=5.0)  # half a token more: none whole
+    third = pump(state, now + 0.3, submit_rate=5.0)  # 1.5 tokens: one
 
-    assert len(pumped.submits) == 2
-    assert state.waiting(PROVIDER) == 3
+    assert [len(p.submits) for p in (first, second, third)] == [4, 0, 1]
+    assert second.binding == Binding(submits=True)
+    assert second.submit_wait == pytest.approx(0.1, abs=0.01)  # until the next whole token
+    assert state.limits(PROVIDER)["submit_sent"] == "5"
 
 
-def test_pump_with_no_budget_hands_out_nothing_not_even_due_polls(state: State) -> None:
+def test_polls_and_submits_have_separate_budgets(state: State) -> None:
+    # Given due polls and READY lines, and a poll budget of 2.5 per second (a burst of 2)
+    now = time.time()
+    ready_lines(state, 6, now - 10)
+    flight_lines(state, 6, now - 10)
+
+    pumped = pump(state, now, poll_rate=2.5)
+
+    # Then polls stop at their budget while submits go on into every free slot
+    assert (len(pumped.polls), len(pumped.submits)) == (2, 6)
+    assert pumped.binding == Binding(polls=True)
+    limits = state.limits(PROVIDER)
+    assert (limits["poll_sent"], limits["submit_sent"]) == ("2", "6")
+
+
+def test_the_limits_the_controller_wrote_win_over_the_defaults(state: State) -> None:
+    now = time.time()
+    ready_lines(state, 10, now - 10)
+    state.set_limits(PROVIDER, cap=3, submit_rate=50.0)
+
+    pumped = pump(state, now, cap=64)
+
+    assert len(pumped.submits) == 3 and pumped.in_flight == 3
+
+
+@pytest.mark.parametrize("kind", ["submit", "poll"])
+def test_a_paused_kind_hands_out_nothing_until_the_pause_ends(state: State, kind: str) -> None:
     now = time.time()
     ready_lines(state, 2, now - 10)
     flight_lines(state, 2, now - 10)
-    before = snapshot(state.client)
+    state.set_limits(PROVIDER, **{f"{kind}_pause": now + 5})
 
-    pumped = state.pump(PROVIDER, now, LEASE, cap=64, budget=0)
+    paused = pump(state, now)
+    after = pump(state, now + 6)
 
-    assert (pumped.polls, pumped.submits) == ([], [])
-    assert snapshot(state.client) == before
+    def handed(pumped: Pumped, which: str) -> int:
+        return len(pumped.submits) if which == "submit" else len(pumped.polls)
+
+    other = "poll" if kind == "submit" else "submit"
+    assert (handed(paused, kind), handed(paused, other)) == (0, 2)
+    wait = paused.submit_wait if kind == "submit" else paused.poll_wait
+    assert wait == pytest.approx(5.0, abs=0.01)
+    assert handed(after, kind) == 2
 
 
-@pytest.mark.parametrize(
-    ("due", "ready", "budget", "polls", "submits"),
-    [
-        (6, 6, 4, 2, 2),  # both want more: half each
-        (6, 6, 5, 3, 2),  # an odd budget: the extra request goes to polls
-        (1, 6, 4, 1, 3),  # polls want less than half: submits get the rest
-        (6, 1, 4, 3, 1),  # submits want less than half: polls get the rest
-        (2, 2, 10, 2, 2),  # the budget covers both: everyone goes
-    ],
-)
-def test_polls_and_submits_share_the_budget(
-    state: State, due: int, ready: int, budget: int, polls: int, submits: int
+def test_batches_take_turns_so_a_small_batch_is_not_stuck_behind_a_big_one(
+    state: State,
 ) -> None:
+    # Given a big batch whose 50 lines have waited longer than a small batch's 3
     now = time.time()
-    ready_lines(state, ready, now - 10)
-    flight_lines(state, due, now - 10)
+    for k in range(50):
+        put_line(state, record(k, batch="big"), score=now - 100 + k)
+    for k in range(3):
+        put_line(state, record(k, batch="small"), score=now - 1)
 
-    pumped = state.pump(PROVIDER, now, LEASE, cap=100, budget=budget)
+    # When four slots are free
+    pumped = pump(state, now, cap=4)
 
-    assert (len(pumped.polls), len(pumped.submits)) == (polls, submits)
+    # Then the two batches share them
+    by_batch = sorted(batch for batch, _, _ in pumped.submits)
+    assert by_batch == ["big", "big", "small", "small"]
+    assert state.client.smembers(keys.queues(PROVIDER)) == {"big", "small"}
+
+
+def test_a_batch_with_no_ready_line_left_leaves_the_provider_s_queues(state: State) -> None:
+    now = time.time()
+    put_line(state, record(0, batch="once"), score=now - 1)
+
+    assert len(pump(state, now).submits) == 1
+    pump(state, now)
+
+    assert state.client.smembers(keys.queues(PROVIDER)) == set()
 
 
 def test_a_due_flight_line_is_handed_out_with_a_new_seq_and_a_new_lease(state: State) -> None:
@@ -234,7 +305,7 @@ def test_a_due_flight_line_is_handed_out_with_a_new_seq_and_a_new_lease(state: S
     (lost,) = flight_lines(state, 1, now - 2, start=200, status=LineStatus.SUBMITTING)
     (waiting,) = flight_lines(state, 1, now + 50, start=300)
 
-    pumped = state.pump(PROVIDER, now, LEASE, cap=64, budget=10)
+    pumped = pump(state, now)
 
     # A submit whose lease ran out (its worker died) comes back as what it is, SUBMITTING.
     assert pumped.polls == [
@@ -253,15 +324,16 @@ def test_a_due_flight_line_is_handed_out_with_a_new_seq_and_a_new_lease(state: S
 def test_pump_drops_orphan_members_whose_line_hash_is_gone(state: State) -> None:
     now = time.time()
     state.client.zadd(keys.flight(PROVIDER), {"gone 3": now - 5})
-    state.client.zadd(keys.ready(PROVIDER), {"gone 4": now - 5})
+    state.client.zadd(keys.ready("gone", PROVIDER), {"gone 4": now - 5})
+    state.client.sadd(keys.queues(PROVIDER), "gone")
     (live,) = ready_lines(state, 1, now - 1)
 
-    pumped = state.pump(PROVIDER, now, LEASE, cap=64, budget=10)
+    pumped = pump(state, now)
 
     assert pumped.polls == []
     assert pumped.submits == [(BATCH, live.idx, 2)]
     assert state.client.zrange(keys.flight(PROVIDER), 0, -1) == [live.member]
-    assert state.client.zrange(keys.ready(PROVIDER), 0, -1) == []
+    assert state.client.zrange(keys.ready("gone", PROVIDER), 0, -1) == []
     assert not state.client.exists(keys.line("gone", 3), keys.line("gone", 4))
 
 
@@ -270,15 +342,16 @@ def test_pump_reports_when_the_next_flight_and_ready_lines_are_due(state: State)
     ready_lines(state, 1, now + 7)
     flight_lines(state, 1, now + 5)
 
-    pumped = state.pump(PROVIDER, now, LEASE, cap=64, budget=10)
+    pumped = pump(state, now)
 
     assert (pumped.polls, pumped.submits) == ([], [])
     assert pumped.next_flight == pytest.approx(now + 5)
     assert pumped.next_ready == pytest.approx(now + 7)
+    assert pumped.binding == Binding()
 
 
 def test_pump_of_an_idle_provider_reports_nothing_due(state: State) -> None:
-    pumped = state.pump(PROVIDER, time.time(), LEASE, cap=64, budget=10)
+    pumped = pump(state, time.time())
 
     assert (pumped.next_flight, pumped.next_ready, pumped.in_flight) == (None, None, 0)
 
@@ -417,7 +490,7 @@ def test_a_line_walks_from_ready_through_flight_and_store_to_its_row(state: Stat
     put_line(state, record(), score=now - 1)
     flight, store = keys.flight(PROVIDER), keys.STORE
 
-    ((_, idx, seq),) = state.pump(PROVIDER, now, LEASE, cap=4, budget=4).submits
+    ((_, idx, seq),) = pump(state, now, cap=4).submits
     taken = state.read(BATCH, idx)
     assert taken is not None and taken.status is LineStatus.SUBMITTING and taken.seq == seq
 
@@ -435,7 +508,7 @@ def test_a_line_walks_from_ready_through_flight_and_store_to_its_row(state: Stat
 
     assert apply(state, fetched, Transition(LineStatus.SUCCEEDED, row=row(fetched)))
     assert state.read(BATCH, idx) is None
-    assert not state.client.exists(store, flight, keys.ready(PROVIDER))
+    assert not state.client.exists(store, flight, keys.ready(BATCH, PROVIDER))
     assert state.unflushed(BATCH) == 1
 
 
@@ -469,9 +542,11 @@ def test_leaving_flight_frees_the_slot_and_wakes_the_scheduler(
     assert apply(state, rec, Transition(status, due_in=4.0))
 
     assert state.in_flight(PROVIDER) == 0
-    zset = keys.ready(PROVIDER) if home == "ready" else keys.STORE
+    zset = keys.ready(BATCH, PROVIDER) if home == "ready" else keys.STORE
     assert score(state, zset, rec) == pytest.approx(time.time() + 4.0, abs=1)
     assert wakes(state) == ["line"]
+    if home == "ready":  # back in its batch's queue for the provider, for the next pump
+        assert state.client.smembers(keys.queues(PROVIDER)) == {BATCH}
 
 
 def test_images_ready_to_store_now_wake_the_scheduler_for_a_store(state: State) -> None:
@@ -615,87 +690,53 @@ def test_a_transition_without_a_latency_leaves_the_estimate_alone(state: State) 
 # -- limit.lua ------------------------------------------------------------------------------------
 
 
-def note(state: State, kind: str, retry_after: float = 1.0, in_flight: int = 0) -> None:
-    state.note_429(PROVIDER, kind, retry_after, in_flight, cap=64, rate=20.0, floor_rate=0.5)
+def test_a_rate_429_is_counted_for_its_request_kind_and_changes_no_rate(state: State) -> None:
+    state.set_limits(PROVIDER, submit_rate=10.0, poll_rate=20.0)
 
-
-def limit_at(state: State, now: float, kind: str, in_flight: int = 0) -> dict[str, str]:
-    """limit.lua at a given moment. ``note_429`` reads the clock; its once-per-second rule
-    is a matter of time, so these tests hand the script its ``now`` themselves."""
-    args = [kind, repr(now), 1.0, in_flight, 64, 20.0, 0.5]
-    state._run("limit", [keys.limit(PROVIDER)], args)
-    return state.limits(PROVIDER)
-
-
-def test_a_concurrency_429_sets_the_cap_to_the_jobs_in_flight(state: State) -> None:
-    note(state, "concurrency", in_flight=5)
+    state.note_429(PROVIDER, "poll", cap=None, retry_after=None)
+    state.note_429(PROVIDER, "submit", cap=None, retry_after=None)
+    state.note_429(PROVIDER, "poll", cap=None, retry_after=None)
 
     limits = state.limits(PROVIDER)
-    assert (limits["cap"], float(limits["rate"])) == ("5", 20.0)
-    assert limits["throttled"] == "1"
-    assert wakes(state) == ["limit"]
+    assert (limits["poll_throttled"], limits["submit_throttled"], limits["throttled"]) == (
+        "2",
+        "1",
+        "3",
+    )
+    assert (limits["submit_rate"], limits["poll_rate"]) == ("10.0", "20.0")  # the leader decides
+    assert wakes(state) == ["limit"] * 3
+
+
+def test_a_concurrency_429_cuts_the_cap_at_once(state: State) -> None:
+    state.set_limits(PROVIDER, cap=16)
+
+    state.note_429(PROVIDER, "submit", cap=5, retry_after=2.0)
+
+    limits = state.limits(PROVIDER)
+    assert (limits["cap"], limits["concurrency_throttled"]) == ("5", "1")
+    assert "submit_throttled" not in limits  # not evidence against the rate
 
 
 def test_a_concurrency_429_never_raises_the_cap_nor_drops_it_below_one(state: State) -> None:
     state.set_limits(PROVIDER, cap=3)
 
-    note(state, "concurrency", in_flight=10)
+    state.note_429(PROVIDER, "submit", cap=10, retry_after=None)
     assert state.limits(PROVIDER)["cap"] == "3"
 
-    note(state, "concurrency", in_flight=0)
+    state.note_429(PROVIDER, "submit", cap=0, retry_after=None)
     assert state.limits(PROVIDER)["cap"] == "1"
 
 
-def test_a_rate_429_cuts_the_request_rate_by_thirty_percent(state: State) -> None:
-    note(state, "rate")
+def test_the_largest_retry_after_since_the_controller_last_looked_is_kept(state: State) -> None:
+    for wait in (1.0, 5.0, 2.0):
+        state.note_429(PROVIDER, "submit", cap=None, retry_after=wait)
 
-    limits = state.limits(PROVIDER)
-    assert float(limits["rate"]) == pytest.approx(14.0)
-    assert limits["cap"] == "64"
+    first = state.take_counts(PROVIDER)
+    second = state.take_counts(PROVIDER)
 
-
-def test_a_burst_of_rate_429s_within_a_second_cuts_the_rate_once(state: State) -> None:
-    now = time.time()
-    for offset in (0.0, 0.1, 0.3):
-        limits = limit_at(state, now + offset, "rate")
-
-    assert float(limits["rate"]) == pytest.approx(14.0)
-    assert limits["throttled"] == "3"
-
-
-def test_rate_429s_a_second_apart_cut_the_rate_each_time(state: State) -> None:
-    now = time.time()
-    limit_at(state, now, "rate")
-    limits = limit_at(state, now + 1.5, "rate")
-
-    assert float(limits["rate"]) == pytest.approx(20 * 0.7 * 0.7)
-
-
-def test_sustained_rate_429s_keep_cutting_the_rate_once_per_second(state: State) -> None:
-    now = time.time()
-    for offset in (0.0, 0.6, 1.2, 1.8, 2.4):
-        limits = limit_at(state, now + offset, "rate")
-
-    # 2.4 s of 429s: cuts at 0, 1.2 and 2.4 s at least (once per second).
-    assert float(limits["rate"]) <= 20 * 0.7**3 + 1e-9
-
-
-def test_the_rate_is_never_cut_below_its_floor(state: State) -> None:
-    state.set_limits(PROVIDER, rate=0.6)
-
-    note(state, "rate")
-
-    assert float(state.limits(PROVIDER)["rate"]) == 0.5
-
-
-def test_every_429_pauses_the_provider_until_its_retry_after(state: State) -> None:
-    now = time.time()
-    note(state, "concurrency", retry_after=5.0, in_flight=2)
-    assert float(state.limits(PROVIDER)["pause_until"]) == pytest.approx(now + 5.0, abs=0.5)
-
-    note(state, "rate", retry_after=1.0)  # a shorter one does not end the pause early
-
-    assert float(state.limits(PROVIDER)["pause_until"]) == pytest.approx(now + 5.0, abs=0.5)
+    assert first["submit_retry_after"] == "5.0" and "poll_retry_after" not in first
+    assert "submit_retry_after" not in second  # each look sees the 429s since the last one
+    assert second["submit_throttled"] == "3"
 
 
 # -- reserve.lua ----------------------------------------------------------------------------------

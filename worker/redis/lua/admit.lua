@@ -4,15 +4,18 @@
 -- KEYS[4]  the unflushed rows ib:B:rows;  KEYS[5] the wake list
 -- ARGV[1]  the cursor index the feeder read from (another feeder moved it: nothing happens)
 -- ARGV[2..4] the new cursor: index, byte offset, physical line number
--- ARGV[5]  the line key format;  ARGV[6] the ready-zset key format;  ARGV[7] eligible time
--- ARGV[8]  n lines, then per line: index, provider, field count f, then f field/value pairs
+-- ARGV[5]  the line key format;  ARGV[6] the ready-zset key format (batch, provider)
+-- ARGV[7]  the provider-queues key format (provider);  ARGV[8] eligible time
+-- ARGV[9]  n lines, then per line: index, provider, field count f, then f field/value pairs
 -- then r rows (lines that end at once: a stopped or cancelled batch), per row: index,
 -- status, row JSON.
+-- Atomic, so a feed that runs twice or late admits nothing twice (the cursor is the check),
+-- and a line is never in the window without being in its batch's ready queue.
 -- Returns 1 when admitted, 0 when the cursor had moved.
 
 if redis.call('HGET', KEYS[1], 'cursor_idx') ~= ARGV[1] then return 0 end
 local b = redis.call('HGET', KEYS[1], 'batch_id')
-local i = 8
+local i = 9
 local n = tonumber(ARGV[i]); i = i + 1
 local seen = {}
 for _ = 1, n do
@@ -20,8 +23,12 @@ for _ = 1, n do
   local fields = {}
   for _ = 1, f do fields[#fields + 1] = ARGV[i]; fields[#fields + 1] = ARGV[i + 1]; i = i + 2 end
   redis.call('HSET', string.format(ARGV[5], b, idx), unpack(fields))
-  redis.call('ZADD', string.format(ARGV[6], provider), ARGV[7], b .. ' ' .. idx)
-  if not seen[provider] then redis.call('SADD', KEYS[2], provider); seen[provider] = true end
+  redis.call('ZADD', string.format(ARGV[6], b, provider), ARGV[8], b .. ' ' .. idx)
+  if not seen[provider] then
+    redis.call('SADD', KEYS[2], provider)
+    redis.call('SADD', string.format(ARGV[7], provider), b)
+    seen[provider] = true
+  end
 end
 local r = tonumber(ARGV[i]); i = i + 1
 for _ = 1, r do

@@ -1,7 +1,7 @@
 -- apply.lua: apply one step's transition to a line, atomically, if the step is still current.
 --
 -- KEYS[1]  the line's hash                      ib:B:l:I
--- KEYS[2]  the zset the line waits in now       ib:ready:P | ib:flight:P | ib:store | "-"
+-- KEYS[2]  the zset the line waits in now       ib:B:ready:P | ib:flight:P | ib:store | "-"
 -- KEYS[3]  the zset it waits in next            (same choices)
 -- KEYS[4]  the batch's counters                 ib:B:n
 -- KEYS[5]  the batch's unflushed rows           ib:B:rows
@@ -9,11 +9,12 @@
 -- KEYS[7]  (unused: kept so callers pass the batch record's key) ib:B
 -- KEYS[8]  the provider's job index             ib:jobs:P | "-"
 -- KEYS[9]  the learned latency                  ib:latency:P:M | "-"
+-- KEYS[10] the provider's queues, when the line goes back to READY: ib:queues:P | "-"
 -- ARGV[1]  the seq the step ran under (a stale copy's seq no longer matches: nothing happens)
 -- ARGV[2]  the line's member "B I";  ARGV[3] the new status;  ARGV[4] due time (epoch s)
 -- ARGV[5]  "1" when the new status is terminal;  ARGV[6] its row (JSON);  ARGV[7] the line index
 -- ARGV[8]  job index change: "" | "set:<job id>" | "del:<job id>"
--- ARGV[9]  latency sample in seconds, or ""
+-- ARGV[9]  latency sample in seconds, then (space-separated) the job's queue share, or ""
 -- ARGV[10] an event for the scheduler besides 'line' (e.g. 'store': a store is due now), or ""
 -- ARGV[11] the status the step read: a transition decided from a status the line has since
 --          left (a second copy of a poll landing after the first moved the line on) is stale
@@ -29,6 +30,7 @@ if line[1] ~= ARGV[1] or line[2] ~= ARGV[11] then return {0, 0, -1} end
 local member, score = ARGV[2], tonumber(ARGV[4])
 if KEYS[2] ~= KEYS[3] and KEYS[2] ~= '-' then redis.call('ZREM', KEYS[2], member) end
 if KEYS[3] ~= '-' then redis.call('ZADD', KEYS[3], score, member) end
+if KEYS[10] ~= '-' then redis.call('SADD', KEYS[10], string.match(member, '^(.*) %d+$')) end
 local wake = KEYS[2] ~= KEYS[3] and string.find(KEYS[2], ':flight:', 1, true) ~= nil
 
 local i = 12
@@ -53,8 +55,9 @@ end
 if KEYS[9] ~= '-' and ARGV[9] ~= '' then
   -- A running estimate of the job latency's upper middle: mean plus half the mean deviation,
   -- each an exponentially weighted average (recent jobs count most).
-  local x = tonumber(ARGV[9])
-  local s = redis.call('HMGET', KEYS[9], 'mean', 'dev', 'n')
+  local xs, qs = string.match(ARGV[9], '^(%S+) ?(%S*)$')
+  local x = tonumber(xs)
+  local s = redis.call('HMGET', KEYS[9], 'mean', 'dev', 'n', 'queue', 'queued')
   local n = tonumber(s[3]) or 0
   local mean, dev = tonumber(s[1]) or x, tonumber(s[2]) or 0
   local a = math.max(0.05, 1 / (n + 1))
@@ -63,6 +66,13 @@ if KEYS[9] ~= '-' and ARGV[9] ~= '' then
     mean = mean + a * (x - mean)
   end
   redis.call('HSET', KEYS[9], 'mean', tostring(mean), 'dev', tostring(dev), 'n', n + 1)
+  if qs ~= '' then
+    -- the share of a job's time before its progress starts, averaged the same way
+    local q, m = tonumber(qs), tonumber(s[5]) or 0
+    local queue = tonumber(s[4]) or q
+    if m > 0 then queue = queue + math.max(0.05, 1 / (m + 1)) * (q - queue) end
+    redis.call('HSET', KEYS[9], 'queue', tostring(queue), 'queued', m + 1)
+  end
   if n == 0 then redis.call('EXPIRE', KEYS[9], 86400) end
 end
 

@@ -1,68 +1,144 @@
--- pump.lua: pick what one provider can do now, within its free slots and request budget.
+-- pump.lua: hand out what one provider can do now: due polls within the poll budget, READY
+-- lines into free slots within the submit budget, the running batches taking turns.
 --
--- KEYS[1]  ib:ready:P    READY lines by the time they may be submitted
--- KEYS[2]  ib:flight:P   lines holding P's slots, by when they next need a step
--- ARGV[1]  now (epoch s);  ARGV[2] lease (s) given to every line dispatched
--- ARGV[3]  the provider's current in-flight cap;  ARGV[4] requests that may be sent now
--- ARGV[5]  the line key format ("ib:%s:l:%s")
--- Due flight lines are polls (or a submit/poll whose worker died: their lease ran out); READY
--- lines become SUBMITTING and take a slot. When both want more requests than the budget
--- allows, each gets at least half, so polling never starves submits nor the reverse.
--- Every dispatched line gets a new seq (older messages become stale) and a lease: its score
--- moves to now + lease, so a dispatch that dies is picked up again when the lease runs out.
--- Returns {{member, seq, status}...}, {{member, seq}...}, in_flight, next flight due, next ready due.
+-- KEYS[1]  ib:limit:P     the provider's limits: cap, submit_rate, poll_rate, each kind's token
+--                         bucket (<kind>_tokens, <kind>_at) and pause (<kind>_pause), counters
+-- KEYS[2]  ib:flight:P    lines holding P's slots, by when they next need a step
+-- KEYS[3]  ib:queues:P    batches with READY lines for P
+-- ARGV[1]  now (epoch s);  ARGV[2] lease (s) given to every line handed out
+-- ARGV[3]  the line key format ("ib:%s:l:%s");  ARGV[4] the ready key format ("ib:%s:ready:%s")
+-- ARGV[5]  the provider's name (for the ready keys)
+-- ARGV[6]  at most this many polls;  ARGV[7] at most this many submits (a handoff asks for 1)
+-- ARGV[8]  cap, ARGV[9] submit rate, ARGV[10] poll rate: used until the controller set its own
+--
+-- Each kind spends its own token bucket (burst: four fifths of a second's worth, at least one;
+-- submits no more than the cap), so polls never spend the submit budget nor the reverse. A token is only
+-- spent on a line handed out. Batches take turns (round robin from a rotating start), one line
+-- each per turn, so a small batch's lines go out beside a big batch's. Every line handed out
+-- gets a new seq (older messages become stale) and a lease: its score moves to now + lease,
+-- so a dispatch that dies is picked up again when the lease runs out. Slots are taken here
+-- and given back only by apply.lua, when a line leaves flight.
+-- Returns {{member, seq, status}...} polls, {{member, seq}...} submits, in flight after,
+-- next flight due, next ready due, {submit, poll, cap} binding (1/0: that limit held due work
+-- back), seconds until the next submit token, seconds until the next poll token.
 
 local now, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
-local cap, budget = tonumber(ARGV[3]), tonumber(ARGV[4])
-local inflight = redis.call('ZCARD', KEYS[2])
-local free = math.max(0, cap - inflight)
-
-local due, ready = {}, {}
-if budget > 0 then
-  due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, budget)
-  if free > 0 then
-    ready = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, math.min(free, budget))
-  end
+local provider = ARGV[5]
+local want_polls, want_submits = tonumber(ARGV[6]), tonumber(ARGV[7])
+local s = redis.call('HMGET', KEYS[1], 'cap', 'submit_rate', 'poll_rate', 'submit_tokens',
+  'submit_at', 'poll_tokens', 'poll_at', 'submit_pause', 'poll_pause', 'rr')
+local cap = tonumber(s[1]) or tonumber(ARGV[8])
+local rates = {submit = tonumber(s[2]) or tonumber(ARGV[9]), poll = tonumber(s[3]) or tonumber(ARGV[10])}
+-- A burst of at most four fifths of a second's worth: a submit dispatched now may reach the
+-- provider a little later than one dispatched after it (a busy worker, a handoff), and the
+-- fifth left over absorbs that bunching at an account whose limit is exactly ours.
+local bursts = {
+  submit = math.max(1, math.min(math.floor(0.8 * rates.submit), cap)),
+  poll = math.max(1, math.floor(0.8 * rates.poll)),
+}
+local tokens = {}
+for kind, slot in pairs({submit = 4, poll = 6}) do
+  local have, at = tonumber(s[slot]), tonumber(s[slot + 1])
+  if have == nil then have, at = bursts[kind], now end
+  tokens[kind] = math.min(bursts[kind], have + math.max(0, now - at) * rates[kind])
 end
-local np, ns = #due, #ready
-if np + ns > budget then
-  local half = math.floor(budget / 2)
-  if np <= budget - half then ns = budget - np
-  elseif ns <= half then np = budget - ns
-  else np, ns = budget - half, half end
-end
+local paused = {submit = now < (tonumber(s[8]) or 0), poll = now < (tonumber(s[9]) or 0)}
 
 local function line_key(member)
   local b, i = string.match(member, '^(.*) (%d+)$')
-  return string.format(ARGV[5], b, i)
+  return string.format(ARGV[3], b, i)
 end
 
-local polls, submits = {}, {}
-for j = 1, np do
-  local m = due[j]
-  local key = line_key(m)
-  local seq = redis.call('HINCRBY', key, 'seq', 1)
-  if seq == 1 then  -- no such line (its batch was purged): drop the orphan
-    redis.call('DEL', key); redis.call('ZREM', KEYS[2], m)
-  else
-    redis.call('ZADD', KEYS[2], now + lease, m)
-    polls[#polls + 1] = {m, seq, redis.call('HGET', key, 'status')}
+-- Due polls (and steps whose lease ran out): one poll token each.
+local polls = {}
+local budget = paused.poll and 0 or math.min(want_polls, math.floor(tokens.poll))
+if budget > 0 then
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, budget)) do
+    local key = line_key(m)
+    local seq = redis.call('HINCRBY', key, 'seq', 1)
+    if seq == 1 then  -- no such line (its batch was purged): drop the orphan
+      redis.call('DEL', key); redis.call('ZREM', KEYS[2], m)
+    else
+      redis.call('ZADD', KEYS[2], now + lease, m)
+      polls[#polls + 1] = {m, seq, redis.call('HGET', key, 'status')}
+    end
   end
 end
-for j = 1, ns do
-  local m = ready[j]
-  local key = line_key(m)
-  redis.call('ZREM', KEYS[1], m)
-  local seq = redis.call('HINCRBY', key, 'seq', 1)
-  if seq == 1 then
-    redis.call('DEL', key)
-  else
-    redis.call('ZADD', KEYS[2], now + lease, m)
-    redis.call('HSET', key, 'status', 'submitting')
-    submits[#submits + 1] = {m, seq}
-  end
-end
+tokens.poll = tokens.poll - #polls
 
+-- READY lines into free slots, the batches taking turns.
+local inflight = redis.call('ZCARD', KEYS[2])
+local free = math.max(0, cap - inflight)
+local batches = redis.call('SMEMBERS', KEYS[3])
+table.sort(batches)
+local turn = 0
+if #batches > 1 then turn = redis.call('HINCRBY', KEYS[1], 'rr', 1) % #batches end
+local order = {}
+for j = 1, #batches do order[j] = batches[(turn + j - 1) % #batches + 1] end
+
+local submits = {}
+local room = paused.submit and 0 or math.min(free, want_submits, math.floor(tokens.submit))
+-- Each turn visits the batches still giving lines; one with none due drops out of this pump
+-- (and out of the queues when it has none at all).
+local open = order
+while room > 0 and #open > 0 do
+  local still = {}
+  for _, b in ipairs(open) do
+    if room == 0 then still[#still + 1] = b else
+      local key = string.format(ARGV[4], b, provider)
+      local due = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'LIMIT', 0, 1)
+      if #due > 0 then
+        local m = due[1]
+        redis.call('ZREM', key, m)
+        local lkey = line_key(m)
+        local seq = redis.call('HINCRBY', lkey, 'seq', 1)
+        if seq == 1 then
+          redis.call('DEL', lkey)
+        else
+          redis.call('ZADD', KEYS[2], now + lease, m)
+          redis.call('HSET', lkey, 'status', 'submitting')
+          submits[#submits + 1] = {m, seq}
+          room = room - 1
+        end
+        still[#still + 1] = b
+      elseif redis.call('ZCARD', key) == 0 then
+        redis.call('SREM', KEYS[3], b)
+      end
+    end
+  end
+  open = still
+end
+tokens.submit = tokens.submit - #submits
+inflight = inflight + #submits
+
+-- What is still due, and which limit holds it back; when the next thing falls due.
+local ready_due, next_ready, next_ready_text = false, nil, ''
+for _, b in ipairs(order) do
+  local key = string.format(ARGV[4], b, provider)
+  local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  if first[2] then
+    local at = tonumber(first[2])
+    if at <= now then ready_due = true end
+    if next_ready == nil or at < next_ready then next_ready, next_ready_text = at, first[2] end
+  end
+end
 local nf = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-local nr = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return {polls, submits, inflight + #submits, nf[2] or '', nr[2] or ''}
+local flight_due = nf[2] ~= nil and tonumber(nf[2]) <= now
+local binding = {
+  (ready_due and inflight < cap and tokens.submit < 1) and 1 or 0,
+  (flight_due and tokens.poll < 1) and 1 or 0,
+  (ready_due and inflight >= cap) and 1 or 0,
+}
+
+redis.call('HSET', KEYS[1],
+  'submit_tokens', tostring(tokens.submit), 'submit_at', tostring(now),
+  'poll_tokens', tostring(tokens.poll), 'poll_at', tostring(now))
+if #submits > 0 then redis.call('HINCRBY', KEYS[1], 'submit_sent', #submits) end
+if #polls > 0 then redis.call('HINCRBY', KEYS[1], 'poll_sent', #polls) end
+
+local function until_token(kind, pause)
+  local wait = math.max(0, (1 - tokens[kind]) / rates[kind])
+  return tostring(math.max(wait, pause - now))
+end
+return {polls, submits, inflight, nf[2] or '', next_ready_text, binding,
+  until_token('submit', tonumber(s[8]) or 0), until_token('poll', tonumber(s[9]) or 0)}
