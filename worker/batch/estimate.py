@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 
 from jobs import providers
 from jobs.clock import duration
+from jobs.errors import ConfigError
 from jobs.providers.base import Provider
+from jobs.registry import REGISTRY
 from jobs.settings import CoreSettings
 from jobs.validate import Plan
 from worker.redis.connect import RedisError, quick_client, redis_url
@@ -33,16 +35,47 @@ the provider is not the bound: bench/throughput.py's scaling case on 2 cores."""
 
 
 class Adapters:
-    """Adapters for validating and pricing, one per provider (no key needed)."""
+    """Adapters for validating and pricing, one per provider (no key needed to price).
 
-    def __init__(self, settings: CoreSettings) -> None:
+    ``checked`` validates as ``run`` does: a line whose provider ``run`` could not reach (no
+    key, no base URL) is rejected with the same reason, so ``plan`` and ``run`` agree. The
+    batch's own ``provider`` may be the built-in simulator, which ``run`` starts itself."""
+
+    def __init__(self, settings: CoreSettings, provider: str | None = None) -> None:
         self.settings = settings
+        self.provider = provider
         self.made: dict[str, Provider] = {}
+        self.refused: dict[str, ConfigError | None] = {}
 
     def __call__(self, name: str) -> Provider:
         if name not in self.made:
             self.made[name] = providers.build(name, self.settings)
         return self.made[name]
+
+    def checked(self, name: str) -> Provider:
+        """The adapter, or the ``ConfigError`` ``run`` would meet creating it."""
+        if name not in self.refused:
+            self.refused[name] = self._refusal(name)
+        refusal = self.refused[name]
+        if refusal is not None:
+            raise refusal
+        return self(name)
+
+    def _refusal(self, name: str) -> ConfigError | None:
+        settings = self.settings
+        spec = REGISTRY.get(name)
+        # run starts the built-in simulator itself for an embedded batch on it (launched())
+        started_by_run = name == self.provider and settings.broker_url is None
+        if spec and spec.builtin_simulator and started_by_run and not self._base_url(name):
+            return None
+        try:
+            providers.create(name, settings).close()
+        except ConfigError as exc:
+            return exc
+        return None
+
+    def _base_url(self, name: str) -> str | None:
+        return self.settings.provider_config(name).base_url
 
 
 @dataclass(frozen=True)

@@ -20,14 +20,14 @@ from rich.console import Console
 from jobs.errors import ConfigError, ImagebatchError
 from jobs.manifest.parse import Line
 from jobs.manifest.sources import read_chunks
-from jobs.manifest.spool import Spooled, default_batch_id, file_chunks, spool
+from jobs.manifest.spool import Spooled, file_chunks, spool
 from jobs.registry import REGISTRY
 from jobs.settings import CoreSettings
 from jobs.storage import check_writable, open_store
 from jobs.text import shown
 from jobs.validate import tally
 from worker.batch import control, estimate, finish, status
-from worker.batch.start import Budget, Started, check_batch_id, start_batch
+from worker.batch.start import Budget, Started, check_batch_id, default_batch, start_batch
 from worker.celery import tasks
 from worker.cli.progress import Display
 from worker.redis.connect import Unavailable
@@ -96,6 +96,7 @@ def prepared(
     *,
     provider: str,
     strict: bool = False,
+    fresh: bool = False,
 ) -> Iterator[Prepared]:
     """Read the manifest and check the output location before Redis, the embedded worker or
     the simulator start: a missing manifest or an unwritable bucket fails in a second, with
@@ -103,20 +104,25 @@ def prepared(
     is touched). The spooled copy is removed when the block ends."""
     spooled = spool(read_chunks(manifest, settings))
     try:
-        batch = check_batch_id(batch_id or default_batch_id(manifest, spooled.sha256))
+        store = open_store(out, settings)
+        batch = check_batch_id(
+            batch_id or default_batch(store, manifest, spooled.sha256, provider, fresh)
+        )
         if strict:
+            adapters = estimate.Adapters(settings, provider)
             checked = tally(
                 file_chunks(spooled.path),
-                estimate.Adapters(settings),
+                adapters,
                 provider,
                 print_rejection(manifest),
+                check_with=adapters.checked,
             )
             if checked.rejected:
                 raise ConfigError(
                     f"--strict: {checked.rejected} of {checked.lines} lines rejected; "
                     "nothing was submitted"
                 )
-        check_writable(open_store(out, settings), out, batch)
+        check_writable(store, out, batch)
         yield Prepared(manifest, spooled, batch, out)
     finally:
         Path(spooled.path).unlink(missing_ok=True)
@@ -129,6 +135,7 @@ def begin(
     *,
     strict: bool,
     budget: Budget | None,
+    fresh: bool = False,
 ) -> Started:
     """Validate and start the batch (printing rejections); nothing is spent on error."""
     rt.provider(provider)
@@ -141,6 +148,7 @@ def begin(
         source=ready.manifest,
         strict=strict,
         budget=budget,
+        fresh=fresh,
         on_line=print_rejection(ready.manifest),
     )
     if started.complete:
@@ -161,6 +169,12 @@ def header(rt: Runtime, started: Started, provider: str) -> None:
     elif started.carried or started.retrying:
         out_console.print(
             f"resuming: {started.carried} lines already stored, {started.retrying} to retry",
+            markup=False,
+        )
+    if started.reused:
+        out_console.print(
+            f"reusing: {started.reused} lines already bought under this --out (not bought "
+            "again; --fresh buys them anyway)",
             markup=False,
         )
 
