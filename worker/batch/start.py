@@ -121,7 +121,9 @@ def start_batch(
             "choose another --batch-id"
         )
     if info is not None:
-        _same_provider(batch, info.get("provider"), provider, f"under {store.uri(batch)} was")
+        _same_provider(
+            batch, info.get("provider"), provider, f"under {store.uri(batch)} was started"
+        )
 
     check = Checker(rt.provider, provider)
     plan = Plan()
@@ -226,7 +228,7 @@ def _same_provider(batch: str, had: str | None, provider: str, where: str) -> No
     batch on another provider would pass one provider's images off as another's."""
     if had and had != provider:
         raise ConfigError(
-            f"batch {batch} {where} started with --provider {had}, not {provider}: pass "
+            f"batch {batch} {where} with --provider {had}, not {provider}: pass "
             f"--provider {had} to resume it, or choose another --batch-id"
         )
 

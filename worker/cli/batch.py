@@ -245,7 +245,9 @@ def plan(manifest: str, provider: str | None, out: str | None, fresh: bool, debu
 @click.command()
 @click.argument("batch_id")
 @out_opt
-@click.option("--provider", help="default: the provider the batch was started with")
+@click.option(
+    "--provider", help="the provider the batch was started with (the default; another is refused)"
+)
 @debug_opt
 def retry(batch_id: str, out: str | None, provider: str | None, debug: bool) -> None:
     """Run the failed lines of a batch again (stored lines are not touched): the batch's own

@@ -37,6 +37,9 @@ FOLLOW_S = 0.25
 """How often a run reads its batch's progress (a few Redis reads): it ends this soon after
 the batch does. The display prints at its own pace."""
 
+SETTLE_S = 0.5
+"""After Ctrl-C, how long the last tasks get to write their counts once no line is in flight."""
+
 out_console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -259,6 +262,9 @@ def land(rt: Runtime, batch: str, out: str, code: int) -> NoReturn:
     try:
         while time.monotonic() < deadline and control.in_flight(rt, batch):
             time.sleep(0.5)
+        # A task writes its counts just after its last line lands: let it, so that the flush
+        # saves them for the run that resumes (the summary adds up what every run paid for).
+        time.sleep(SETTLE_S)
         finish.flush(rt, batch)
     except KeyboardInterrupt:
         pass

@@ -242,6 +242,8 @@ def test_resuming_a_batch_on_another_provider_is_refused(rt: Runtime, tmp_path: 
     for forget in (False, True):
         if forget:
             rt.state.client.flushall()
-        with pytest.raises(ConfigError, match="started with --provider apiframe, not simulator"):
+        with pytest.raises(
+            ConfigError, match="with --provider apiframe, not simulator: pass --provider apiframe"
+        ):
             start.start_batch(rt, spooled, batch="cups", out=out, provider="simulator")
     Path(spooled.path).unlink()
