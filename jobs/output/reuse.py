@@ -27,6 +27,7 @@ metadata; its first 64 bits select candidates, the full digest (in the source's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from array import array
 from bisect import bisect_left
@@ -154,7 +155,7 @@ def find(
     batches = [name for name in store.list_children("") if name != exclude]
     with ThreadPoolExecutor(max_workers=threads) as pool:
         listed = pool.map(lambda name: list(store.list_keys(f"{name}/{layout.STORED}/")), batches)
-        files = [(number, key) for number, keys in enumerate(listed) for key in keys]
+        files = ((number, key) for number, keys in enumerate(listed) for key in keys)
 
         def read(item: tuple[int, str]) -> tuple[int, int, list[tuple[int, int]]]:
             number, key = item
@@ -162,7 +163,10 @@ def find(
             found: list[tuple[int, int]] = []
             for entry in (store.get(key) or b"").decode().splitlines():
                 fp, _, idx = entry.partition("\t")
-                found.extend((line, int(idx)) for line in wanted.lines(fp))
+                if len(fp) != 64 or not idx.isdigit():
+                    continue  # not an entry of ours: ignored, like a non-hex one below
+                with contextlib.suppress(ValueError):
+                    found.extend((line, int(idx)) for line in wanted.lines(fp))
             return number, chunk, found
 
         claims.batches = batches

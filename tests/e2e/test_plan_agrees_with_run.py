@@ -46,3 +46,17 @@ def test_plan_rejects_and_prices_exactly_what_run_does_and_both_print_in_line_or
     outcome = read_local(out, batch)
     check_invariants(source, outcome)
     assert [row.status for row in outcome.rows].count("rejected") == 5
+
+
+def test_plan_prices_the_batchs_provider_before_its_key_is_set_and_says_run_needs_it(
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "two.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in (LINES[0], LINES[6])))
+    env = {"IMAGEBATCH_OUT": str(tmp_path / "out")}
+    plan = run_cli("plan", str(source), "--provider", "apiframe", env=env)
+    run = run_cli("run", str(source), "--provider", "apiframe", env=env)
+    assert plan.returncode == 0 and "2 valid · 0 rejected" in plan.stdout, plan.stdout
+    refusal = "no provider key: set IMAGEBATCH_APIFRAME_API_KEY"
+    assert f"note: run will refuse to start: {refusal}" in plan.stderr, plan.stderr
+    assert run.returncode == 2 and refusal in run.stderr, run.stderr

@@ -15,7 +15,6 @@ from jobs import providers
 from jobs.clock import duration
 from jobs.errors import ConfigError
 from jobs.providers.base import Provider
-from jobs.registry import REGISTRY
 from jobs.settings import CoreSettings
 from jobs.validate import Plan
 from worker.redis.connect import RedisError, quick_client, redis_url
@@ -37,9 +36,10 @@ the provider is not the bound: bench/throughput.py's scaling case on 2 cores."""
 class Adapters:
     """Adapters for validating and pricing, one per provider (no key needed to price).
 
-    ``checked`` validates as ``run`` does: a line whose provider ``run`` could not reach (no
-    key, no base URL) is rejected with the same reason, so ``plan`` and ``run`` agree. The
-    batch's own ``provider`` may be the built-in simulator, which ``run`` starts itself."""
+    ``checked`` validates as ``run`` does: a line whose own provider ``run`` could not reach
+    (no key, no base URL) is rejected with the same reason, so ``plan`` and ``run`` agree. The
+    batch's ``provider`` is not: ``run`` refuses to start without it (exit 2, before any line
+    is read), while ``plan`` prices a provider before its key is set."""
 
     def __init__(self, settings: CoreSettings, provider: str | None = None) -> None:
         self.settings = settings
@@ -62,20 +62,13 @@ class Adapters:
         return self(name)
 
     def _refusal(self, name: str) -> ConfigError | None:
-        settings = self.settings
-        spec = REGISTRY.get(name)
-        # run starts the built-in simulator itself for an embedded batch on it (launched())
-        started_by_run = name == self.provider and settings.broker_url is None
-        if spec and spec.builtin_simulator and started_by_run and not self._base_url(name):
+        if name == self.provider:
             return None
         try:
-            providers.create(name, settings).close()
+            providers.create(name, self.settings).close()
         except ConfigError as exc:
             return exc
         return None
-
-    def _base_url(self, name: str) -> str | None:
-        return self.settings.provider_config(name).base_url
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from jobs.clock import now_iso
@@ -205,7 +206,7 @@ def start_batch(
         "window": window_size(rt, plan),
         "chunk_lines": settings.chunk_lines,
         "started_at": (info or {}).get("started_at") or now_iso(),
-        "elapsed_before": float((info or {}).get("elapsed_s") or 0.0),
+        "elapsed_before": _worked(info or {}),
         "runs": int((info or {}).get("runs", 0)) + 1,
         "estimate": json.dumps(plan.estimate.by_currency),
         **budget_fields,
@@ -221,6 +222,20 @@ def start_batch(
     write_info(store, batch, record, counts)
     feeder.feed(rt, batch)
     return Started(batch, plan, carried, retrying, reused, complete=done >= plan.lines)
+
+
+def _worked(info: dict[str, Any]) -> float:
+    """Seconds the batch's earlier runs worked: recorded since the record holds them; for a
+    batch an earlier version finished, its first start to its finalize."""
+    if info.get("elapsed_s") is not None:
+        return float(info["elapsed_s"])
+    summary = info.get("summary") or {}
+    try:
+        started = datetime.fromisoformat(summary["started_at"])
+        finished = datetime.fromisoformat(summary["finished_at"])
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+    return max(0.0, (finished - started).total_seconds())
 
 
 def _same_provider(batch: str, had: str | None, provider: str, where: str) -> None:

@@ -44,6 +44,7 @@ from worker.cli.options import (
 from worker.cli.session import (
     begin,
     budget_of,
+    err_console,
     follow,
     header,
     out_console,
@@ -232,6 +233,10 @@ def plan(manifest: str, provider: str | None, out: str | None, fresh: bool, debu
             Path(spooled.path).unlink(missing_ok=True)
         adapters = estimate.Adapters(settings)
         known = estimate.learned(settings, list(result.by_provider))
+        try:
+            check_provider(settings, name)
+        except ConfigError as exc:
+            err_console.print(f"note: run will refuse to start: {exc.message}", markup=False)
         seconds = estimate.estimate_seconds(settings, result, adapters, known)
     reused = f"{result.reused} reused from {target} · " if result.reused else ""
     click.echo(

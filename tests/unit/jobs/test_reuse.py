@@ -268,3 +268,17 @@ def test_wanted_finds_exactly_the_manifests_lines_among_many() -> None:
         assert list(wanted.lines(fingerprints[idx])) == [idx * 3]
     strangers = [f"{rng.getrandbits(256):064x}" for _ in range(5_000)]
     assert sum(len(list(wanted.lines(fp))) for fp in strangers) == 0
+
+
+def test_an_index_file_with_lines_that_are_not_entries_is_read_for_what_it_holds(
+    tmp_path: Path,
+) -> None:
+    store = LocalStore(str(tmp_path / "out"))
+    bought(store, "first", [line(0), line(1)])
+    key = layout.stored_key("first", 0)
+    good = (store.get(key) or b"").decode().splitlines()
+    junk = ["", "not an entry", f"{'z' * 64}\t1", f"{good[1].split()[0]}\tnine"]
+    store.put(key, "\n".join([good[0], *junk]).encode() + b"\n", "text/plain")
+    again = [line(0), line(1)]
+    taken, _ = take_all(store, "second", manifest(tmp_path, again), again)
+    assert taken == [0]
