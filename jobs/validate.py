@@ -46,6 +46,8 @@ class Plan:
     by_provider: dict[str, ProviderTotal] = field(default_factory=dict)
     """Per provider; ``credits`` is the estimate."""
     first_rejections: list[ManifestError] = field(default_factory=list)
+    reused: int = 0
+    """Valid lines already bought under the output: counted, not priced (``take_out``)."""
 
     @property
     def estimate(self) -> Money:
@@ -67,6 +69,17 @@ class Plan:
         self.valid += 1
         self.images += line.request.n
 
+    def take_out(self, request: ImageRequest, adapter_for: AdapterFor, check: Checker) -> None:
+        """A valid line that will be taken from an earlier batch: it costs nothing."""
+        name = check.provider_of(request)
+        part = self.by_provider[name]
+        part.lines -= 1
+        part.images -= request.n
+        part.credits = round(part.credits - adapter_for(name).estimate(request), 6)
+        if part.lines <= 0:
+            del self.by_provider[name]
+        self.reused += 1
+
 
 def counted_lines(chunks: Iterable[bytes], check: Checker) -> Iterator[tuple[int, Line]]:
     """Every counted line with its index (0-based among counted lines)."""
@@ -78,9 +91,12 @@ def tally(
     adapter_for: AdapterFor,
     default_provider: str,
     on_line: Callable[[Line], None] | None = None,
+    check_with: AdapterFor | None = None,
 ) -> Plan:
-    """Validate and price the whole manifest without touching Redis or any provider."""
-    check = Checker(adapter_for, default_provider)
+    """Validate and price the whole manifest without touching Redis or any provider;
+    ``check_with`` (when given) makes the adapters lines are validated with (raising the
+    ``ConfigError`` of a provider a run could not reach)."""
+    check = Checker(check_with or adapter_for, default_provider)
     plan = Plan()
     for _, line in counted_lines(chunks, check):
         plan.add(line, adapter_for, check)

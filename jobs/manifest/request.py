@@ -95,6 +95,16 @@ class ImageRequest(BaseModel):
         digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
         return f"line-{digest[:16]}"
 
+    def fingerprint(self, provider: str) -> str:
+        """sha256 of everything that decides what is bought: the line's id, the provider that
+        buys it (a line's own, else the batch's) and every request field but ``metadata``
+        (copied into the row, never sent). Equal fingerprints under one ``--out`` mean the
+        same images were bought: the stored ones are taken instead of buying again."""
+        bought = self.model_dump(exclude={"id", "provider", "metadata"}, exclude_none=True)
+        bought |= {"id": self.line_id, "provider": provider}
+        text = json.dumps(bought, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
     @property
     def extension(self) -> str:
         return self.output_format or "png"

@@ -42,8 +42,20 @@ def file_chunks(path: str) -> Iterator[bytes]:
             yield chunk
 
 
-def default_batch_id(source: str, sha256: str) -> str:
-    """The manifest's name and a digest of its content: the same command resumes the batch."""
+def default_batch_id(source: str, sha256: str, provider: str, *, fresh: bool = False) -> str:
+    """The manifest's name and a digest of its content and of what decides what is bought
+    (the provider, ``--fresh``): the same command resumes the batch, while the same manifest
+    on another provider is another batch (its stored lines were bought from someone else)."""
+    decided = f"{sha256}\n{provider}" + ("\nfresh" if fresh else "")
+    return f"{_stem(source)}-{hashlib.sha256(decided.encode()).hexdigest()[:8]}"
+
+
+def legacy_batch_id(source: str, sha256: str) -> str:
+    """The default id before it held the provider: a batch started under it is resumed (by
+    the same provider) rather than bought again under the new one."""
+    return f"{_stem(source)}-{sha256[:8]}"
+
+
+def _stem(source: str) -> str:
     name = "stdin" if source in ("-", "") else PurePosixPath(source.split("?")[0]).stem
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "batch"
-    return f"{stem[:60]}-{sha256[:8]}"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.")[:60] or "batch"

@@ -6,6 +6,8 @@ Besides what users read (``images/``, ``results.jsonl``, ``failed.jsonl``, ``sum
     manifest.jsonl      the archived input, the backlog the feeder reads the window from
     .state/rejected.jsonl   the rows of lines rejected at submit
     .state/parts/CCCCCC.jsonl   the rows of finished lines whose index falls in chunk C
+    .state/stored/CCCCCC.tsv    the fingerprints of chunk C's succeeded lines: what later
+                                batches under the same output look up to reuse them
     .state/batch.json   what ``status`` and ``ls`` show once Redis has forgotten the batch
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 STATE = ".state"
 PARTS = f"{STATE}/parts"
+STORED = f"{STATE}/stored"
 
 
 def image_key(batch: str, line_id: str, k: int, extension: str) -> str:
@@ -45,3 +48,7 @@ def info_key(batch: str) -> str:
 
 def part_key(batch: str, chunk: int) -> str:
     return f"{batch}/{PARTS}/{chunk:06d}.jsonl"
+
+
+def stored_key(batch: str, chunk: int) -> str:
+    return f"{batch}/{STORED}/{chunk:06d}.tsv"

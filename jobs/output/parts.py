@@ -29,14 +29,15 @@ def decode_entries(data: bytes) -> dict[int, str]:
     return dict(parse_entry(line) for line in data.decode().splitlines() if line)
 
 
-def write_part(store: Store, batch: str, chunk: int, rows: Mapping[int, str]) -> None:
+def write_part(store: Store, batch: str, chunk: int, rows: Mapping[int, str]) -> dict[int, str]:
     """Add ``rows`` to chunk ``chunk``'s part file; a row replaces an older one of its line
-    (a failed line that a re-run retried)."""
+    (a failed line that a re-run retried). Returns every row the part file now holds."""
     key = part_key(batch, chunk)
     existing = store.get(key)
     merged = decode_entries(existing) if existing else {}
     merged.update(rows)
     store.put(key, encode_entries(merged), "text/tab-separated-values")
+    return merged
 
 
 def part_chunks(store: Store, batch: str) -> list[int]:

@@ -99,7 +99,7 @@ def page_top(batch: str, summary: Mapping[str, Any], totals: Totals) -> str:
         f"<meta name='referrer' content='no-referrer'><link rel='icon' href='data:,'>\n"
         f"<title>{title} · imagebatch report</title>\n<style>{_STYLE}</style></head><body>\n"
         f"<header><h1>{title}</h1><p>{totals.lines:,} lines · {totals.images:,} images · "
-        f"{esc(_took(summary))} · report made {generated}</p></header>\n"
+        f"{_reused(summary)}{esc(_took(summary))} · report made {generated}</p></header>\n"
         f'<section class="totals"><div class="tiles"><div class="tile"><b>{totals.lines:,}</b>'
         f" lines</div>{counts}</div>\n"
         f"<table class='cost'><thead><tr><th>provider</th><th>lines</th><th>billed</th>"
@@ -152,11 +152,24 @@ def _checkbox(kind: str, value: str, label: str) -> str:
     )
 
 
+def _reused(summary: Mapping[str, Any]) -> str:
+    reused = summary.get("reused")
+    if not isinstance(reused, int) or isinstance(reused, bool) or reused <= 0:
+        return ""
+    return f"{reused:,} lines reused from earlier batches (not bought again) · "
+
+
 def _took(summary: Mapping[str, Any]) -> str:
+    """The time the batch's runs worked (``elapsed_s``, added up across runs), not the time
+    from its first start to its last finalize, which counts the pauses between runs."""
+    worked = summary.get("elapsed_s")
     started, finished = _when(summary.get("started_at")), _when(summary.get("finished_at"))
-    if started is None or finished is None:
+    if isinstance(worked, int | float):
+        seconds = max(0, round(worked))
+    elif started is None or finished is None:
         return "time taken unknown"
-    seconds = max(0, round((finished - started).total_seconds()))
+    else:
+        seconds = max(0, round((finished - started).total_seconds()))
     hours, rest = divmod(seconds, 3600)
     return f"took {hours}:{rest // 60:02d}:{rest % 60:02d}"
 

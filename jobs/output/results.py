@@ -26,6 +26,9 @@ class Tally:
     )
     by_provider: dict[str, ProviderTotal] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
+    reused: int = 0
+    """Lines taken from another batch under the same output (not bought, not in
+    ``by_provider``)."""
 
     @property
     def money(self) -> Money:
@@ -39,6 +42,9 @@ class Tally:
         if isinstance(error, dict) and status != "succeeded":
             kind = str(error.get("type"))
             self.failures[kind] = self.failures.get(kind, 0) + 1
+        if row.get("reused_from"):
+            self.reused += 1
+            return
         provider = row.get("provider")
         if not isinstance(provider, str) or status == "rejected":
             return

@@ -27,6 +27,14 @@ class RowError(BaseModel):
     retryable: bool
 
 
+class ReusedFrom(BaseModel):
+    """Where a reused line's images were bought: another batch under the same ``--out``."""
+
+    batch: str
+    line: int
+    job_id: str | None = None
+
+
 class ResultRow(BaseModel):
     """One row of results.jsonl: exactly one per counted manifest line."""
 
@@ -36,6 +44,9 @@ class ResultRow(BaseModel):
     prompt: str | None = None
     model: str | None = None
     provider: str | None = None
+    fingerprint: str | None = None
+    """sha256 of what decides what is bought (``ImageRequest.fingerprint``): the key a later
+    batch under the same ``--out`` finds this line's images by."""
     job_id: str | None = None
     attempts: int = 0
     credits: float = 0
@@ -44,3 +55,5 @@ class ResultRow(BaseModel):
     metadata: dict[str, Any] | None = None
     submitted_at: str | None = None
     completed_at: str | None = None
+    reused_from: ReusedFrom | None = None
+    """Set when the images were taken from an earlier batch instead of bought (credits 0)."""

@@ -21,6 +21,19 @@ class Store(Protocol):
 
     def put_new(self, key: str, data: bytes, content_type: str, sha256_hex: str) -> None: ...
 
+    def copy_new(self, source: str, key: str, sha256_hex: str, size: int) -> None:
+        """Copy the object ``source`` to the new ``key`` in this store without passing its
+        bytes through this process (S3: a server-side copy; a directory: a hard link), checked
+        against the sha256 (S3) or size (a directory) it was stored with. Like ``put_new`` it
+        never overwrites: the same bytes already at ``key`` are a success, others
+        ``ObjectExists``; a missing ``source`` is a ``StorageError`` not worth a retry."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove ``key`` (nothing if it is not there). Only for taking back what this
+        process just wrote: images are never replaced."""
+        ...
+
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
 
     def put_file(self, key: str, path: str, content_type: str) -> None: ...

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from jobs.errors import ObjectExists, StorageError
-from jobs.storage.base import CHUNK, check_digest, check_key, check_prefix, os_error
+from jobs.storage.base import CHUNK, check_digest, check_key, check_prefix, invalid, os_error
 
 
 class LocalStore:
@@ -41,6 +41,36 @@ class LocalStore:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
         _fsync_dir(path.parent)
+
+    def copy_new(self, source: str, key: str, sha256_hex: str, size: int) -> None:
+        origin, path = self._path(source), self._path(key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.link(origin, path)
+        except FileExistsError:
+            if self.sha256_of(key) != sha256_hex.lower():
+                raise ObjectExists(f"{path} already exists with other bytes") from None
+            return
+        except FileNotFoundError:
+            raise invalid(f"cannot copy {origin}: it is not there") from None
+        except OSError:
+            # No hard links here (another device, a filesystem without them): copy the bytes.
+            data = self.get(source)
+            if data is None:
+                raise invalid(f"cannot copy {origin}: it is not there") from None
+            self.put_new(key, data, "", sha256_hex)
+            return
+        if path.stat().st_size != size:
+            path.unlink()
+            raise StorageError(f"refusing to copy {origin}: it is not the size it was stored with")
+        _fsync_dir(path.parent)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise os_error(exc, path) from exc
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
         path = self._path(key)

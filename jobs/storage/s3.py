@@ -105,6 +105,40 @@ class S3Store:
                     raise ObjectExists(f"{self.uri(key)} already exists with other bytes") from None
                 raise  # a concurrent write is still in flight: retry later
 
+    def copy_new(self, source: str, key: str, sha256_hex: str, size: int) -> None:
+        """A server-side copy (the bytes never leave S3) that S3 checksums as it writes; the
+        object's own metadata (content type, recorded sha256) goes with it."""
+        sha256_hex = sha256_hex.lower()
+        with _s3_errors("copying to", self.uri(key)):
+            try:
+                answer = self.client.copy_object(
+                    Bucket=self.bucket,
+                    Key=self._key(key),
+                    CopySource={"Bucket": self.bucket, "Key": self._key(source)},
+                    ChecksumAlgorithm="SHA256",
+                    IfNoneMatch="*",
+                )
+            except ClientError as exc:
+                if _code(exc) not in _CONDITION_FAILED:
+                    raise
+                if self.sha256_of(key) == sha256_hex:
+                    return
+                raise ObjectExists(f"{self.uri(key)} already exists with other bytes") from None
+        checksum = answer.get("CopyObjectResult", {}).get("ChecksumSHA256", "")
+        try:
+            copied = base64.b64decode(checksum, validate=True).hex() if checksum else None
+        except (binascii.Error, ValueError):
+            copied = None
+        if (copied or self.sha256_of(key)) != sha256_hex:
+            self.delete(key)
+            raise StorageError(
+                f"refusing to copy {self.uri(source)}: its bytes do not match their sha256"
+            )
+
+    def delete(self, key: str) -> None:
+        with _s3_errors("deleting", self.uri(key)):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
     def put(self, key: str, data: bytes, content_type: str) -> None:
         with _s3_errors("writing", self.uri(key)):
             self.client.put_object(

@@ -200,6 +200,8 @@ def test_every_hostile_line_is_rejected_with_its_line_and_reason_and_good_lines_
             assert line_id in by_id and re.fullmatch(r"\d+\.webp", name), relative
         elif relative.startswith(".state/parts/"):
             assert re.fullmatch(r"\d{6}\.jsonl", relative.removeprefix(".state/parts/")), relative
+        elif relative.startswith(".state/stored/"):
+            assert re.fullmatch(r"\d{6}\.tsv", relative.removeprefix(".state/stored/")), relative
         elif relative.startswith(".state/"):
             assert relative in allowed_state, relative
         else:

@@ -58,7 +58,7 @@ def put(folder: Path, name: str, lines: list[str], age_s: float = 60.0) -> Path:
 
 
 def batch_of(name: str, content: bytes) -> str:
-    return default_batch_id(name, hashlib.sha256(content).hexdigest())
+    return default_batch_id(name, hashlib.sha256(content).hexdigest(), "apiframe")
 
 
 def sched_env(redis_url: str, sim: Simulator, where: str, out: str, **more: str) -> dict[str, str]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from jobs import providers
 from jobs.clock import duration
+from jobs.errors import ConfigError
 from jobs.providers.base import Provider
 from jobs.settings import CoreSettings
 from jobs.validate import Plan
@@ -34,16 +35,41 @@ the provider is not the bound: bench/throughput.py's scaling case on 2 cores."""
 
 
 class Adapters:
-    """Adapters for validating and pricing, one per provider (no key needed)."""
+    """Adapters for validating and pricing, one per provider (no key needed to price).
 
-    def __init__(self, settings: CoreSettings) -> None:
+    ``checked`` validates as ``run`` does: a line whose own provider ``run`` could not reach
+    (no key, no base URL) is rejected with the same reason, so ``plan`` and ``run`` agree. The
+    batch's ``provider`` is not: ``run`` refuses to start without it (exit 2, before any line
+    is read), while ``plan`` prices a provider before its key is set."""
+
+    def __init__(self, settings: CoreSettings, provider: str | None = None) -> None:
         self.settings = settings
+        self.provider = provider
         self.made: dict[str, Provider] = {}
+        self.refused: dict[str, ConfigError | None] = {}
 
     def __call__(self, name: str) -> Provider:
         if name not in self.made:
             self.made[name] = providers.build(name, self.settings)
         return self.made[name]
+
+    def checked(self, name: str) -> Provider:
+        """The adapter, or the ``ConfigError`` ``run`` would meet creating it."""
+        if name not in self.refused:
+            self.refused[name] = self._refusal(name)
+        refusal = self.refused[name]
+        if refusal is not None:
+            raise refusal
+        return self(name)
+
+    def _refusal(self, name: str) -> ConfigError | None:
+        if name == self.provider:
+            return None
+        try:
+            providers.create(name, self.settings).close()
+        except ConfigError as exc:
+            return exc
+        return None
 
 
 @dataclass(frozen=True)

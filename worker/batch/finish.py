@@ -14,8 +14,8 @@ from typing import Any
 
 from jobs.clock import now_iso
 from jobs.manifest.backlog import Cursor, lines_from
-from jobs.output import layout, parts, report, results
-from jobs.output.batch_info import write_info
+from jobs.output import layout, parts, report, results, reuse
+from jobs.output.batch_info import elapsed_s, write_info
 from jobs.pricing import Money
 from worker.lines.records import BatchStatus
 from worker.redis import keys
@@ -49,13 +49,14 @@ def flush(rt: Runtime, batch: str, *, most: int = 20_000) -> int:
                 idx, row = parts.parse_entry(text)
                 by_chunk[idx // chunk_lines][idx] = row
             for chunk, rows in sorted(by_chunk.items()):
-                parts.write_part(store, batch, chunk, rows)
+                reuse.record(store, batch, chunk, rows)
             state.drop_rows(batch, len(pending))
             written += len(pending)
             if len(pending) < most:
                 break
-        if written:
-            write_info(rt.store(meta["out"]), batch, meta, state.counters(batch))
+        # Every flush (and the one after Ctrl-C) saves the counters and the time worked, so a
+        # run that crashes or is interrupted still counts in the next run's summary.
+        write_info(store, batch, meta, state.counters(batch))
         return written
     finally:
         lock.release()
@@ -105,6 +106,7 @@ def finalize(rt: Runtime, batch: str) -> dict[str, Any] | None:
         write_info(store, batch, {**meta, "status": BatchStatus.FINISHED}, counts)
         info = results.read_json(store, layout.info_key(batch)) or {}
         info["summary"] = summary
+        info["elapsed_s"] = summary["elapsed_s"]
         results.write_json(store, layout.info_key(batch), info)
         state.purge(batch)
         state.expire_record(batch, rt.settings.result_ttl_s)
@@ -138,6 +140,7 @@ def _summary(
         "succeeded": tally.by_status.get("succeeded", 0),
         "failed": tally.by_status.get("failed", 0),
         "rejected": tally.by_status.get("rejected", 0),
+        "reused": tally.reused,
         "credits": credits,
         "credit_unit": unit,
         "costs": dict(money.by_currency),
@@ -165,7 +168,8 @@ def _summary(
         "runs": int(meta.get("runs", 1)),
         "out": meta.get("out_uri"),
         "started_at": meta.get("started_at"),
-        "finished_at": now_iso(),
+        "finished_at": meta.get("finished_before") or now_iso(),
+        "elapsed_s": elapsed_s(meta),
         "results_uri": rt.store(meta["out"]).uri(layout.results_key(meta["batch_id"])),
     }
 

@@ -4,8 +4,12 @@
 It streams the manifest once to validate it (a rejected line gets its row now and costs Redis
 nothing), archives it in the output store as the batch's backlog, reads what earlier runs of
 the same batch left (the part files, in bulk) so finished lines are never bought again and
-failed ones are retried under new attempt numbers, seeds Redis with the batch's record, and
+failed ones are retried under new attempt numbers, takes the lines other batches under the
+same output already bought (``jobs.output.reuse``), seeds Redis with the batch's record, and
 admits the first window. Everything after that is the workers'.
+
+What earlier runs counted (submits, jobs, polls, the seconds they worked) is carried over from
+``.state/batch.json``, which every flush rewrites: a crashed or interrupted run's work counts.
 """
 
 from __future__ import annotations
@@ -16,17 +20,21 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from jobs.clock import now_iso
 from jobs.errors import ConfigError
 from jobs.manifest.parse import Line
-from jobs.manifest.spool import Spooled, file_chunks
-from jobs.output import layout, parts, results
+from jobs.manifest.spool import Spooled, default_batch_id, file_chunks, legacy_batch_id
+from jobs.output import layout, parts, results, reuse
 from jobs.output.batch_info import write_info
 from jobs.pricing import currency
+from jobs.settings import CoreSettings
+from jobs.storage import Store, open_store
 from jobs.validate import Checker, Plan, counted_lines
 from worker.batch import feeder
+from worker.batch.estimate import Adapters
 from worker.lines.records import BatchStatus
 from worker.redis import keys
 from worker.runtime import Runtime
@@ -50,6 +58,8 @@ class Started:
     """Lines an earlier run finished; they are not bought again."""
     retrying: int = 0
     """Lines an earlier run failed; they get new attempts."""
+    reused: int = 0
+    """Lines taken from other batches under the same output instead of bought."""
     attached: bool = False
     """The batch was already running in Redis: nothing was re-seeded."""
     complete: bool = False
@@ -64,6 +74,18 @@ def check_batch_id(batch_id: str) -> str:
     return batch_id
 
 
+def default_batch(store: Store, source: str, sha256: str, provider: str, fresh: bool) -> str:
+    """The batch id a run without ``--batch-id`` resumes (``default_batch_id``); a batch an
+    earlier version started under the id without the provider is resumed under that id, when
+    it was bought from this same provider, rather than bought again."""
+    legacy = legacy_batch_id(source, sha256)
+    if not fresh:
+        info = results.read_json(store, layout.info_key(legacy)) or {}
+        if info.get("manifest_sha") == sha256 and info.get("provider") == provider:
+            return legacy
+    return default_batch_id(source, sha256, provider, fresh=fresh)
+
+
 def start_batch(
     rt: Runtime,
     spooled: Spooled,
@@ -74,9 +96,11 @@ def start_batch(
     source: str = "",
     strict: bool = False,
     budget: Budget | None = None,
+    fresh: bool = False,
     on_line: Callable[[Line], None] | None = None,
 ) -> Started:
-    """Validate, archive, resume from what earlier runs stored, seed Redis, admit a window."""
+    """Validate, archive, resume from what earlier runs stored, take what other batches under
+    ``out`` already bought (unless ``fresh``), seed Redis, admit a window."""
     state, settings = rt.state, rt.settings
     store = rt.store(out)
     live = state.batch(batch)
@@ -89,6 +113,7 @@ def start_batch(
             raise ConfigError(
                 f"batch {batch} writes to {live.get('out')}: pass --out {live.get('out')}"
             )
+        _same_provider(batch, live.get("provider"), provider, "is running")
         return _attach(rt, batch, live)
     info = results.read_json(store, layout.info_key(batch))
     if info is not None and info.get("manifest_sha") not in (None, spooled.sha256):
@@ -96,11 +121,16 @@ def start_batch(
             f"batch {batch} under {store.uri(batch)} was made from another manifest: "
             "choose another --batch-id"
         )
+    if info is not None:
+        _same_provider(
+            batch, info.get("provider"), provider, f"under {store.uri(batch)} was started"
+        )
 
     check = Checker(rt.provider, provider)
     plan = Plan()
     skip = bytearray()
     rejected: dict[int, str] = {}
+    wanted = reuse.Wanted()
     for idx, line in counted_lines(file_chunks(spooled.path), check):
         plan.add(line, rt.provider, check)
         if on_line is not None:
@@ -109,6 +139,8 @@ def start_batch(
             assert line.rejection is not None
             rejected[idx] = feeder.manifest_rejection_row(line, line.rejection)
             _set_bit(skip, idx)
+        elif not fresh:
+            wanted.add(line.request.fingerprint(check.provider_of(line.request)), idx)
     if strict and plan.rejected:
         raise ConfigError(
             f"--strict: {plan.rejected} of {plan.lines} lines rejected; nothing was submitted"
@@ -117,7 +149,7 @@ def start_batch(
 
     counts: dict[str, float] = {"rejected": len(rejected), "done": len(rejected)}
     prior: dict[int, int] = {}
-    carried = retrying = 0
+    carried = 0
     for part in parts.read_parts(store, batch):
         for idx, text in part.items():
             if idx in rejected or idx >= plan.lines:
@@ -126,25 +158,38 @@ def start_batch(
             if row["status"] == "succeeded":
                 _set_bit(skip, idx)
                 carried += 1
-                counts["done"] += 1
-                counts["succeeded"] = counts.get("succeeded", 0) + 1
-                unit = settings.provider_spec(row["provider"]).credit_unit
-                name = f"credits:{currency(row['provider'], unit)}"
-                counts[name] = counts.get(name, 0.0) + float(row.get("credits") or 0)
+                _count_success(rt, counts, row["provider"], float(row.get("credits") or 0))
             elif row["status"] == "failed":
                 prior[idx] = max(prior.get(idx, 0), int(row.get("attempts") or 0))
-                retrying += 1
-    # A retry of a finished batch adds to what its earlier runs spent and sent; a resume
-    # after a crash counts afresh (the crashed run's counters died with it).
-    previous = ((info or {}).get("summary") or {}) if info else {}
-    for name in ("submit_requests", "jobs_accepted", "ambiguous_submits", "rebought_after_expiry"):
-        if previous.get(name):
-            counts[name] = float(previous[name])
+    reused = 0
+    if len(wanted):
+        wanted.freeze()
+        claims = reuse.find(
+            store, wanted, plan.lines, exclude=batch, done=lambda idx: _has_bit(skip, idx)
+        )
+        del wanted
+        for idx, request in reuse.take(
+            store, batch, spooled.path, claims, check.provider_of, settings.chunk_lines
+        ):
+            plan.take_out(request, rt.provider, check)
+            _set_bit(skip, idx)
+            reused += 1
+            counts["done"] += 1
+            counts["succeeded"] = counts.get("succeeded", 0) + 1
+    retrying = sum(1 for idx in prior if not _has_bit(skip, idx))
+    # What earlier runs sent and paid for (submits, jobs, polls, ...) adds up across runs; the
+    # rows' counts were recounted from the part files above.
+    before = (info or {}).get("counters") or {}
+    for name, value in before.items():
+        if not _recounted(name) and value:
+            counts[name] = float(value)
 
     if info is None or store.sha256_of(layout.manifest_key(batch)) != spooled.sha256:
         store.put_file(layout.manifest_key(batch), spooled.path, "application/x-ndjson")
     store.put(layout.rejected_key(batch), parts.encode_entries(rejected), "text/plain")
-    started_at = (info or {}).get("started_at") or now_iso()
+    done = int(counts["done"])
+    previous = (info or {}).get("summary") or {}
+    idle = done >= plan.lines and not reused and bool(previous)
     record: dict[str, Any] = {
         "batch_id": batch,
         "status": BatchStatus.RUNNING,
@@ -157,19 +202,95 @@ def start_batch(
         "cursor_idx": 0,
         "cursor_offset": 0,
         "cursor_line": 0,
-        "admitted": len(rejected) + carried,
+        "admitted": done,
         "window": window_size(rt, plan),
         "chunk_lines": settings.chunk_lines,
-        "started_at": started_at,
+        "started_at": (info or {}).get("started_at") or now_iso(),
+        "elapsed_before": _worked(info or {}),
         "runs": int((info or {}).get("runs", 0)) + 1,
         "estimate": json.dumps(plan.estimate.by_currency),
         **budget_fields,
     }
+    if fresh:
+        record["fresh"] = 1
+    if idle:
+        # Nothing left to do (a retry with nothing to retry): the batch's times stay its work's.
+        record["finished_before"] = previous.get("finished_at") or ""
+    else:
+        record["run_started"] = time.time()
     state.seed(batch, record, counts, bytes(skip), prior)
     write_info(store, batch, record, counts)
     feeder.feed(rt, batch)
-    done = int(counts["done"])
-    return Started(batch, plan, carried, retrying, complete=done >= plan.lines)
+    return Started(batch, plan, carried, retrying, reused, complete=done >= plan.lines)
+
+
+def _worked(info: dict[str, Any]) -> float:
+    """Seconds the batch's earlier runs worked: recorded since the record holds them; for a
+    batch an earlier version finished, its first start to its finalize."""
+    if info.get("elapsed_s") is not None:
+        return float(info["elapsed_s"])
+    summary = info.get("summary") or {}
+    try:
+        started = datetime.fromisoformat(summary["started_at"])
+        finished = datetime.fromisoformat(summary["finished_at"])
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+    return max(0.0, (finished - started).total_seconds())
+
+
+def _same_provider(batch: str, had: str | None, provider: str, where: str) -> None:
+    """A stored line only counts as done for a run that would buy the same thing: resuming a
+    batch on another provider would pass one provider's images off as another's."""
+    if had and had != provider:
+        raise ConfigError(
+            f"batch {batch} {where} with --provider {had}, not {provider}: pass "
+            f"--provider {had} to resume it, or choose another --batch-id"
+        )
+
+
+def _count_success(rt: Runtime, counts: dict[str, float], provider: str, credits: float) -> None:
+    counts["done"] += 1
+    counts["succeeded"] = counts.get("succeeded", 0) + 1
+    unit = rt.settings.provider_spec(provider).credit_unit
+    name = f"credits:{currency(provider, unit)}"
+    counts[name] = counts.get(name, 0.0) + credits
+
+
+def _recounted(counter: str) -> bool:
+    """Counters a start recounts from the stored rows (the others add up across runs)."""
+    return counter in ("done", "succeeded", "failed", "rejected", "reserved") or (
+        counter.startswith("credits:")
+    )
+
+
+def plan_batch(
+    settings: CoreSettings,
+    spooled: Spooled,
+    provider: str,
+    *,
+    out: str | None = None,
+    fresh: bool = False,
+    on_line: Callable[[Line], None] | None = None,
+) -> Plan:
+    """What ``start_batch`` would find, spending nothing: every line checked as ``run`` checks
+    it (its provider reachable too), and the lines already bought under ``out`` counted as
+    reused instead of priced."""
+    adapters = Adapters(settings, provider)
+    check = Checker(adapters.checked, provider)
+    plan = Plan()
+    wanted = reuse.Wanted()
+    for idx, line in counted_lines(file_chunks(spooled.path), check):
+        plan.add(line, adapters, check)
+        if on_line is not None:
+            on_line(line)
+        if line.request is not None and not fresh:
+            wanted.add(line.request.fingerprint(check.provider_of(line.request)), idx)
+    if out is not None and len(wanted):
+        wanted.freeze()
+        claims = reuse.find(open_store(out, settings), wanted, plan.lines)
+        for _, _, request, _ in reuse.claimed(spooled.path, claims):
+            plan.take_out(request, adapters, check)
+    return plan
 
 
 def _attach(rt: Runtime, batch: str, live: dict[str, str]) -> Started:
@@ -232,6 +353,11 @@ def _status_only(text: str) -> dict[str, Any]:
 
 def _usd_last(name: str) -> tuple[bool, str]:
     return name == "USD", name
+
+
+def _has_bit(bits: bytearray, idx: int) -> bool:
+    byte = idx // 8
+    return byte < len(bits) and bool(bits[byte] & (0x80 >> (idx % 8)))
 
 
 def _set_bit(bits: bytearray, idx: int) -> None:

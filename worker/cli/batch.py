@@ -21,9 +21,8 @@ from jobs.output import layout, report, results
 from jobs.settings import CoreSettings
 from jobs.storage import absolute_out, open_store
 from jobs.text import shown
-from jobs.validate import tally
 from worker.batch import control, estimate, status
-from worker.batch.start import start_batch
+from worker.batch.start import plan_batch, start_batch
 from worker.celery import tasks
 from worker.celery.launch import check_provider, launched
 from worker.cli.options import (
@@ -32,6 +31,7 @@ from worker.cli.options import (
     credits_opt,
     debug_opt,
     fail,
+    fresh_opt,
     manifest_arg,
     out_opt,
     provider_opt,
@@ -44,6 +44,7 @@ from worker.cli.options import (
 from worker.cli.session import (
     begin,
     budget_of,
+    err_console,
     follow,
     header,
     out_console,
@@ -61,6 +62,7 @@ from worker.cli.session import (
 @strict_opt
 @credits_opt
 @usd_opt
+@fresh_opt
 @debug_opt
 def run(
     manifest: str,
@@ -70,6 +72,7 @@ def run(
     strict: bool,
     max_credits: float | None,
     max_usd: float | None,
+    fresh: bool,
     debug: bool,
 ) -> None:
     """Validate, enqueue, process and wait (embedded Redis + worker when no broker is set)."""
@@ -83,11 +86,13 @@ def run(
         budget = budget_of(max_credits, max_usd)
         check_provider(settings, name)
         with (
-            prepared(settings, manifest, target, batch_id, provider=name, strict=strict) as ready,
+            prepared(
+                settings, manifest, target, batch_id, provider=name, strict=strict, fresh=fresh
+            ) as ready,
             launched(settings, name, embedded_ok=True) as (rt, is_embedded),
             metrics.serving(rt),
         ):
-            started = begin(rt, ready, name, strict=strict, budget=budget)
+            started = begin(rt, ready, name, strict=strict, budget=budget, fresh=fresh)
             header(rt, started, name)
             where = (
                 f"embedded Redis · in-process worker (threads × {rt.settings.worker_concurrency})"
@@ -109,6 +114,7 @@ def run(
 @strict_opt
 @credits_opt
 @usd_opt
+@fresh_opt
 @debug_opt
 def submit(
     manifest: str,
@@ -118,6 +124,7 @@ def submit(
     strict: bool,
     max_credits: float | None,
     max_usd: float | None,
+    fresh: bool,
     debug: bool,
 ) -> None:
     """Validate and enqueue for remote workers; print the batch id and return."""
@@ -134,10 +141,12 @@ def submit(
             )
         check_provider(settings, name)
         with (
-            prepared(settings, manifest, target, batch_id, provider=name, strict=strict) as ready,
+            prepared(
+                settings, manifest, target, batch_id, provider=name, strict=strict, fresh=fresh
+            ) as ready,
             launched(settings, name, embedded_ok=False) as (rt, _),
         ):
-            started = begin(rt, ready, name, strict=strict, budget=budget)
+            started = begin(rt, ready, name, strict=strict, budget=budget, fresh=fresh)
     click.echo(started.batch)
 
 
@@ -205,20 +214,35 @@ def ls_command(out: str | None, debug: bool) -> None:
 @click.command()
 @manifest_arg
 @provider_opt
+@out_opt
+@fresh_opt
 @debug_opt
-def plan(manifest: str, provider: str | None, debug: bool) -> None:
-    """Validate every line; print counts, estimated cost and time. Spends nothing."""
+def plan(manifest: str, provider: str | None, out: str | None, fresh: bool, debug: bool) -> None:
+    """Validate every line as run does; print counts, the lines already bought under --out
+    (reused, not bought again), and what the rest will cost and take. Spends nothing."""
     set_debug(debug)
     with user_errors():
         settings = settings_from_env()
         name = choose_provider(settings, provider)
+        target = absolute_out(out or settings.out)
+        spooled = spool(read_chunks(manifest, settings))
+        try:
+            result = plan_batch(
+                settings, spooled, name, out=target, fresh=fresh, on_line=print_rejection(manifest)
+            )
+        finally:
+            Path(spooled.path).unlink(missing_ok=True)
         adapters = estimate.Adapters(settings)
-        result = tally(read_chunks(manifest, settings), adapters, name, print_rejection(manifest))
         known = estimate.learned(settings, list(result.by_provider))
+        try:
+            check_provider(settings, name)
+        except ConfigError as exc:
+            err_console.print(f"note: run will refuse to start: {exc.message}", markup=False)
         seconds = estimate.estimate_seconds(settings, result, adapters, known)
+    reused = f"{result.reused} reused from {target} · " if result.reused else ""
     click.echo(
         f"{result.lines} lines · {result.valid} valid · {result.rejected} rejected · "
-        f"{result.images} images · est. {result.estimate.describe()} · "
+        f"{result.images} images · {reused}est. {result.estimate.describe()} · "
         f"est. {estimate.duration(seconds)}"
     )
     sys.exit(1 if result.rejected else 0)
@@ -227,7 +251,9 @@ def plan(manifest: str, provider: str | None, debug: bool) -> None:
 @click.command()
 @click.argument("batch_id")
 @out_opt
-@click.option("--provider", help="default: the provider the batch was started with")
+@click.option(
+    "--provider", help="the provider the batch was started with (the default; another is refused)"
+)
 @debug_opt
 def retry(batch_id: str, out: str | None, provider: str | None, debug: bool) -> None:
     """Run the failed lines of a batch again (stored lines are not touched): the batch's own
@@ -252,6 +278,7 @@ def retry(batch_id: str, out: str | None, provider: str | None, debug: bool) -> 
                     out=target,
                     provider=name,
                     source=str(info.get("source", "")),
+                    fresh=bool(info.get("fresh")),
                 )
             finally:
                 Path(spooled.path).unlink(missing_ok=True)

@@ -98,6 +98,11 @@ strict_opt = click.option(
 credits_opt = click.option(
     "--max-credits", type=float, help="stop submitting before this spend (the manifest's unit)"
 )
+fresh_opt = click.option(
+    "--fresh",
+    is_flag=True,
+    help="buy every line, even one already bought and stored under --out by another batch",
+)
 usd_opt = click.option("--max-usd", type=float, help="stop submitting before this spend in USD")
 debug_opt = click.option("--debug", is_flag=True, help="show tracebacks")
 

@@ -20,14 +20,14 @@ from rich.console import Console
 from jobs.errors import ConfigError, ImagebatchError
 from jobs.manifest.parse import Line
 from jobs.manifest.sources import read_chunks
-from jobs.manifest.spool import Spooled, default_batch_id, file_chunks, spool
+from jobs.manifest.spool import Spooled, file_chunks, spool
 from jobs.registry import REGISTRY
 from jobs.settings import CoreSettings
 from jobs.storage import check_writable, open_store
 from jobs.text import shown
 from jobs.validate import tally
 from worker.batch import control, estimate, finish, status
-from worker.batch.start import Budget, Started, check_batch_id, start_batch
+from worker.batch.start import Budget, Started, check_batch_id, default_batch, start_batch
 from worker.celery import tasks
 from worker.cli.progress import Display
 from worker.redis.connect import Unavailable
@@ -36,6 +36,9 @@ from worker.runtime import Runtime
 FOLLOW_S = 0.25
 """How often a run reads its batch's progress (a few Redis reads): it ends this soon after
 the batch does. The display prints at its own pace."""
+
+SETTLE_S = 0.5
+"""After Ctrl-C, how long the last tasks get to write their counts once no line is in flight."""
 
 out_console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -96,6 +99,7 @@ def prepared(
     *,
     provider: str,
     strict: bool = False,
+    fresh: bool = False,
 ) -> Iterator[Prepared]:
     """Read the manifest and check the output location before Redis, the embedded worker or
     the simulator start: a missing manifest or an unwritable bucket fails in a second, with
@@ -103,20 +107,25 @@ def prepared(
     is touched). The spooled copy is removed when the block ends."""
     spooled = spool(read_chunks(manifest, settings))
     try:
-        batch = check_batch_id(batch_id or default_batch_id(manifest, spooled.sha256))
+        store = open_store(out, settings)
+        batch = check_batch_id(
+            batch_id or default_batch(store, manifest, spooled.sha256, provider, fresh)
+        )
         if strict:
+            adapters = estimate.Adapters(settings, provider)
             checked = tally(
                 file_chunks(spooled.path),
-                estimate.Adapters(settings),
+                adapters,
                 provider,
                 print_rejection(manifest),
+                check_with=adapters.checked,
             )
             if checked.rejected:
                 raise ConfigError(
                     f"--strict: {checked.rejected} of {checked.lines} lines rejected; "
                     "nothing was submitted"
                 )
-        check_writable(open_store(out, settings), out, batch)
+        check_writable(store, out, batch)
         yield Prepared(manifest, spooled, batch, out)
     finally:
         Path(spooled.path).unlink(missing_ok=True)
@@ -129,6 +138,7 @@ def begin(
     *,
     strict: bool,
     budget: Budget | None,
+    fresh: bool = False,
 ) -> Started:
     """Validate and start the batch (printing rejections); nothing is spent on error."""
     rt.provider(provider)
@@ -141,6 +151,7 @@ def begin(
         source=ready.manifest,
         strict=strict,
         budget=budget,
+        fresh=fresh,
         on_line=print_rejection(ready.manifest),
     )
     if started.complete:
@@ -161,6 +172,12 @@ def header(rt: Runtime, started: Started, provider: str) -> None:
     elif started.carried or started.retrying:
         out_console.print(
             f"resuming: {started.carried} lines already stored, {started.retrying} to retry",
+            markup=False,
+        )
+    if started.reused:
+        out_console.print(
+            f"reusing: {started.reused} lines already bought under this --out (not bought "
+            "again; --fresh buys them anyway)",
             markup=False,
         )
 
@@ -245,6 +262,9 @@ def land(rt: Runtime, batch: str, out: str, code: int) -> NoReturn:
     try:
         while time.monotonic() < deadline and control.in_flight(rt, batch):
             time.sleep(0.5)
+        # A task writes its counts just after its last line lands: let it, so that the flush
+        # saves them for the run that resumes (the summary adds up what every run paid for).
+        time.sleep(SETTLE_S)
         finish.flush(rt, batch)
     except KeyboardInterrupt:
         pass

@@ -35,6 +35,7 @@ def make_row(rec: LineRecord, status: str, error: ImagebatchError | None = None)
             "prompt": request.prompt,
             "model": request.model,
             "provider": rec.provider,
+            "fingerprint": request.fingerprint(rec.provider),
             "job_id": rec.job_id or None,
             "attempts": rec.attempt if rec.submitted_at else 0,
             "credits": round(rec.credits, 6),

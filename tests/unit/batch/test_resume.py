@@ -14,13 +14,14 @@ import pytest
 import redis
 from pydantic import SecretStr
 
+from jobs.errors import ConfigError
 from jobs.manifest.spool import spool
 from jobs.output import layout, parts
 from jobs.settings import Settings
 from jobs.storage import LocalStore
 from tests.runtime_support import record_reads
 from worker import runtime
-from worker.batch import start
+from worker.batch import finish, start
 from worker.dispatch.scheduler import Scheduler
 from worker.lines.records import ACTIVE, TABLE, LineRecord, LineStatus, Step
 from worker.redis import keys
@@ -198,3 +199,55 @@ def test_a_resume_reads_part_files_only_a_few_ahead_of_what_it_has_counted(
     rest = list(reading)
     assert [min(part) for part in rest] == [chunk * 1000 for chunk in range(1, 200)]
     assert len(fetched) == 200
+
+
+def test_a_resume_carries_the_counters_an_interrupted_run_saved_and_recounts_the_rows(
+    rt: Runtime, tmp_path: Path
+) -> None:
+    """The defect: a resume after Ctrl-C counted submits, jobs and polls afresh, so the summary
+    of a batch that paid for 300 jobs said 124."""
+    source = manifest(tmp_path / "cups.jsonl", 4)
+    out = tmp_path / "out"
+    spooled = spool([source.read_bytes()])
+    start.start_batch(rt, spooled, batch="cups", out=str(out), provider="apiframe")
+    # Given the first run bought, polled, stored one line and was interrupted (its last flush
+    # saved its counters, and the seconds it worked)
+    rt.state.add_counts("cups", submit_requests=3, jobs_accepted=3, polls=5, throttled=1)
+    row = {"line": 1, "id": "cup-0", "status": "succeeded", "provider": "apiframe", "credits": 4}
+    rt.state.client.rpush(keys.rows("cups"), f"0\t{json.dumps(row)}")
+    rt.state.add_counts("cups", done=1, succeeded=1, **{"credits:apiframe credits": 4.0})
+    rt.state.set_batch("cups", run_started=time.time() - 30)
+    finish.flush(rt, "cups")
+    rt.state.client.flushall()  # the embedded Redis went with the run
+    # When the same command runs again
+    started = start.start_batch(rt, spooled, batch="cups", out=str(out), provider="apiframe")
+    Path(spooled.path).unlink()
+    # Then what the first run sent adds up with what this one will send; the rows' counts are
+    # recounted from the part files (not added twice); the time worked carries over
+    counts = rt.state.counters("cups")
+    assert started.carried == 1
+    assert {k: counts[k] for k in ("submit_requests", "jobs_accepted", "polls", "throttled")} == {
+        "submit_requests": 3.0,
+        "jobs_accepted": 3.0,
+        "polls": 5.0,
+        "throttled": 1.0,
+    }
+    assert (counts["done"], counts["succeeded"], counts["credits:apiframe credits"]) == (1, 1, 4)
+    assert 30 <= float(rt.state.batch("cups")["elapsed_before"]) < 40
+    assert rt.state.batch("cups")["runs"] == "2"
+
+
+def test_resuming_a_batch_on_another_provider_is_refused(rt: Runtime, tmp_path: Path) -> None:
+    source = manifest(tmp_path / "cups.jsonl", 2)
+    out = str(tmp_path / "out")
+    spooled = spool([source.read_bytes()])
+    start.start_batch(rt, spooled, batch="cups", out=out, provider="apiframe")
+    # Running in Redis, or only in the output store: either way its lines were apiframe's
+    for forget in (False, True):
+        if forget:
+            rt.state.client.flushall()
+        with pytest.raises(
+            ConfigError, match="with --provider apiframe, not simulator: pass --provider apiframe"
+        ):
+            start.start_batch(rt, spooled, batch="cups", out=out, provider="simulator")
+    Path(spooled.path).unlink()

@@ -15,7 +15,7 @@ A manifest's identity is its name and the sha256 of its content. One pass, per m
 3. check again that it is still unrecorded (a record is always written before a claim is let
    go, so a scheduler that read it before another one finished sees that record here);
 4. validate it (no valid line at all: refused), then ``start_batch`` it as
-   ``default_batch_id(name, sha)``;
+   ``default_batch_id(name, sha, provider)``;
 5. turn the claim into ``submitted`` for ``SUBMITTED_TTL_S``, then record it: a folder's file
    moves to ``submitted/NAME`` (beside it ``NAME.submitted.json``); an S3 manifest stays and
    gets ``.imagebatch/NAME.submitted.json`` (one PUT: nothing of the user's is deleted, and
@@ -150,7 +150,7 @@ def _why(exc: BaseException) -> str:
 def _claimed(
     rt: Runtime, inbox: Inbox, item: Found, spooled: Spooled, target: Target, lease_s: float
 ) -> Outcome | None:
-    batch = default_batch_id(item.name, spooled.sha256)
+    batch = default_batch_id(item.name, spooled.sha256, target.provider)
     claim = rt.state.claim(claim_key(item.name, spooled.sha256), lease_s)
     if claim is None:
         return _left(item, "its claim changed hands; trying again next pass")
