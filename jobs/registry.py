@@ -43,6 +43,16 @@ class ProviderSpec:
     builtin_simulator: bool = False
     """True for ``--provider simulator``: the APIFrame adapter against a simulator started in
     the same process when no base URL is configured."""
+    group: bool = False
+    """A batch API (OpenAI's): lines go to the provider in groups, one provider job per group,
+    finished within hours; never chosen by ``--provider auto``."""
+    same_account_as: str | None = None
+    """A provider whose key and base URL this one uses unless its own are set."""
+
+    @property
+    def field(self) -> str:
+        """The provider's name as its settings spell it (``IMAGEBATCH_OPENAI_BATCH_*``)."""
+        return self.name.replace("-", "_")
 
 
 APIFRAME_PRICES = PriceTable({"low": 4, "medium": 9, "auto": 24, "high": 24}, "auto")
