@@ -64,6 +64,12 @@ class ProviderError(ImagebatchError):
     """The provider's API said no, or could not be reached."""
 
     type = "provider_error"
+    moves: bool = True
+    """The provider has not produced and will not produce a billable result for this request:
+    a pool may give the line to another of its providers without paying twice."""
+    provider_fault: bool = False
+    """The provider itself is failing (5xx, timeouts, refused connections): counts toward its
+    cooldown. A 429 is back-pressure, a refusal is about the request: neither counts."""
 
     def __init__(self, message: str, *, type: str | None = None, status: int | None = None) -> None:
         super().__init__(message, type=type)
@@ -75,6 +81,7 @@ class TransientProviderError(ProviderError):
 
     retryable = True
     type = "provider_unreachable"
+    provider_fault = True
 
     def __init__(
         self,
@@ -92,6 +99,7 @@ class RateLimited(TransientProviderError):
     """429: the provider wants fewer requests or fewer jobs at once. Never a failed try."""
 
     type = "rate_limited"
+    provider_fault = False
 
     @property
     def kind(self) -> str:
@@ -120,6 +128,7 @@ class AmbiguousSubmit(TransientProviderError):
     """The connection broke after the request was sent: the job may exist and may be billed."""
 
     type = "ambiguous_submit"
+    moves = False
 
 
 class PermanentProviderError(ProviderError):

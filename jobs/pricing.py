@@ -42,6 +42,13 @@ def currency(provider: str, unit: str) -> str:
     return "USD" if unit == "USD" else f"{provider} credits"
 
 
+def in_usd(amount: float, unit: str, usd_per_credit: float | None) -> float | None:
+    """``amount`` of a provider's ``unit`` in USD; None when a credit's price is not known."""
+    if unit == "USD":
+        return round(amount, 6)
+    return None if usd_per_credit is None else round(amount * usd_per_credit, 6)
+
+
 @dataclass(frozen=True)
 class Money:
     """Amounts by currency (see ``currency``); different currencies are never added."""

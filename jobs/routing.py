@@ -11,7 +11,7 @@ without a published price) ranks after every known one; ties keep the order the 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from jobs.errors import ConfigError
 from jobs.manifest.request import ImageRequest
@@ -23,6 +23,35 @@ AUTO = "auto"
 """Every provider with a key (group providers, whose results take hours, only when named)."""
 
 AdapterFor = Callable[[str], Provider]
+
+POOLED = "pool"
+"""What a pool line's fingerprint names as its provider: whichever member bought it, a later
+batch asking the same of a pool takes it instead of buying it again."""
+
+
+def is_pool(spec: str) -> bool:
+    """``auto`` or a list: the line goes to whichever member can take it."""
+    return spec == AUTO or "," in spec
+
+
+def queue_name(candidates: Sequence[str]) -> str:
+    """The READY queue a pool line waits in: its remaining candidates, cheapest first (every one
+    of them takes lines from it, the cheapest with a free slot first)."""
+    return "@" + ",".join(candidates)
+
+
+def queue_members(queue: str) -> tuple[str, ...]:
+    return tuple(queue.removeprefix("@").split(","))
+
+
+@dataclass(frozen=True)
+class PoolRules:
+    """What a pool's choice depends on besides the line: who has a key, what a credit is worth
+    in USD, and the most a user will pay per image."""
+
+    keyed: tuple[str, ...] = ()
+    usd_rates: Mapping[str, float | None] = field(default_factory=dict)
+    max_usd_per_image: float | None = None
 
 
 def members(spec: str, keyed: Sequence[str]) -> tuple[str, ...] | None:

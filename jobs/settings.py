@@ -92,6 +92,15 @@ class CoreSettings(BaseSettings):
     http_retries: int = Field(default=4, ge=0)
     """Transient failures (5xx, network, bad JSON) of one step before the line's attempt is
     given up. A 429 never counts: it is back-pressure, not failure."""
+    breaker_failures: int = Field(default=5, ge=1)
+    """Submits in a row that a provider fails (5xx, timeouts, refused connections) before it
+    cools down: no submits to it, from any worker, then one probe line."""
+    breaker_cooldown_s: float = Field(default=30.0, gt=0)
+    """The first cooldown; each one in a row lasts twice the last, up to ``breaker_max_s``."""
+    breaker_max_s: float = Field(default=600.0, gt=0)
+    failover_ambiguous: bool = False
+    """A pool line whose synchronous submit may have been billed (sent, no answer) may move to
+    another provider, risking paying twice (``summary.json`` counts them). Off: it stays."""
     download_retries: int = Field(default=4, ge=0)
     """A just-finished image that answers 404 is fetched again this many times (CDN lag), and
     the job re-read for fresh URLs, before it counts as expired."""
@@ -188,6 +197,10 @@ class CoreSettings(BaseSettings):
         if rate or f"{name}_polls_per_second" in given:
             found.add("polls")
         return frozenset(found)
+
+    def keyed(self) -> tuple[str, ...]:
+        """The providers with a key set (the pool ``--provider auto`` draws from)."""
+        return tuple(n for n in PROVIDER_NAMES if getattr(self, f"{n}_api_key") is not None)
 
     def usd_per_credit(self, name: str) -> float | None:
         """USD value of one credit of ``name`` (a credit-billing provider), if configured."""

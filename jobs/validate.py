@@ -12,24 +12,79 @@ from jobs.manifest.parse import Line
 from jobs.manifest.request import ImageRequest
 from jobs.pricing import Money, ProviderTotal, money_of
 from jobs.providers.base import Provider
+from jobs.routing import (
+    POOLED,
+    Choice,
+    PoolRules,
+    choose,
+    is_pool,
+    members,
+    refusal,
+    usd_per_image,
+)
 
 AdapterFor = Callable[[str], Provider]
 
 
 class Checker:
-    """Validates each line against its own provider (or the batch default)."""
+    """Validates each line against its own provider (or the batch default); a line of a pool
+    (``auto``, ``a,b,c``) against every member, keeping those that can take it."""
 
-    def __init__(self, adapter_for: AdapterFor, default_provider: str) -> None:
+    def __init__(
+        self, adapter_for: AdapterFor, default_provider: str, rules: PoolRules | None = None
+    ) -> None:
         self.adapter_for = adapter_for
         self.default = default_provider
+        self.rules = rules or PoolRules()
+        self._pools: dict[str, tuple[str, ...] | None] = {}
+        self._last: tuple[ImageRequest, Choice | None] | None = None
+
+    def route(self, request: ImageRequest) -> Choice | None:
+        """The line's candidates, cheapest first; None for a line pinned to one provider.
+
+        Raises:
+            ConfigError: the pool names an unknown provider, or ``auto`` finds no key.
+        """
+        if self._last is not None and self._last[0] is request:
+            return self._last[1]
+        spec = request.provider or self.default
+        if spec not in self._pools:
+            self._pools[spec] = members(spec, self.rules.keyed) if is_pool(spec) else None
+        pool = self._pools[spec]
+        rules = self.rules
+        choice = (
+            None
+            if pool is None
+            else choose(pool, request, self.adapter_for, rules.usd_rates, rules.max_usd_per_image)
+        )
+        self._last = (request, choice)
+        return choice
 
     def provider_of(self, request: ImageRequest) -> str:
-        return request.provider or self.default
+        """The provider the line goes to first (a pool's cheapest candidate)."""
+        choice = self.route(request)
+        if choice is None:
+            return request.provider or self.default
+        return choice.candidates[0]
+
+    def bought_as(self, request: ImageRequest) -> str:
+        """The provider a line's fingerprint names (``routing.POOLED`` for a pool line)."""
+        return POOLED if self.route(request) is not None else self.provider_of(request)
+
+    def pool_of(self, request: ImageRequest) -> tuple[str, ...]:
+        """A pool line's candidates, cheapest first; empty for a pinned line."""
+        choice = self.route(request)
+        return () if choice is None else choice.candidates
 
     def __call__(self, request: ImageRequest) -> list[tuple[str, str]]:
-        name = self.provider_of(request)
         try:
-            adapter = self.adapter_for(name)
+            choice = self.route(request)
+        except ConfigError as exc:
+            return [("provider", exc.message)]
+        if choice is not None:
+            return [] if choice.candidates else [("provider", refusal(choice))]
+        try:
+            adapter = self.adapter_for(request.provider or self.default)
         except ConfigError as exc:
             return [("provider", exc.message)]
         return adapter.validate(request)
@@ -48,6 +103,18 @@ class Plan:
     first_rejections: list[ManifestError] = field(default_factory=list)
     reused: int = 0
     """Valid lines already bought under the output: counted, not priced (``take_out``)."""
+    pooled: int = 0
+    """Valid lines of a pool: priced at their cheapest member (``by_provider``)."""
+    members: set[str] = field(default_factory=set)
+    """Every provider a pool line may go to."""
+    pool_worst_usd: float | None = 0.0
+    """What the pool lines would cost, in USD, if each went to its dearest member (a cheaper
+    one being full); None when some member's USD price is unknown."""
+
+    @property
+    def providers(self) -> set[str]:
+        """Every provider the batch may buy from."""
+        return set(self.by_provider) | self.members
 
     @property
     def estimate(self) -> Money:
@@ -60,14 +127,27 @@ class Plan:
             if line.rejection is not None and len(self.first_rejections) < 100:
                 self.first_rejections.append(line.rejection)
             return
-        name = check.provider_of(line.request)
+        request = line.request
+        name = check.provider_of(request)
         adapter = adapter_for(name)
         part = self.by_provider.setdefault(name, ProviderTotal(unit=adapter.credit_unit))
         part.lines += 1
-        part.images += line.request.n
-        part.credits = round(part.credits + adapter.estimate(line.request), 6)
+        part.images += request.n
+        part.credits = round(part.credits + adapter.estimate(request), 6)
         self.valid += 1
-        self.images += line.request.n
+        self.images += request.n
+        pool = check.pool_of(request)
+        if pool:
+            self.pooled += 1
+            self.members.update(pool)
+            rates = check.rules.usd_rates
+            prices = [usd_per_image(adapter_for(p), request, rates.get(p)) for p in pool]
+            worst = None if None in prices else max(p or 0.0 for p in prices) * request.n
+            self.pool_worst_usd = (
+                None
+                if worst is None or self.pool_worst_usd is None
+                else round(self.pool_worst_usd + worst, 6)
+            )
 
     def take_out(self, request: ImageRequest, adapter_for: AdapterFor, check: Checker) -> None:
         """A valid line that will be taken from an earlier batch: it costs nothing."""

@@ -126,6 +126,7 @@ class Runtime:
             put_blob=lambda idx, k, data: state.put_blob(batch, idx, k, data, ttl),
             get_blob=state.get_blob,
             usd_rates=self.settings.usd_rates(),
+            out_of_pool=lambda: frozenset(state.out_of_pool(batch)),
             webhook_url=self.settings.webhook_callback_url(),
         )
 

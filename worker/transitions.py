@@ -1,7 +1,8 @@
 """The one place a step's decision takes effect, whichever path it came by (the runner, the
 drain of a stopped batch, a webhook): the transition is applied atomically in Redis
 (``apply.lua``), then logged per line, counted by the process's observers (metrics), and
-acted on: a 429 slows its provider for every worker, a 402/401/403 stops the batch.
+acted on: a 429 slows its provider for every worker, a failing submit counts toward its
+breaker, a 402/401/403 stops the batch (or takes the provider out of a pool).
 
 So a line finished by a webhook is logged and counted exactly like one finished by a poll.
 """
@@ -9,10 +10,14 @@ So a line finished by a webhook is logged and counted exactly like one finished 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, MutableMapping
+from dataclasses import replace
 
+from jobs.pricing import in_usd
+from jobs.registry import REGISTRY
 from worker.lines.records import TABLE, BatchStatus, LineRecord, LineStatus, Transition
-from worker.redis.state import Applied
+from worker.redis.state import Applied, Breaker
 from worker.runtime import Runtime
 
 log = logging.getLogger("imagebatch.lines")
@@ -36,6 +41,10 @@ def apply(
     and act on it. ``seconds`` is how long the step took; ``stats`` collects the statistics
     counts for the caller to write once (else they are written now)."""
     state = rt.state
+    if t.row is not None and t.row.credits:
+        unit = REGISTRY[rec.provider].credit_unit
+        usd = in_usd(t.row.credits, unit, rt.settings.usd_per_credit(rec.provider))
+        t = replace(t, row=t.row.model_copy(update={"usd": usd}))
     drop: list[str] = []
     if TABLE[t.status].terminal or t.status is LineStatus.READY:
         drop = [spec["blob"] for spec in rec.artifacts if "blob" in spec]
@@ -80,6 +89,17 @@ def apply(
             if t.limit.named_limit is not None:
                 cap = min(cap, t.limit.named_limit)
         state.note_429(rec.provider, str(t.limit.request), cap=cap, retry_after=t.limit.retry_after)
+    if t.answered is not None:
+        _verdict(rt, rec.provider, t.answered)
+    if t.leave is not None and state.leave_pool(rec.batch, *t.leave):
+        provider, why = t.leave
+        log.warning(
+            "batch %s: %s left the batch's pool: %s",
+            rec.batch,
+            provider,
+            why,
+            extra={"batch": rec.batch, "provider": provider, "outcome": "left the pool"},
+        )
     if t.stop is not None and meta.get("status", BatchStatus.RUNNING) == BatchStatus.RUNNING:
         reason, message = t.stop
         state.set_batch(
@@ -87,3 +107,23 @@ def apply(
         )
         state.wake("stop")
     return applied
+
+
+def _verdict(rt: Runtime, provider: str, answered: bool) -> None:
+    """Count a submit toward the provider's breaker; say when it starts or ends a cooldown."""
+    settings = rt.settings
+    breaker = Breaker(
+        settings.breaker_failures, settings.breaker_cooldown_s, settings.breaker_max_s
+    )
+    change = rt.state.verdict(provider, answered, time.time(), breaker)
+    if change.startswith("cooling"):
+        until = time.strftime("%H:%M:%S", time.localtime(float(change.split()[1])))
+        log.warning(
+            "%s keeps failing: no submits to it until %s, then one probe line",
+            provider,
+            until,
+            extra={"provider": provider, "outcome": "cooling down"},
+        )
+    elif change == "healthy":
+        log.info("%s answers again", provider, extra={"provider": provider, "outcome": "healthy"})
+        rt.state.wake("limit")

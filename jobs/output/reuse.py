@@ -287,7 +287,7 @@ class _Copy:
             status="succeeded",
             prompt=request.prompt,
             model=request.model,
-            provider=provider,
+            provider=stored.get("provider") or provider,
             fingerprint=fingerprint,
             images=copied,
             metadata=request.metadata,

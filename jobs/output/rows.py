@@ -27,6 +27,14 @@ class RowError(BaseModel):
     retryable: bool
 
 
+class RouteStep(BaseModel):
+    """A provider a pool line left, and why (``worker.lines.failover.Left``)."""
+
+    provider: str
+    outcome: str
+    reason: str
+
+
 class ReusedFrom(BaseModel):
     """Where a reused line's images were bought: another batch under the same ``--out``."""
 
@@ -49,6 +57,10 @@ class ResultRow(BaseModel):
     batch under the same ``--out`` finds this line's images by."""
     job_id: str | None = None
     attempts: int = 0
+    route: list[RouteStep] = Field(default_factory=list)
+    """The providers tried before ``provider``, each with why the line moved on."""
+    usd: float | None = 0
+    """``credits`` in USD; null where the provider's credit has no configured USD price."""
     credits: float = 0
     images: list[ImageRef] = Field(default_factory=list)
     error: RowError | None = None

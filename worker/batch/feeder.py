@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 from jobs.errors import ImagebatchError
 from jobs.manifest import parse
@@ -18,6 +19,7 @@ from jobs.manifest.backlog import Cursor, lines_from
 from jobs.manifest.parse import Line
 from jobs.output import layout
 from jobs.output.rows import ResultRow
+from jobs.routing import PoolRules, queue_name
 from jobs.validate import Checker
 from worker.lines.endings import make_row, stopped_error
 from worker.lines.records import BatchStatus, LineRecord
@@ -25,6 +27,18 @@ from worker.redis import keys
 from worker.runtime import Runtime
 
 log = logging.getLogger(__name__)
+
+
+def checker(rt: Runtime, meta: Mapping[str, str]) -> Checker:
+    """The batch's line checker: its provider (or pool), as ``run`` started it."""
+    keyed = meta.get("keyed")
+    most = meta.get("max_usd_per_image")
+    rules = PoolRules(
+        keyed=tuple(keyed.split(",")) if keyed else rt.settings.keyed(),
+        usd_rates=rt.settings.usd_rates(),
+        max_usd_per_image=float(most) if most else None,
+    )
+    return Checker(rt.provider, meta["provider"], rules)
 
 
 def feed(rt: Runtime, batch: str) -> int:
@@ -58,7 +72,7 @@ def _feed(rt: Runtime, batch: str) -> int:
     store = rt.store(meta["out"])
     key = layout.manifest_key(batch)
     skip = SkipMap(rt, batch, total)
-    check = Checker(rt.provider, meta["provider"])
+    check = checker(rt, meta)
     admitted: list[LineRecord] = []
     ended: list[tuple[int, str, str]] = []
     candidates: list[tuple[int, int, Line]] = []
@@ -83,12 +97,15 @@ def _feed(rt: Runtime, batch: str) -> int:
     for idx, number, line in candidates:
         assert line.request is not None
         attempt = prior.get(idx, 0) + 1
+        pool = check.pool_of(line.request)
         rec = LineRecord(
             batch=batch,
             idx=idx,
             line=number,
             id=line.request.line_id,
             provider=check.provider_of(line.request),
+            pool=pool,
+            queue=queue_name(pool) if pool else "",
             request_json=line.request.model_dump_json(exclude_none=True),
             attempt=attempt,
             first_attempt=attempt,

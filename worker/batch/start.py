@@ -30,6 +30,8 @@ from jobs.manifest.spool import Spooled, default_batch_id, file_chunks, legacy_b
 from jobs.output import layout, parts, results, reuse
 from jobs.output.batch_info import write_info
 from jobs.pricing import currency
+from jobs.registry import REGISTRY
+from jobs.routing import PoolRules
 from jobs.settings import CoreSettings
 from jobs.storage import Store, open_store
 from jobs.validate import Checker, Plan, counted_lines
@@ -98,6 +100,7 @@ def start_batch(
     budget: Budget | None = None,
     fresh: bool = False,
     on_line: Callable[[Line], None] | None = None,
+    max_usd_per_image: float | None = None,
 ) -> Started:
     """Validate, archive, resume from what earlier runs stored, take what other batches under
     ``out`` already bought (unless ``fresh``), seed Redis, admit a window."""
@@ -126,7 +129,10 @@ def start_batch(
             batch, info.get("provider"), provider, f"under {store.uri(batch)} was started"
         )
 
-    check = Checker(rt.provider, provider)
+    pooling = {"keyed": ",".join(settings.keyed()), "provider": provider}
+    if max_usd_per_image is not None:
+        pooling["max_usd_per_image"] = repr(max_usd_per_image)
+    check = feeder.checker(rt, pooling)
     plan = Plan()
     skip = bytearray()
     rejected: dict[int, str] = {}
@@ -140,7 +146,7 @@ def start_batch(
             rejected[idx] = feeder.manifest_rejection_row(line, line.rejection)
             _set_bit(skip, idx)
         elif not fresh:
-            wanted.add(line.request.fingerprint(check.provider_of(line.request)), idx)
+            wanted.add(line.request.fingerprint(check.bought_as(line.request)), idx)
     if strict and plan.rejected:
         raise ConfigError(
             f"--strict: {plan.rejected} of {plan.lines} lines rejected; nothing was submitted"
@@ -169,7 +175,7 @@ def start_batch(
         )
         del wanted
         for idx, request in reuse.take(
-            store, batch, spooled.path, claims, check.provider_of, settings.chunk_lines
+            store, batch, spooled.path, claims, check.bought_as, settings.chunk_lines
         ):
             plan.take_out(request, rt.provider, check)
             _set_bit(skip, idx)
@@ -209,6 +215,7 @@ def start_batch(
         "elapsed_before": _worked(info or {}),
         "runs": int((info or {}).get("runs", 0)) + 1,
         "estimate": json.dumps(plan.estimate.by_currency),
+        **pooling,
         **budget_fields,
     }
     if fresh:
@@ -271,12 +278,14 @@ def plan_batch(
     out: str | None = None,
     fresh: bool = False,
     on_line: Callable[[Line], None] | None = None,
+    max_usd_per_image: float | None = None,
 ) -> Plan:
     """What ``start_batch`` would find, spending nothing: every line checked as ``run`` checks
     it (its provider reachable too), and the lines already bought under ``out`` counted as
     reused instead of priced."""
     adapters = Adapters(settings, provider)
-    check = Checker(adapters.checked, provider)
+    rules = PoolRules(settings.keyed(), settings.usd_rates(), max_usd_per_image)
+    check = Checker(adapters.checked, provider, rules)
     plan = Plan()
     wanted = reuse.Wanted()
     for idx, line in counted_lines(file_chunks(spooled.path), check):
@@ -284,7 +293,7 @@ def plan_batch(
         if on_line is not None:
             on_line(line)
         if line.request is not None and not fresh:
-            wanted.add(line.request.fingerprint(check.provider_of(line.request)), idx)
+            wanted.add(line.request.fingerprint(check.bought_as(line.request)), idx)
     if out is not None and len(wanted):
         wanted.freeze()
         claims = reuse.find(open_store(out, settings), wanted, plan.lines)
@@ -308,7 +317,7 @@ def window_size(rt: Runtime, plan: Plan) -> int:
     """``IMAGEBATCH_WINDOW``, else a few times the in-flight caps of the providers in use."""
     if rt.settings.window:
         return rt.settings.window
-    caps = sum(rt.settings.provider_config(name).max_in_flight for name in plan.by_provider)
+    caps = sum(rt.settings.provider_config(name).max_in_flight for name in plan.providers)
     return max(16, math.ceil(rt.settings.window_factor * max(1, caps)))
 
 
@@ -317,6 +326,7 @@ def _budget(rt: Runtime, plan: Plan, budget: Budget | None) -> dict[str, Any]:
     if budget is None:
         return {}
     used = {currency(name, part.unit) for name, part in plan.by_provider.items()}
+    used |= {currency(name, REGISTRY[name].credit_unit) for name in plan.members}
     if budget.usd:
         missing = [
             f"IMAGEBATCH_USD_PER_CREDIT_{name.removesuffix(' credits').upper()}"

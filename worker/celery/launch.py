@@ -9,6 +9,7 @@ from contextlib import ExitStack, contextmanager
 
 from jobs import providers
 from jobs.errors import ConfigError
+from jobs.routing import is_pool, members
 from jobs.settings import CoreSettings
 from worker import runtime
 from worker.celery.app import configure
@@ -56,7 +57,12 @@ def launched(
 
 def check_provider(settings: CoreSettings, name: str) -> None:
     """The provider is configured to be reached (base URL, key), before anything starts;
-    the built-in simulator that ``launched`` starts for an embedded run needs neither."""
+    the built-in simulator that ``launched`` starts for an embedded run needs neither. Every
+    member a pool names must be reachable too (``auto`` names only those with a key)."""
+    if is_pool(name):
+        for member in members(name, settings.keyed()) or ():
+            check_provider(settings, member)
+        return
     spec = settings.provider_spec(name)
     config = settings.provider_config(name)
     if spec.builtin_simulator and settings.broker_url is None and not config.base_url:

@@ -25,6 +25,7 @@ from worker.batch import control, estimate, status
 from worker.batch.start import plan_batch, start_batch
 from worker.celery import tasks
 from worker.celery.launch import check_provider, launched
+from worker.cli.money import money_line, provider_lines
 from worker.cli.options import (
     batch_opt,
     choose_provider,
@@ -39,6 +40,7 @@ from worker.cli.options import (
     settings_from_env,
     strict_opt,
     usd_opt,
+    usd_per_image_opt,
     user_errors,
 )
 from worker.cli.session import (
@@ -62,6 +64,7 @@ from worker.cli.session import (
 @strict_opt
 @credits_opt
 @usd_opt
+@usd_per_image_opt
 @fresh_opt
 @debug_opt
 def run(
@@ -72,6 +75,7 @@ def run(
     strict: bool,
     max_credits: float | None,
     max_usd: float | None,
+    max_usd_per_image: float | None,
     fresh: bool,
     debug: bool,
 ) -> None:
@@ -92,7 +96,15 @@ def run(
             launched(settings, name, embedded_ok=True) as (rt, is_embedded),
             metrics.serving(rt),
         ):
-            started = begin(rt, ready, name, strict=strict, budget=budget, fresh=fresh)
+            started = begin(
+                rt,
+                ready,
+                name,
+                strict=strict,
+                budget=budget,
+                fresh=fresh,
+                max_usd_per_image=max_usd_per_image,
+            )
             header(rt, started, name)
             where = (
                 f"embedded Redis · in-process worker (threads × {rt.settings.worker_concurrency})"
@@ -114,6 +126,7 @@ def run(
 @strict_opt
 @credits_opt
 @usd_opt
+@usd_per_image_opt
 @fresh_opt
 @debug_opt
 def submit(
@@ -124,6 +137,7 @@ def submit(
     strict: bool,
     max_credits: float | None,
     max_usd: float | None,
+    max_usd_per_image: float | None,
     fresh: bool,
     debug: bool,
 ) -> None:
@@ -146,7 +160,15 @@ def submit(
             ) as ready,
             launched(settings, name, embedded_ok=False) as (rt, _),
         ):
-            started = begin(rt, ready, name, strict=strict, budget=budget, fresh=fresh)
+            started = begin(
+                rt,
+                ready,
+                name,
+                strict=strict,
+                budget=budget,
+                fresh=fresh,
+                max_usd_per_image=max_usd_per_image,
+            )
     click.echo(started.batch)
 
 
@@ -215,9 +237,17 @@ def ls_command(out: str | None, debug: bool) -> None:
 @manifest_arg
 @provider_opt
 @out_opt
+@usd_per_image_opt
 @fresh_opt
 @debug_opt
-def plan(manifest: str, provider: str | None, out: str | None, fresh: bool, debug: bool) -> None:
+def plan(
+    manifest: str,
+    provider: str | None,
+    out: str | None,
+    max_usd_per_image: float | None,
+    fresh: bool,
+    debug: bool,
+) -> None:
     """Validate every line as run does; print counts, the lines already bought under --out
     (reused, not bought again), and what the rest will cost and take. Spends nothing."""
     set_debug(debug)
@@ -228,23 +258,33 @@ def plan(manifest: str, provider: str | None, out: str | None, fresh: bool, debu
         spooled = spool(read_chunks(manifest, settings))
         try:
             result = plan_batch(
-                settings, spooled, name, out=target, fresh=fresh, on_line=print_rejection(manifest)
+                settings,
+                spooled,
+                name,
+                out=target,
+                fresh=fresh,
+                on_line=print_rejection(manifest),
+                max_usd_per_image=max_usd_per_image,
             )
         finally:
             Path(spooled.path).unlink(missing_ok=True)
         adapters = estimate.Adapters(settings)
-        known = estimate.learned(settings, list(result.by_provider))
+        known = estimate.learned(settings, sorted(result.providers))
         try:
             check_provider(settings, name)
         except ConfigError as exc:
             err_console.print(f"note: run will refuse to start: {exc.message}", markup=False)
         seconds = estimate.estimate_seconds(settings, result, adapters, known)
     reused = f"{result.reused} reused from {target} · " if result.reused else ""
+    rates = settings.usd_rates()
     click.echo(
         f"{result.lines} lines · {result.valid} valid · {result.rejected} rejected · "
-        f"{result.images} images · {reused}est. {result.estimate.describe()} · "
+        f"{result.images} images · {reused}est. {money_line(result, rates)} · "
         f"est. {estimate.duration(seconds)}"
     )
+    if len(result.by_provider) > 1 or result.pooled:
+        for line in provider_lines(result, rates):
+            click.echo(line)
     sys.exit(1 if result.rejected else 0)
 
 

@@ -15,7 +15,8 @@ from pydantic import ValidationError
 from jobs import providers
 from jobs.errors import ConfigError, ImagebatchError
 from jobs.registry import REGISTRY
-from jobs.settings import PROVIDER_NAMES, CoreSettings, Settings
+from jobs.routing import AUTO, is_pool, members
+from jobs.settings import CoreSettings, Settings
 from jobs.text import shown
 from worker.cli.session import err_console
 from worker.observability import logs
@@ -66,13 +67,16 @@ def settings_from_env() -> CoreSettings:
 def choose_provider(settings: CoreSettings, option: str | None) -> str:
     """--provider, else IMAGEBATCH_PROVIDER, else the one provider whose key is set."""
     name = option or settings.provider
+    if name is not None and is_pool(name):
+        pool = members(name, settings.keyed())
+        return AUTO if name == AUTO else ",".join(pool or ())
     if name is not None:
         if name not in REGISTRY:
             raise ConfigError(
                 f"unknown provider {shown(name)}: use one of {', '.join(providers.names())}"
             )
         return name
-    keyed = [p for p in PROVIDER_NAMES if settings.provider_config(p).api_key is not None]
+    keyed = settings.keyed()
     if len(keyed) == 1:
         return keyed[0]
     if keyed:
@@ -87,7 +91,17 @@ def choose_provider(settings: CoreSettings, option: str | None) -> str:
 
 
 manifest_arg = click.argument("manifest")
-provider_opt = click.option("--provider", help=", ".join(REGISTRY))
+provider_opt = click.option(
+    "--provider",
+    help=f"{', '.join(REGISTRY)}; a pool: a,b,c (these, cheapest in USD first) or auto (every "
+    "provider with a key)",
+)
+usd_per_image_opt = click.option(
+    "--max-usd-per-image",
+    type=float,
+    help="keep lines off providers above this price per image (a pool's line waits for a "
+    "cheaper slot)",
+)
 out_opt = click.option("--out", help="s3://bucket/prefix or a local directory [IMAGEBATCH_OUT]")
 batch_opt = click.option(
     "--batch-id", help="default: the manifest's name and content, so the same command resumes"

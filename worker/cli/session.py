@@ -22,6 +22,7 @@ from jobs.manifest.parse import Line
 from jobs.manifest.sources import read_chunks
 from jobs.manifest.spool import Spooled, file_chunks, spool
 from jobs.registry import REGISTRY
+from jobs.routing import is_pool
 from jobs.settings import CoreSettings
 from jobs.storage import check_writable, open_store
 from jobs.text import shown
@@ -29,6 +30,7 @@ from jobs.validate import tally
 from worker.batch import control, estimate, finish, status
 from worker.batch.start import Budget, Started, check_batch_id, default_batch, start_batch
 from worker.celery import tasks
+from worker.cli.money import money_line
 from worker.cli.progress import Display
 from worker.redis.connect import Unavailable
 from worker.runtime import Runtime
@@ -139,9 +141,11 @@ def begin(
     strict: bool,
     budget: Budget | None,
     fresh: bool = False,
+    max_usd_per_image: float | None = None,
 ) -> Started:
     """Validate and start the batch (printing rejections); nothing is spent on error."""
-    rt.provider(provider)
+    if not is_pool(provider):
+        rt.provider(provider)
     started = start_batch(
         rt,
         ready.spooled,
@@ -153,6 +157,7 @@ def begin(
         budget=budget,
         fresh=fresh,
         on_line=print_rejection(ready.manifest),
+        max_usd_per_image=max_usd_per_image,
     )
     if started.complete:
         tasks.send_finalize(started.batch)
@@ -161,10 +166,14 @@ def begin(
 
 def header(rt: Runtime, started: Started, provider: str) -> None:
     plan = started.plan
-    spec = REGISTRY[provider]
+    what = (
+        f"pool {provider}"
+        if is_pool(provider)
+        else f"{provider} ({REGISTRY[provider].description})"
+    )
     out_console.print(
         f"batch {started.batch} · {plan.lines} lines ({plan.valid} valid, {plan.rejected} "
-        f"rejected) · {provider} ({spec.description}) · est. {plan.estimate.describe()}",
+        f"rejected) · {what} · est. {money_line(plan, rt.settings.usd_rates())}",
         markup=False,
     )
     if started.attached:

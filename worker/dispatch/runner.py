@@ -191,7 +191,9 @@ class Runner:
         if self.heartbeat is None:
             yield
             return
-        with self.heartbeat.holding(home_key(rec.info.home, rec.provider, rec.batch), rec.member):
+        with self.heartbeat.holding(
+            home_key(rec.info.home, rec.provider, rec.batch, rec.queue), rec.member
+        ):
             yield
 
     def _apply(

@@ -11,6 +11,7 @@ from jobs import policy
 from jobs.clock import now_iso
 from jobs.errors import ImagebatchError
 from jobs.output.rows import ResultRow
+from jobs.routing import POOLED
 from jobs.settings import CoreSettings
 from worker.lines.records import BatchStatus, LineRecord, LineStatus, Transition
 
@@ -35,9 +36,10 @@ def make_row(rec: LineRecord, status: str, error: ImagebatchError | None = None)
             "prompt": request.prompt,
             "model": request.model,
             "provider": rec.provider,
-            "fingerprint": request.fingerprint(rec.provider),
+            "fingerprint": request.fingerprint(POOLED if rec.pool else rec.provider),
             "job_id": rec.job_id or None,
             "attempts": rec.attempt if rec.submitted_at else 0,
+            "route": _route(rec, status, error),
             "credits": round(rec.credits, 6),
             "images": list(rec.images) if status == "succeeded" else [],
             "error": error.as_row_error() if error is not None else None,
@@ -46,6 +48,16 @@ def make_row(rec: LineRecord, status: str, error: ImagebatchError | None = None)
             "completed_at": now_iso(),
         }
     )
+
+
+def _route(rec: LineRecord, status: str, error: ImagebatchError | None) -> list[dict[str, str]]:
+    """A pool line's route: the providers it left, then the one it ended at."""
+    route = list(rec.route)
+    ended_elsewhere = not route or route[-1]["provider"] != rec.provider
+    if rec.pool and rec.submitted_at and (status == "succeeded" or ended_elsewhere):
+        reason = error.message if error is not None else ""
+        route.append({"provider": rec.provider, "outcome": status, "reason": reason})
+    return route
 
 
 def fail(

@@ -141,6 +141,13 @@ class LineRecord:
     """Where the images are: ``{"url": …}`` at the provider or ``{"blob": key}`` in Redis."""
     images: tuple[dict[str, Any], ...] = ()
     """Images already stored (lines bought in parts keep what they have)."""
+    pool: tuple[str, ...] = ()
+    """A pool line's candidates, cheapest first (empty: the line is pinned to ``provider``)."""
+    queue: str = ""
+    """Where a pool line waits while READY (``jobs.routing.queue_name``: the candidates it may
+    still go to); ``provider`` is the one that took it last."""
+    route: tuple[dict[str, str], ...] = ()
+    """The providers a pool line left, each ``{provider, outcome, reason}``."""
 
     @cached_property
     def request(self) -> ImageRequest:
@@ -153,6 +160,11 @@ class LineRecord:
     @property
     def member(self) -> str:
         return f"{self.batch} {self.idx}"
+
+    @property
+    def ready_queue(self) -> str:
+        """The READY queue the line waits in: a pool's, or its own provider's."""
+        return self.queue or self.provider
 
     @property
     def starts(self) -> int:
@@ -184,7 +196,7 @@ _INTS |= {"progress"}
 _INTS |= {"ambiguous"}
 _FLOATS = {"accepted_at", "deadline", "credits", "reserved", "expected_s", "fetched_at"}
 _FLOATS |= {"progress_t"}
-_JSON = {"artifacts", "images"}
+_JSON = {"artifacts", "images", "pool", "route"}
 
 
 def _decode(name: str, raw: str) -> Any:
@@ -244,6 +256,11 @@ class Transition:
     learned beside its latency."""
     stop: tuple[str, str] | None = None
     """``(reason, message)`` when no later submit of the batch can succeed (402, 401/403)."""
+    leave: tuple[str, str] | None = None
+    """``(provider, why)``: a 402 or 401/403 takes the provider out of the batch's pool."""
+    answered: bool | None = None
+    """A submit's verdict on its provider for the shared breaker: True it answered (even no),
+    False it failed (5xx, timeout, refused connection); None: no verdict (a 429, no submit)."""
     outcome: str = ""
     """A word for logs and metrics: accepted, pending, completed, retry, failed…"""
     detail: str = ""

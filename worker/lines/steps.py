@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from jobs import policy
@@ -31,6 +31,7 @@ from jobs.providers.base import Artifact, Finished, Pending, Provider
 from jobs.settings import CoreSettings
 from jobs.storage import Store
 from worker.lines.endings import fail, regenerate, stopped_error
+from worker.lines.failover import move_on
 from worker.lines.faults import crash_point
 from worker.lines.records import (
     BatchStatus,
@@ -66,6 +67,8 @@ class Context:
     put_blob: Callable[[int, int, bytes], str]
     get_blob: Callable[[str], bytes | None]
     usd_rates: dict[str, float | None] = field(default_factory=dict)
+    out_of_pool: Callable[[], frozenset[str]] = frozenset
+    """The providers that left the batch's pool (402, 401/403): a moving line skips them."""
     webhook_url: str | None = None
     payload: Sequence[Artifact] = ()
     """Inline images the previous step of this same task received (not re-read from Redis)."""
@@ -118,21 +121,15 @@ def submit(ctx: Context, rec: LineRecord) -> Transition:
     try:
         outcome = adapter.submit(request, key, **_webhook(ctx, adapter))
         crash_point(settings, "after_submit")
-    except RateLimited as exc:
-        return _again(ctx, rec, exc, LineStatus.READY, changes, counts, request=Step.SUBMIT)
-    except AmbiguousSubmit as exc:
-        # The job may exist: keep the slot, and try again with the same key.
-        return _again(ctx, rec, exc, LineStatus.SUBMITTING, changes | {"ambiguous": 1}, counts)
-    except TransientProviderError as exc:
-        return _again(ctx, rec, exc, LineStatus.READY, changes, counts)
-    except BatchStop as exc:
-        return fail(rec, exc, changes=changes, counts=counts, stop=(exc.type, exc.message))
     except ProviderError as exc:
-        return fail(rec, exc, changes=changes, counts=counts)
+        refused = _not_taken(ctx, rec, exc, changes, counts)
+        verdict = None if isinstance(exc, RateLimited) else not exc.provider_fault
+        return replace(refused, answered=verdict)
     counts["jobs_accepted"] = 1
     changes |= {"tries": 0, "polls": 0, "misses": 0, "ambiguous": 0, "accepted_at": now}
     if isinstance(outcome, Finished):
-        return _fetched(ctx, rec, outcome, changes, counts, latency=time.time() - now)
+        fetched = _fetched(ctx, rec, outcome, changes, counts, latency=time.time() - now)
+        return replace(fetched, answered=True)
     expected = ctx.expected_latency(rec.provider, rec.request.model)
     webhook_s = settings.webhook_poll_s if ctx.webhook_url and adapter.webhooks else None
     changes |= {"job_id": outcome.job_id, "expected_s": expected or 0.0}
@@ -142,7 +139,35 @@ def submit(ctx: Context, rec: LineRecord) -> Transition:
         due_in=policy.first_poll(expected, settings.poll_initial_s, webhook_s),
         counts=counts,
         outcome="accepted",
+        answered=True,
     )
+
+
+def _not_taken(
+    ctx: Context,
+    rec: LineRecord,
+    exc: ProviderError,
+    changes: dict[str, Any],
+    counts: dict[str, float],
+) -> Transition:
+    """The provider did not take the line (or may have, without saying so). A pool line moves
+    on where its provider has surely not billed it; a pinned one waits, retries or fails."""
+    adapter = ctx.adapter(rec.provider)
+    if isinstance(exc, RateLimited):
+        return _again(ctx, rec, exc, LineStatus.READY, changes, counts, request=Step.SUBMIT)
+    if isinstance(exc, AmbiguousSubmit):
+        if rec.pool and ctx.settings.failover_ambiguous and not adapter.idempotent_submit:
+            counts = counts | {"ambiguous_moved": 1}
+            return move_on(ctx.settings, rec, exc, ctx.out_of_pool, changes, counts)
+        # The job may exist: keep the slot, and try again with the same key.
+        return _again(ctx, rec, exc, LineStatus.SUBMITTING, changes | {"ambiguous": 1}, counts)
+    if rec.pool and exc.moves:
+        return move_on(ctx.settings, rec, exc, ctx.out_of_pool, changes, counts)
+    if isinstance(exc, TransientProviderError):
+        return _again(ctx, rec, exc, LineStatus.READY, changes, counts)
+    if isinstance(exc, BatchStop):
+        return fail(rec, exc, changes=changes, counts=counts, stop=(exc.type, exc.message))
+    return fail(rec, exc, changes=changes, counts=counts)
 
 
 def _webhook(ctx: Context, adapter: Provider) -> dict[str, Any]:
@@ -204,6 +229,8 @@ def poll(ctx: Context, rec: LineRecord) -> Transition:
             outcome=f"retry ({exc.type})",
         )
     except JobFailed as exc:
+        if rec.pool:
+            return move_on(ctx.settings, rec, exc, ctx.out_of_pool, counts={"polls": 1})
         return regenerate(ctx.settings, rec, exc, counts={"polls": 1})
     except ProviderError as exc:
         return fail(rec, exc, counts={"polls": 1})
@@ -252,6 +279,8 @@ def finished_by_webhook(ctx: Context, rec: LineRecord, outcome: Finished) -> Tra
 
 
 def failed_by_webhook(ctx: Context, rec: LineRecord, exc: JobFailed) -> Transition:
+    if rec.pool:
+        return move_on(ctx.settings, rec, exc, ctx.out_of_pool, counts={"webhooks": 1})
     return regenerate(ctx.settings, rec, exc, counts={"webhooks": 1})
 
 
@@ -322,6 +351,8 @@ def _again(
     if throttled and retry_after is None:
         retry_after = 1.0
     wait = policy.retry_wait(tries, settings.retry_base_s, settings.retry_max_s, retry_after)
+    if throttled and rec.pool and back_to is LineStatus.READY:
+        wait = 0.0  # the provider's own pause holds it back; another member may take the line
     if isinstance(exc, RateLimited):
         limit = LimitEvent(exc.kind, request, exc.retry_after, exc.named_limit)
         counts = counts | {"throttled": 1}

@@ -6,6 +6,8 @@ Per batch (all removed by finalize, except the batch record with its summary):
     ib:B:n            hash    counters: done, succeeded, failed, rejected, credits:<currency>…
     ib:B:l:I          hash    one line in the window (``worker.records.LineRecord``)
     ib:B:ready:P      zset    the batch's READY lines for provider P, by when they may be submitted
+    ib:B:ready:@a,b   zset    the batch's READY pool lines that may go to a or b (cheapest first)
+    ib:B:out          hash    providers out of the batch's pool for good (402, 401/403) -> why
     ib:B:rows         list    finished rows not yet written to a part file ("I<TAB>row json")
     ib:B:skip         bitmap  lines that already have a row (rejected, or done in a past run)
     ib:B:prior        hash    I -> attempts an earlier run made (numbering continues past them)
@@ -16,10 +18,12 @@ Shared by every batch:
     ib:batches        set     batches not yet finalized
     ib:providers      set     providers with lines in the window
     ib:queues:P       set     batches with READY lines for P (the pump takes them in turn)
+    ib:pools          set     pool queues with READY lines ("B@a,b": batch B's, for a or b)
     ib:flight:P       zset    lines holding one of P's slots, by when they next need a step
     ib:store          zset    FETCHED lines, by when their store step is due (or its lease ends)
     ib:limit:P        hash    P's limits: the cap and each request kind's rate, token bucket,
                               pause and counters (sent, 429s); the controller's state (ctl)
+    ib:health:P       hash    P's breaker: failures in a row, cooling down until, probe out
     ib:latency:P:M    hash    learned job latency of model M at P (a running quantile)
     ib:jobs:P         hash    provider job id -> "B I" (webhooks find their line)
     ib:scheduler      string  the scheduler's leader lock (token lock)
@@ -37,6 +41,7 @@ QUEUE = "imagebatch"
 BATCHES = f"{PREFIX}:batches"
 PROVIDERS = f"{PREFIX}:providers"
 STORE = f"{PREFIX}:store"
+POOLS = f"{PREFIX}:pools"
 SCHEDULER = f"{PREFIX}:scheduler"
 WAKE = f"{PREFIX}:wake"
 
@@ -46,6 +51,11 @@ READY_FORMAT = PREFIX + ":%s:ready:%s"
 """``READY_FORMAT % (batch, provider)``: Lua scripts reach a batch's READY lines with it."""
 QUEUES_FORMAT = PREFIX + ":queues:%s"
 """``QUEUES_FORMAT % provider``: the batches with READY lines for the provider."""
+OUT_FORMAT = PREFIX + ":%s:out"
+HEALTH_FORMAT = PREFIX + ":health:%s"
+LIMIT_FORMAT = PREFIX + ":limit:%s"
+FLIGHT_FORMAT = PREFIX + ":flight:%s"
+"""Lua scripts reach another provider's keys (a pool's cheaper members) with these."""
 
 
 def batch(b: str) -> str:
@@ -100,11 +110,20 @@ def queues(provider: str) -> str:
 
 
 def flight(provider: str) -> str:
-    return f"{PREFIX}:flight:{provider}"
+    return FLIGHT_FORMAT % provider
 
 
 def limit(provider: str) -> str:
-    return f"{PREFIX}:limit:{provider}"
+    return LIMIT_FORMAT % provider
+
+
+def health(provider: str) -> str:
+    return HEALTH_FORMAT % provider
+
+
+def out(b: str) -> str:
+    """The providers that left batch ``b``'s pool for good, each with why."""
+    return OUT_FORMAT % b
 
 
 def latency(provider: str, model: str) -> str:
@@ -132,7 +151,8 @@ def inbox_claim(name: str, sha256: str) -> str:
 
 
 RESERVED = frozenset(
-    {"batches", "providers", "queues", "flight", "store", "limit", "latency", "jobs"}
+    {"batches", "providers", "queues", "pools", "flight", "store", "limit", "latency", "jobs"}
+    | {"health"}
     | {"scheduler", "wake", "worker", "inbox"}
 )
 """Words of the shared keys: a batch with one of these ids would collide with them."""

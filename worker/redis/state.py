@@ -26,9 +26,10 @@ from worker.redis.claims import Claim
 LUA = Path(__file__).with_name("lua")
 
 
-def home_key(home: Home, provider: str, batch: str) -> str:
+def home_key(home: Home, provider: str, batch: str, queue: str = "") -> str:
+    """The zset a line waits in; a READY pool line waits in its pool's ``queue``."""
     if home is Home.READY:
-        return keys.ready(batch, provider)
+        return keys.ready(batch, queue or provider)
     if home is Home.FLIGHT:
         return keys.flight(provider)
     if home is Home.STORE:
@@ -59,6 +60,32 @@ class Binding:
     submits: bool = False
     polls: bool = False
     cap: bool = False
+
+
+@dataclass(frozen=True)
+class Breaker:
+    """When a failing provider cools down, and for how long (``IMAGEBATCH_BREAKER_*``)."""
+
+    failures: int
+    cooldown_s: float
+    max_s: float
+
+
+@dataclass(frozen=True)
+class Health:
+    """A provider's breaker as Redis holds it: cooling down until ``until`` (0: healthy), its
+    probe line out until ``probe``, ``failures`` in a row so far."""
+
+    until: float = 0.0
+    probe: float = 0.0
+    failures: int = 0
+
+    def describe(self, now: float) -> str:
+        if not self.until:
+            return "healthy"
+        if now < self.until:
+            return f"cooling down until {time.strftime('%H:%M:%S', time.localtime(self.until))}"
+        return "probing" if now < self.probe else "cooled down: the next line is its probe"
 
 
 @dataclass(frozen=True)
@@ -193,8 +220,11 @@ class State:
         released = 0
         for rec in self.lines(b):
             if rec.status is LineStatus.READY:
-                self.client.zadd(keys.ready(b, rec.provider), {rec.member: now})
-                self.client.sadd(keys.queues(rec.provider), b)
+                self.client.zadd(keys.ready(b, rec.ready_queue), {rec.member: now})
+                if rec.queue:
+                    self.client.sadd(keys.POOLS, b + rec.queue)
+                else:
+                    self.client.sadd(keys.queues(rec.provider), b)
                 released += 1
         return released
 
@@ -246,14 +276,14 @@ class State:
         ]
         for rec in lines:
             data = rec.to_hash()
-            args += [rec.idx, rec.provider, len(data)]
+            args += [rec.idx, rec.ready_queue, len(data)]
             for name, value in data.items():
                 args += [name, value]
         args.append(len(ended))
         for idx, status, row in ended:
             args += [idx, status, row]
         target = [keys.batch(b), keys.PROVIDERS, keys.counters(b), keys.rows(b), keys.WAKE]
-        return bool(self._run("admit", target, args))
+        return bool(self._run("admit", [*target, keys.POOLS], args))
 
     # -- the scheduler ------------------------------------------------------------------------
 
@@ -276,7 +306,13 @@ class State:
         cap, submit_rate, poll_rate = defaults
         got_polls, got_submits, in_flight, nf, nr, binding, sw, pw = self._run(
             "pump",
-            [keys.limit(provider), keys.flight(provider), keys.queues(provider)],
+            [
+                keys.limit(provider),
+                keys.flight(provider),
+                keys.queues(provider),
+                keys.POOLS,
+                keys.health(provider),
+            ],
             [
                 repr(now),
                 lease,
@@ -288,6 +324,10 @@ class State:
                 cap,
                 repr(submit_rate),
                 repr(poll_rate),
+                keys.OUT_FORMAT,
+                keys.HEALTH_FORMAT,
+                keys.LIMIT_FORMAT,
+                keys.FLIGHT_FORMAT,
             ],
         )
         return Pumped(
@@ -434,20 +474,56 @@ class State:
         args.append(len(drop))
         args += drop
         args.append(total)
+        provider = str(t.changes.get("provider", rec.provider))
+        queue = str(t.changes.get("queue", rec.queue))
         target = [
             keys.line(rec.batch, rec.idx),
-            home_key(old, rec.provider, rec.batch),
-            home_key(new, rec.provider, rec.batch),
+            home_key(old, rec.provider, rec.batch, rec.queue),
+            home_key(new, provider, rec.batch, queue),
             keys.counters(rec.batch),
             keys.rows(rec.batch),
             keys.WAKE,
             keys.batch(rec.batch),
             keys.jobs(rec.provider) if job_op else "-",
             keys.latency(rec.provider, model) if latency is not None else "-",
-            keys.queues(rec.provider) if new is Home.READY and old is not Home.READY else "-",
+            (keys.POOLS if queue else keys.queues(provider))
+            if new is Home.READY and old is not Home.READY
+            else "-",
         ]
         applied, done, total = self._run("apply", target, args)
         return Applied(bool(applied), bool(applied) and int(total) >= 0 and done == total)
+
+    # -- pools: who left a batch, and each provider's breaker ----------------------------------
+
+    def leave_pool(self, b: str, provider: str, reason: str) -> bool:
+        """Take ``provider`` out of the batch's pool for good; True the first time."""
+        return bool(self.client.hsetnx(keys.out(b), provider, reason))
+
+    def out_of_pool(self, b: str) -> dict[str, str]:
+        """The providers that left the batch's pool, each with why."""
+        return dict(self.client.hgetall(keys.out(b)))
+
+    def verdict(self, provider: str, ok: bool, now: float, breaker: Breaker) -> str:
+        """Count one submit's outcome toward the provider's breaker (``health.lua``); returns
+        ``cooling <until>`` when a cooldown starts, ``healthy`` when an answer ends one."""
+        return str(
+            self._run(
+                "health",
+                [keys.health(provider)],
+                [
+                    repr(now),
+                    "1" if ok else "0",
+                    breaker.failures,
+                    breaker.cooldown_s,
+                    breaker.max_s,
+                ],
+            )
+        )
+
+    def health(self, provider: str) -> Health:
+        found = self.client.hmget(keys.health(provider), ["until", "probe", "failures"])
+        until, probe, failures = (float(v or 0) for v in found)
+        return Health(until, probe, int(failures))
 
     def reserve(self, b: str, amount: float, budget: float) -> bool:
         return bool(self._run("reserve", [keys.counters(b)], [repr(amount), repr(budget)]))

@@ -60,6 +60,9 @@ EVERY_FIELD: dict[str, Any] = {
             "height": 1024,
         },
     ),
+    "pool": ("oxen", "aimlapi"),
+    "queue": "@aimlapi",
+    "route": ({"provider": "oxen", "outcome": "unavailable", "reason": "oxen answered 503"},),
 }
 
 

@@ -1,12 +1,13 @@
 -- admit.lua: the feeder admits the next lines of the archived manifest into the window.
 --
 -- KEYS[1]  the batch record ib:B;  KEYS[2] ib:providers;  KEYS[3] the counters ib:B:n
--- KEYS[4]  the unflushed rows ib:B:rows;  KEYS[5] the wake list
+-- KEYS[4]  the unflushed rows ib:B:rows;  KEYS[5] the wake list;  KEYS[6] ib:pools
 -- ARGV[1]  the cursor index the feeder read from (another feeder moved it: nothing happens)
 -- ARGV[2..4] the new cursor: index, byte offset, physical line number
 -- ARGV[5]  the line key format;  ARGV[6] the ready-zset key format (batch, provider)
 -- ARGV[7]  the provider-queues key format (provider);  ARGV[8] eligible time
--- ARGV[9]  n lines, then per line: index, provider, field count f, then f field/value pairs
+-- ARGV[9]  n lines, then per line: index, its READY queue (its provider, or a pool's
+--          "@a,b,c"), field count f, then f field/value pairs
 -- then r rows (lines that end at once: a stopped or cancelled batch), per row: index,
 -- status, row JSON.
 -- Atomic, so a feed that runs twice or late admits nothing twice (the cursor is the check),
@@ -25,8 +26,15 @@ for _ = 1, n do
   redis.call('HSET', string.format(ARGV[5], b, idx), unpack(fields))
   redis.call('ZADD', string.format(ARGV[6], b, provider), ARGV[8], b .. ' ' .. idx)
   if not seen[provider] then
-    redis.call('SADD', KEYS[2], provider)
-    redis.call('SADD', string.format(ARGV[7], provider), b)
+    if string.sub(provider, 1, 1) == '@' then
+      for member in string.gmatch(string.sub(provider, 2), '[^,]+') do
+        redis.call('SADD', KEYS[2], member)
+      end
+      redis.call('SADD', KEYS[6], b .. provider)
+    else
+      redis.call('SADD', KEYS[2], provider)
+      redis.call('SADD', string.format(ARGV[7], provider), b)
+    end
     seen[provider] = true
   end
 end

@@ -9,7 +9,8 @@
 -- KEYS[7]  (unused: kept so callers pass the batch record's key) ib:B
 -- KEYS[8]  the provider's job index             ib:jobs:P | "-"
 -- KEYS[9]  the learned latency                  ib:latency:P:M | "-"
--- KEYS[10] the provider's queues, when the line goes back to READY: ib:queues:P | "-"
+-- KEYS[10] where the line's READY queue is registered when it goes back to READY: its
+--          provider's ib:queues:P (member B), ib:pools for a pool's (member B@a,b) | "-"
 -- ARGV[1]  the seq the step ran under (a stale copy's seq no longer matches: nothing happens)
 -- ARGV[2]  the line's member "B I";  ARGV[3] the new status;  ARGV[4] due time (epoch s)
 -- ARGV[5]  "1" when the new status is terminal;  ARGV[6] its row (JSON);  ARGV[7] the line index
@@ -30,7 +31,10 @@ if line[1] ~= ARGV[1] or line[2] ~= ARGV[11] then return {0, 0, -1} end
 local member, score = ARGV[2], tonumber(ARGV[4])
 if KEYS[2] ~= KEYS[3] and KEYS[2] ~= '-' then redis.call('ZREM', KEYS[2], member) end
 if KEYS[3] ~= '-' then redis.call('ZADD', KEYS[3], score, member) end
-if KEYS[10] ~= '-' then redis.call('SADD', KEYS[10], string.match(member, '^(.*) %d+$')) end
+if KEYS[10] ~= '-' then
+  local pool = string.match(KEYS[3], ':ready:(@.*)$') or ''
+  redis.call('SADD', KEYS[10], string.match(member, '^(.*) %d+$') .. pool)
+end
 local wake = KEYS[2] ~= KEYS[3] and string.find(KEYS[2], ':flight:', 1, true) ~= nil
 
 local i = 12
