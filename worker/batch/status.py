@@ -5,6 +5,7 @@ status, embedded runs included."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from jobs.pricing import Money
 from jobs.storage import Store
 from worker.lines.records import BatchStatus
 from worker.redis.state import State
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -137,35 +140,68 @@ def from_store(store: Store, batch: str) -> Snapshot | None:
     info = results.read_json(store, layout.info_key(batch))
     if info is None:
         return None
-    counts = info.get("counters") or {}
+    raw = info.get("counters")
+    counts = {str(k): _number(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
     money = Money(
-        {k.removeprefix("credits:"): v for k, v in counts.items() if k.startswith("credits:")}
+        {
+            k.removeprefix("credits:"): v
+            for k, v in counts.items()
+            if k.startswith("credits:") and v is not None
+        }
     )
-    status = info.get("status", BatchStatus.RUNNING)
+    status = str(info.get("status") or BatchStatus.RUNNING)
     if status == BatchStatus.RUNNING:
         status = "stopped"  # no live record: nothing is running it now; the same command resumes
+    total = _number(info.get("total"))
+
+    def count(name: str) -> int:
+        return int(counts.get(name) or 0)
+
     return Snapshot(
         batch,
         status,
-        info.get("total"),
-        int(counts.get("done", 0)),
-        int(counts.get("succeeded", 0)),
-        int(counts.get("failed", 0)),
-        int(counts.get("rejected", 0)),
+        None if total is None else int(total),
+        count("done"),
+        count("succeeded"),
+        count("failed"),
+        count("rejected"),
         money,
-        started_at=info.get("started_at"),
-        out_uri=info.get("out_uri"),
+        started_at=_text(info.get("started_at")),
+        out_uri=_text(info.get("out_uri")),
         source="store",
     )
 
 
+def _number(value: object) -> float | None:
+    """A count as any version wrote it: a number, or (before numbers were written as numbers,
+    by an interrupted or running batch) its text; None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
 def listing(store: Store) -> Iterator[Snapshot]:
-    """Every batch under an output location, newest first."""
+    """Every batch under an output location, newest first; a record that cannot be read is
+    left out, never the reason the others are not listed."""
     found = []
     for name in store.list_children(""):
         try:
             snap = from_store(store, name)
-        except (ValueError, KeyError, TypeError, ImagebatchError):
+            if snap is not None:
+                describe(snap)  # what ls prints must be printable
+        except (ValueError, KeyError, TypeError, AttributeError, ImagebatchError) as exc:
+            log.debug("ls: skipping %s: %s", name, exc)
             continue  # a folder that is not a batch, or a record we cannot read
         if snap is not None:
             found.append(snap)
