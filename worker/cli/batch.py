@@ -41,12 +41,12 @@ from worker.cli.options import (
     usd_opt,
     user_errors,
 )
+from worker.cli.output import out_console
 from worker.cli.session import (
     begin,
     budget_of,
     follow,
     header,
-    out_console,
     prepared,
     print_rejection,
     print_summary,

@@ -15,8 +15,6 @@ from pathlib import Path
 from types import FrameType
 from typing import NoReturn
 
-from rich.console import Console
-
 from jobs.errors import ConfigError, ImagebatchError
 from jobs.manifest.parse import Line
 from jobs.manifest.sources import read_chunks
@@ -29,6 +27,7 @@ from jobs.validate import tally
 from worker.batch import control, estimate, finish, status
 from worker.batch.start import Budget, Started, check_batch_id, start_batch
 from worker.celery import tasks
+from worker.cli.output import err_console, out_console
 from worker.cli.progress import Display
 from worker.redis.connect import Unavailable
 from worker.runtime import Runtime
@@ -36,9 +35,6 @@ from worker.runtime import Runtime
 FOLLOW_S = 0.25
 """How often a run reads its batch's progress (a few Redis reads): it ends this soon after
 the batch does. The display prints at its own pace."""
-
-out_console = Console(highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class RedisLost(Exception):
