@@ -42,10 +42,26 @@ class Snapshot:
     estimate: Money = field(default_factory=Money)
     source: str = "redis"
     """``redis`` (live) or ``store`` (what the output store recorded)."""
+    recorded: str = ""
+    """The status the record itself says: ``running`` in the store is a batch whose run has
+    not written its end (still running elsewhere, or stopped without a word)."""
 
     @property
     def finished(self) -> bool:
         return self.summary is not None
+
+    @property
+    def running(self) -> bool:
+        """Some process may still be buying or storing its lines."""
+        return not self.finished and self.recorded in (
+            BatchStatus.RUNNING,
+            BatchStatus.STOPPING,
+            BatchStatus.CANCELLED,
+        )
+
+    def progress(self) -> str:
+        """``120/300 done``."""
+        return f"{self.done}/{self.total if self.total is not None else '?'} done"
 
     @property
     def in_progress(self) -> int:
@@ -110,6 +126,7 @@ def from_redis(state: State, batch: str) -> Snapshot | None:
         storage_waits=int(counts.get("storage_waits", 0)),
         throttled=int(counts.get("throttled", 0)),
         estimate=Money(json.loads(meta.get("estimate") or "{}")),
+        recorded=meta.get("status", BatchStatus.RUNNING),
     )
 
 
@@ -149,7 +166,7 @@ def from_store(store: Store, batch: str) -> Snapshot | None:
             if k.startswith("credits:") and v is not None
         }
     )
-    status = str(info.get("status") or BatchStatus.RUNNING)
+    recorded = status = str(info.get("status") or BatchStatus.RUNNING)
     if status == BatchStatus.RUNNING:
         status = "stopped"  # no live record: nothing is running it now; the same command resumes
     total = _number(info.get("total"))
@@ -169,6 +186,7 @@ def from_store(store: Store, batch: str) -> Snapshot | None:
         started_at=_text(info.get("started_at")),
         out_uri=_text(info.get("out_uri")),
         source="store",
+        recorded=recorded,
     )
 
 

@@ -265,14 +265,47 @@ def retry(batch_id: str, out: str | None, provider: str | None, debug: bool) -> 
 
 @click.command()
 @click.argument("batch_id")
+@out_opt
 @debug_opt
-def cancel(batch_id: str, debug: bool) -> None:
+def cancel(batch_id: str, out: str | None, debug: bool) -> None:
     """Stop new submits; jobs already paid for finish, then the batch is finalized."""
     set_debug(debug)
-    with user_errors(), launched(settings_from_env(), None, embedded_ok=False) as (rt, _):
-        if not control.cancel(rt, batch_id):
-            fail(f"no running batch {shown(batch_id)} in Redis")
-    click.echo(f"{batch_id}: cancelled; unsubmitted lines will end failed (cancelled)")
+    with user_errors():
+        settings = settings_from_env()
+        if settings.broker_url is not None:
+            with launched(settings, None, embedded_ok=False) as (rt, _):
+                if control.cancel(rt, batch_id):
+                    click.echo(
+                        f"{batch_id}: cancelled; unsubmitted lines will end failed (cancelled)"
+                    )
+                    return
+        snap = _found(batch_id, out, settings)
+        if snap.finished:
+            click.echo(f"{status.describe(snap)} · already finished: nothing to cancel")
+            return
+        if snap.running:
+            where = (
+                "in an embedded `imagebatch run`"
+                if settings.broker_url is None
+                else ("but not on this broker (an embedded `imagebatch run` runs it)")
+            )
+            fail(
+                f"batch {batch_id} is still running ({snap.progress()}) {where}: stop it with "
+                "Ctrl-C where it runs; the same command resumes it"
+            )
+        fail(
+            f"batch {batch_id} is not running ({snap.status} · {snap.progress()}): nothing to "
+            f"cancel; `imagebatch retry {batch_id}` or the command that started it resumes it"
+        )
+
+
+def _found(batch_id: str, out: str | None, settings: CoreSettings) -> status.Snapshot:
+    """The batch as Redis or the output store knows it; exit 2 saying where it was looked for."""
+    snap = _snapshot(batch_id, out, settings)
+    if snap is None:
+        where = absolute_out(out or settings.out)
+        fail(f"no batch {shown(batch_id)} in Redis or under {where} (pass --out)")
+    return snap
 
 
 @click.command(name="report")
@@ -287,7 +320,17 @@ def report_command(batch_id: str, out: str | None, debug: bool) -> None:
         store = open_store(absolute_out(out or settings.out), settings)
         summary = results.read_json(store, layout.summary_key(batch_id))
         if summary is None:
-            raise ConfigError(f"no finished batch {shown(batch_id)} there (pass --out)")
+            snap = _found(batch_id, out, settings)
+            if snap.running:
+                fail(
+                    f"batch {batch_id} is still running ({snap.progress()}): its report is "
+                    "written when it finishes"
+                )
+            fail(
+                f"batch {batch_id} has not finished ({snap.status} · {snap.progress()}): its "
+                f"report is written when it does (`imagebatch retry {batch_id}` or the command "
+                "that started it resumes it)"
+            )
         click.echo(report.rebuild(store, batch_id, summary, previews=settings.report_previews))
 
 
