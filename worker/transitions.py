@@ -9,6 +9,7 @@ So a line finished by a webhook is logged and counted exactly like one finished 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, MutableMapping
 
 from worker.lines.records import TABLE, BatchStatus, LineRecord, LineStatus, Transition
@@ -50,6 +51,11 @@ def apply(
     )
     if not applied.applied:
         return applied
+    held = t.status is LineStatus.READY and meta.get("status") == BatchStatus.INTERRUPTED
+    if held and state.batch_status(rec.batch) != BatchStatus.INTERRUPTED:
+        # A hold decided on a record read before a resume landed after the resume released
+        # the window (it sets the status first, then releases): release this line too.
+        state.release(rec.provider, rec.member, time.time())
     if stats is not None:
         for name, amount in t.counts.items():
             if name not in IMMEDIATE_COUNTS:

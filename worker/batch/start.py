@@ -54,6 +54,9 @@ class Started:
     """The batch was already running in Redis: nothing was re-seeded."""
     complete: bool = False
     """Every line already has a row: only finalize is left."""
+    owner: str | None = None
+    """The token of the run that owns the batch now, when it is the caller's: only that run's
+    Ctrl-C interrupts it (a run that attached to a batch another process runs only follows)."""
 
 
 def check_batch_id(batch_id: str) -> str:
@@ -75,8 +78,11 @@ def start_batch(
     strict: bool = False,
     budget: Budget | None = None,
     on_line: Callable[[Line], None] | None = None,
+    owner: str | None = None,
 ) -> Started:
-    """Validate, archive, resume from what earlier runs stored, seed Redis, admit a window."""
+    """Validate, archive, resume from what earlier runs stored, seed Redis, admit a window.
+    ``owner``: the token of the ``run`` that starts (or resumes) the batch and may interrupt
+    it; None for a batch a fleet runs on its own (``submit``, ``retry`` without a terminal)."""
     state, settings = rt.state, rt.settings
     store = rt.store(out)
     live = state.batch(batch)
@@ -89,7 +95,7 @@ def start_batch(
             raise ConfigError(
                 f"batch {batch} writes to {live.get('out')}: pass --out {live.get('out')}"
             )
-        return _attach(rt, batch, live)
+        return _attach(rt, batch, live, owner)
     info = results.read_json(store, layout.info_key(batch))
     if info is not None and info.get("manifest_sha") not in (None, spooled.sha256):
         raise ConfigError(
@@ -163,24 +169,30 @@ def start_batch(
         "started_at": started_at,
         "runs": int((info or {}).get("runs", 0)) + 1,
         "estimate": json.dumps(plan.estimate.by_currency),
+        "owner": owner or "",
         **budget_fields,
     }
     state.seed(batch, record, counts, bytes(skip), prior)
     write_info(store, batch, record, counts)
     feeder.feed(rt, batch)
     done = int(counts["done"])
-    return Started(batch, plan, carried, retrying, complete=done >= plan.lines)
+    return Started(batch, plan, carried, retrying, complete=done >= plan.lines, owner=owner)
 
 
-def _attach(rt: Runtime, batch: str, live: dict[str, str]) -> Started:
+def _attach(rt: Runtime, batch: str, live: dict[str, str], owner: str | None) -> Started:
     """The batch is still in Redis: an interrupted one resumes in place (its held lines and
-    in-flight jobs are all still there); a running one is simply followed."""
+    in-flight jobs are all still there), owned by the caller; a running one is only followed.
+
+    A hold decided by a step that read the batch as interrupted can land after this release:
+    ``transitions.apply`` looks at the status again after such a hold and releases the line."""
+    resumed = None
     if live.get("status") == BatchStatus.INTERRUPTED:
-        rt.state.set_batch(batch, status=BatchStatus.RUNNING)
+        rt.state.set_batch(batch, status=BatchStatus.RUNNING, owner=owner or "")
         rt.state.release_held(batch, time.time())
         rt.state.wake("batch")
+        resumed = owner
     total = int(live.get("total", 0))
-    return Started(batch, Plan(lines=total, valid=total), attached=True)
+    return Started(batch, Plan(lines=total, valid=total), attached=True, owner=resumed)
 
 
 def window_size(rt: Runtime, plan: Plan) -> int:

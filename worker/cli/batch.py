@@ -47,10 +47,12 @@ from worker.cli.session import (
     budget_of,
     follow,
     header,
+    new_owner,
     prepared,
     print_rejection,
     print_summary,
 )
+from worker.lines.records import BatchStatus
 from worker.observability import metrics
 
 
@@ -86,7 +88,7 @@ def run(
             launched(settings, name, embedded_ok=True) as (rt, is_embedded),
             metrics.serving(rt),
         ):
-            started = begin(rt, ready, name, strict=strict, budget=budget)
+            started = begin(rt, ready, name, strict=strict, budget=budget, owner=new_owner())
             header(rt, started, name)
             where = (
                 f"embedded Redis · in-process worker (threads × {rt.settings.worker_concurrency})"
@@ -96,7 +98,7 @@ def run(
             out_console.print(
                 f"{where} · out → {rt.store(target).uri(started.batch)}/", markup=False
             )
-            snap = follow(rt, started.batch, target)
+            snap = follow(rt, started.batch, target, started.owner)
     sys.exit(print_summary(snap))
 
 
@@ -242,6 +244,12 @@ def retry(batch_id: str, out: str | None, provider: str | None, debug: bool) -> 
             raise ConfigError(f"no batch {shown(batch_id)} under {target} (pass --out)")
         name = choose_provider(settings, provider or info.get("provider"))
         with launched(settings, name, embedded_ok=True) as (rt, _):
+            live = status.from_redis(rt.state, batch_id)
+            if live is not None and not live.finished and live.status != BatchStatus.INTERRUPTED:
+                fail(
+                    f"batch {batch_id} is running ({status.describe(live)}): retry it once it "
+                    f"has finished; `imagebatch status {batch_id} --watch` follows it"
+                )
             spooled = spool(store.iter_chunks(layout.manifest_key(batch_id)))
             try:
                 started = start_batch(
@@ -251,6 +259,7 @@ def retry(batch_id: str, out: str | None, provider: str | None, debug: bool) -> 
                     out=target,
                     provider=name,
                     source=str(info.get("source", "")),
+                    owner=new_owner(),
                 )
             finally:
                 Path(spooled.path).unlink(missing_ok=True)
@@ -259,7 +268,7 @@ def retry(batch_id: str, out: str | None, provider: str | None, debug: bool) -> 
             click.echo(
                 f"retrying {started.retrying} lines of {store.uri(layout.manifest_key(batch_id))}"
             )
-            snap = follow(rt, batch_id, target)
+            snap = follow(rt, batch_id, target, started.owner)
     sys.exit(print_summary(snap))
 
 

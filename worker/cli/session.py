@@ -8,6 +8,7 @@ import shlex
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from jobs.validate import tally
 from worker.batch import control, estimate, finish, status
 from worker.batch.start import Budget, Started, check_batch_id, start_batch
 from worker.celery import tasks
-from worker.cli.output import err_console, out_console
+from worker.cli.output import err_console, notice, out_console
 from worker.cli.progress import Display
 from worker.redis.connect import Unavailable
 from worker.runtime import Runtime
@@ -125,8 +126,10 @@ def begin(
     *,
     strict: bool,
     budget: Budget | None,
+    owner: str | None = None,
 ) -> Started:
-    """Validate and start the batch (printing rejections); nothing is spent on error."""
+    """Validate and start the batch (printing rejections); nothing is spent on error.
+    ``owner``: this process's token, when it runs the batch and its Ctrl-C may interrupt it."""
     rt.provider(provider)
     started = start_batch(
         rt,
@@ -138,6 +141,7 @@ def begin(
         strict=strict,
         budget=budget,
         on_line=print_rejection(ready.manifest),
+        owner=owner,
     )
     if started.complete:
         tasks.send_finalize(started.batch)
@@ -203,14 +207,28 @@ def print_summary(snap: status.Snapshot) -> int:
     return snap.exit_code()
 
 
-def follow(rt: Runtime, batch: str, out: str) -> status.Snapshot:
-    """Wait for the batch as its user watches: Ctrl-C lands it; a Redis gone for too long
-    stops the command with the one that resumes it."""
+def new_owner() -> str:
+    """The token a ``run`` (or ``retry``) records as the owner of the batch it runs."""
+    return uuid.uuid4().hex
+
+
+def follow(rt: Runtime, batch: str, out: str, owner: str | None) -> status.Snapshot:
+    """Wait for the batch as its user watches: Ctrl-C lands it when this process owns its
+    run (``owner``), else only stops following it; a Redis gone for too long stops the
+    command with the one that resumes it."""
     try:
         with interruptible():
             return wait(rt, batch)
     except Interrupted as stop:
-        land(rt, batch, out, stop.code)
+        if owner is not None and control.interrupt(rt, batch, owner):
+            land(rt, batch, out, stop.code)
+        notice(
+            f"stopped following batch {batch}; it goes on, run by the process that started it "
+            f"(`imagebatch status {batch} --watch` follows it, `imagebatch cancel {batch}` "
+            "stops it)",
+            event="unfollowed",
+        )
+        sys.exit(stop.code)
     except RedisLost as lost:
         raise ConfigError(
             f"Redis has not answered for {lost.seconds:.0f}s (IMAGEBATCH_BROKER_URL; "
@@ -220,22 +238,25 @@ def follow(rt: Runtime, batch: str, out: str) -> status.Snapshot:
 
 
 def resume_command(argv: list[str], batch: str, out: str) -> str:
-    if "-" in argv[1:]:
-        return f"imagebatch retry {batch} --out {shlex.quote(out)}"
-    words = ["imagebatch", *argv[1:]]
-    if "--batch-id" not in words:
+    """The command that resumes the batch, as the user can type it: the same ``run`` or
+    ``submit`` (with the batch id), or ``retry BATCH --out OUT`` (a manifest read from stdin
+    is archived, and ``retry`` takes no --batch-id)."""
+    words = argv[1:]
+    if not words or words[0] not in ("run", "submit") or "-" in words:
+        return shlex.join(["imagebatch", "retry", batch, "--out", out])
+    if not any(word == "--batch-id" or word.startswith("--batch-id=") for word in words):
         words += ["--batch-id", batch]
-    return shlex.join(words)
+    return shlex.join(["imagebatch", *words])
 
 
 def land(rt: Runtime, batch: str, out: str, code: int) -> NoReturn:
-    """After Ctrl-C: no new submits; wait (up to the grace period) for paid jobs to land."""
-    control.interrupt(rt, batch)
+    """After Ctrl-C of the run that owns the batch (it is interrupted now): no new submits;
+    wait (up to the grace period) for paid jobs to land."""
     grace = rt.settings.interrupt_grace_s
-    err_console.print(
+    notice(
         f"interrupted: no new submits; waiting up to {grace:.0f}s for paid jobs to land "
         "(Ctrl-C again to stop now)",
-        markup=False,
+        event="interrupted",
     )
     deadline = time.monotonic() + grace
     try:
@@ -246,9 +267,8 @@ def land(rt: Runtime, batch: str, out: str, code: int) -> NoReturn:
         pass
     left = len(control.in_flight(rt, batch))
     note = f" ({left} jobs in flight will be picked up again)" if left else ""
-    err_console.print(
-        f"stopped{note}; resume with: {resume_command(sys.argv, batch, out)}", markup=False
-    )
+    command = resume_command(sys.argv, batch, out)
+    notice(f"stopped{note}; resume with: {command}", event="stopped", resume=command)
     sys.exit(code)
 
 

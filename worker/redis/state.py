@@ -113,6 +113,28 @@ class State:
     def set_batch(self, b: str, **values: Any) -> None:
         self.client.hset(keys.batch(b), mapping={k: _text(v) for k, v in values.items()})
 
+    def set_batch_if(self, b: str, name: str, expected: str, **values: Any) -> bool:
+        """Set ``values`` on the batch record only while its field ``name`` is ``expected``
+        (an owner's token), atomically; False when it is not."""
+        key = keys.batch(b)
+        with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    current: Any = pipe.hget(key, name)  # watching: answered at once
+                    if not expected or current != expected:
+                        pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    pipe.hset(key, mapping={k: _text(v) for k, v in values.items()})
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
+
+    def batch_status(self, b: str) -> str | None:
+        return self.client.hget(keys.batch(b), "status")
+
     def drop_batch_fields(self, b: str, *names: str) -> None:
         self.client.hdel(keys.batch(b), *names)
 
@@ -180,9 +202,13 @@ class State:
         released = 0
         for rec in self.lines(b):
             if rec.status is LineStatus.READY:
-                self.client.zadd(keys.ready(rec.provider), {rec.member: now})
-                released += 1
+                released += self.release(rec.provider, rec.member, now)
         return released
+
+    def release(self, provider: str, member: str, now: float) -> int:
+        """Make a waiting line due ``now`` if it is still waiting (``ZADD XX LT``: a line the
+        scheduler took meanwhile is not put back, a line due sooner is not delayed)."""
+        return int(self.client.zadd(keys.ready(provider), {member: now}, xx=True, lt=True, ch=True))
 
     def purge(self, b: str) -> None:
         """Delete every key of the batch except its record (which keeps the summary)."""
