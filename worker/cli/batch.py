@@ -85,20 +85,20 @@ def run(
         check_provider(settings, name)
         with (
             prepared(settings, manifest, target, batch_id, provider=name, strict=strict) as ready,
-            launched(settings, name, embedded_ok=True) as (rt, is_embedded),
+            launched(settings, name, embedded_ok=True) as (rt, own),
             metrics.serving(rt),
         ):
             started = begin(rt, ready, name, strict=strict, budget=budget, owner=new_owner())
             header(rt, started, name)
             where = (
                 f"embedded Redis · in-process worker (threads × {rt.settings.worker_concurrency})"
-                if is_embedded
+                if own is not None
                 else "broker · remote workers"
             )
             out_console.print(
                 f"{where} · out → {rt.store(target).uri(started.batch)}/", markup=False
             )
-            snap = follow(rt, started.batch, target, started.owner)
+            snap = follow(rt, started.batch, target, started.owner, own)
     sys.exit(print_summary(snap))
 
 
@@ -243,7 +243,7 @@ def retry(batch_id: str, out: str | None, provider: str | None, debug: bool) -> 
         if info is None or store.sha256_of(layout.manifest_key(batch_id)) is None:
             raise ConfigError(f"no batch {shown(batch_id)} under {target} (pass --out)")
         name = choose_provider(settings, provider or info.get("provider"))
-        with launched(settings, name, embedded_ok=True) as (rt, _):
+        with launched(settings, name, embedded_ok=True) as (rt, own):
             live = status.from_redis(rt.state, batch_id)
             if live is not None and not live.finished and live.status != BatchStatus.INTERRUPTED:
                 fail(
@@ -268,7 +268,7 @@ def retry(batch_id: str, out: str | None, provider: str | None, debug: bool) -> 
             click.echo(
                 f"retrying {started.retrying} lines of {store.uri(layout.manifest_key(batch_id))}"
             )
-            snap = follow(rt, batch_id, target, started.owner)
+            snap = follow(rt, batch_id, target, started.owner, own)
     sys.exit(print_summary(snap))
 
 

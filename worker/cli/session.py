@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from jobs.errors import ConfigError, ImagebatchError
 from jobs.manifest.parse import Line
@@ -33,6 +33,9 @@ from worker.cli.progress import Display
 from worker.redis.connect import Unavailable
 from worker.runtime import Runtime
 
+if TYPE_CHECKING:
+    from worker.celery.embedded import EmbeddedRedis
+
 FOLLOW_S = 0.25
 """How often a run reads its batch's progress (a few Redis reads): it ends this soon after
 the batch does. The display prints at its own pace."""
@@ -44,6 +47,15 @@ class RedisLost(Exception):
     def __init__(self, seconds: float) -> None:
         super().__init__(seconds)
         self.seconds = seconds
+
+
+class OwnRedisGone(Exception):
+    """The embedded Redis this run started has ended: nothing can bring it (and the batch's
+    live state in it) back, so there is nothing to wait for."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__(how)
+        self.how = how
 
 
 class Interrupted(Exception):
@@ -165,16 +177,21 @@ def header(rt: Runtime, started: Started, provider: str) -> None:
         )
 
 
-def wait(rt: Runtime, batch: str) -> status.Snapshot:
-    """Block until the batch is finalized, showing progress the way the output can take it."""
+def wait(rt: Runtime, batch: str, own: EmbeddedRedis | None = None) -> status.Snapshot:
+    """Block until the batch is finalized, showing progress the way the output can take it.
+    ``own``: the embedded Redis this run started, whose end is noticed at once."""
     display = Display(out_console, rt.settings.progress_interval_s)
     lost_since: float | None = None
     with display:
         while True:
+            if own is not None and (how := own.gone()):
+                raise OwnRedisGone(how)
             try:
                 snap = status.from_redis(rt.state, batch)
                 lost_since = None
             except Unavailable:
+                if own is not None and (how := own.gone()):
+                    raise OwnRedisGone(how) from None
                 lost_since = lost_since or time.monotonic()
                 if time.monotonic() - lost_since > rt.settings.redis_outage_s:
                     raise RedisLost(time.monotonic() - lost_since) from None
@@ -212,13 +229,15 @@ def new_owner() -> str:
     return uuid.uuid4().hex
 
 
-def follow(rt: Runtime, batch: str, out: str, owner: str | None) -> status.Snapshot:
+def follow(
+    rt: Runtime, batch: str, out: str, owner: str | None, own: EmbeddedRedis | None = None
+) -> status.Snapshot:
     """Wait for the batch as its user watches: Ctrl-C lands it when this process owns its
-    run (``owner``), else only stops following it; a Redis gone for too long stops the
-    command with the one that resumes it."""
+    run (``owner``), else only stops following it; a Redis gone for too long (or this run's
+    own embedded Redis gone at all) stops the command with the one that resumes it."""
     try:
         with interruptible():
-            return wait(rt, batch)
+            return wait(rt, batch, own)
     except Interrupted as stop:
         if owner is not None and control.interrupt(rt, batch, owner):
             land(rt, batch, out, stop.code)
@@ -229,10 +248,16 @@ def follow(rt: Runtime, batch: str, out: str, owner: str | None) -> status.Snaps
             event="unfollowed",
         )
         sys.exit(stop.code)
-    except RedisLost as lost:
+    except OwnRedisGone as gone:
         raise ConfigError(
-            f"Redis has not answered for {lost.seconds:.0f}s (IMAGEBATCH_BROKER_URL; "
-            "IMAGEBATCH_REDIS_OUTAGE_S); nothing is lost: when it is back, resume with: "
+            f"the embedded Redis this run started has stopped ({gone.how}); the images and "
+            f"rows stored so far are kept: resume with: {resume_command(sys.argv, batch, out)}"
+        ) from None
+    except RedisLost as lost:
+        which = "the embedded Redis" if own is not None else "Redis (IMAGEBATCH_BROKER_URL)"
+        raise ConfigError(
+            f"{which} has not answered for {lost.seconds:.0f}s (IMAGEBATCH_REDIS_OUTAGE_S); "
+            "nothing is lost: when it is back, resume with: "
             f"{resume_command(sys.argv, batch, out)}"
         ) from None
 
