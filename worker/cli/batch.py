@@ -8,6 +8,7 @@ and the fix; ``--debug`` shows the traceback); 130/143 interrupted (the same com
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -41,7 +42,7 @@ from worker.cli.options import (
     usd_opt,
     user_errors,
 )
-from worker.cli.output import out_console
+from worker.cli.output import notice, out_console
 from worker.cli.session import (
     begin,
     budget_of,
@@ -54,6 +55,8 @@ from worker.cli.session import (
 )
 from worker.lines.records import BatchStatus
 from worker.observability import metrics
+from worker.redis.connect import Unavailable, connect
+from worker.redis.state import State
 
 
 @click.command()
@@ -142,17 +145,18 @@ def submit(
     click.echo(started.batch)
 
 
-def _snapshot(batch_id: str, out: str | None, settings: CoreSettings) -> status.Snapshot | None:
-    """From Redis when a broker is configured and knows the batch, else from the output store."""
+def _snapshot(
+    batch_id: str, out: str | None, settings: CoreSettings, *, ride_out: bool = False
+) -> status.Snapshot | None:
+    """From Redis when a broker is configured and knows the batch, else from the output store.
+    A Redis that does not answer sends the question to the store, unless ``ride_out`` (a
+    watch: the store is not live) or there is no --out to look in: then ``Unavailable``."""
     if settings.broker_url or settings.redis_url:
-        from worker.redis.connect import Unavailable, connect
-        from worker.redis.state import State
-
         state = State(connect(settings))
         try:
             snap = status.from_redis(state, batch_id)
         except Unavailable:
-            if not out:
+            if ride_out or not out:
                 raise
             snap = None
         finally:
@@ -161,6 +165,43 @@ def _snapshot(batch_id: str, out: str | None, settings: CoreSettings) -> status.
             return snap
 
     return status.from_store(open_store(absolute_out(out or settings.out), settings), batch_id)
+
+
+WATCH_S = 2.0
+"""How often ``status --watch`` reads the batch."""
+
+
+def _watched(batch_id: str, out: str | None, settings: CoreSettings) -> status.Snapshot:
+    """The batch's next snapshot for a watch, riding out a Redis that stops answering for up
+    to IMAGEBATCH_REDIS_OUTAGE_S, as workers and ``run`` do (a blip is not the batch's end)."""
+    lost_since: float | None = None
+    while True:
+        try:
+            snap = _snapshot(batch_id, out, settings, ride_out=True)
+        except Unavailable as exc:
+            now = time.monotonic()
+            if lost_since is None:
+                lost_since = now
+                notice(
+                    f"Redis is not answering ({type(exc).__name__}); waiting up to "
+                    f"{settings.redis_outage_s:.0f}s for it (IMAGEBATCH_REDIS_OUTAGE_S)",
+                    event="redis_unavailable",
+                    level=logging.WARNING,
+                    prefix="warning: ",
+                )
+            elif now - lost_since > settings.redis_outage_s:
+                raise ConfigError(
+                    f"Redis has not answered for {now - lost_since:.0f}s: check "
+                    "IMAGEBATCH_BROKER_URL and that it runs (IMAGEBATCH_REDIS_OUTAGE_S)"
+                ) from None
+            time.sleep(1.0)
+            continue
+        if lost_since is not None:
+            notice("Redis answers again", event="redis_available", prefix="note: ")
+        if snap is None:
+            where = absolute_out(out or settings.out)
+            fail(f"no batch {shown(batch_id)} in Redis or under {where} (pass --out)")
+        return snap
 
 
 @click.command(name="status")
@@ -177,14 +218,11 @@ def status_command(
     with user_errors():
         settings = settings_from_env()
         while True:
-            snap = _snapshot(batch_id, out, settings)
-            if snap is None:
-                where = absolute_out(out or settings.out)
-                fail(f"no batch {shown(batch_id)} in Redis or under {where} (pass --out)")
+            snap = _watched(batch_id, out, settings) if watch else _found(batch_id, out, settings)
             click.echo(status.describe(snap))
             if not watch or snap.finished or snap.status in ("stopped", "interrupted"):
                 break
-            time.sleep(2)
+            time.sleep(WATCH_S)
     if exit_status:
         sys.exit(snap.exit_code() if snap.finished else 1)
 
