@@ -9,7 +9,7 @@ from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING
 
 from jobs import providers
-from jobs.errors import ConfigError
+from jobs.errors import BatchStop, ConfigError
 from jobs.settings import CoreSettings
 from worker import runtime
 from worker.celery.app import configure
@@ -63,10 +63,21 @@ def launched(
 
 
 def check_provider(settings: CoreSettings, name: str) -> None:
-    """The provider is configured to be reached (base URL, key), before anything starts;
-    the built-in simulator that ``launched`` starts for an embedded run needs neither."""
+    """The provider is configured to be reached (base URL, key) and, where it has a free call
+    for it, takes the key, before anything starts: a wrong key is one line and exit 2, not a
+    paid 401 per line. The built-in simulator that ``launched`` starts for an embedded run
+    needs neither."""
     spec = settings.provider_spec(name)
     config = settings.provider_config(name)
     if spec.builtin_simulator and settings.broker_url is None and not config.base_url:
         return
-    providers.create(name, settings).close()
+    adapter = providers.create(name, settings)
+    try:
+        adapter.check_key()
+    except BatchStop as exc:
+        raise ConfigError(
+            f"{name} refused the key in IMAGEBATCH_{name.upper()}_API_KEY ({exc.message}): "
+            "set the account's API key; nothing was submitted"
+        ) from None
+    finally:
+        adapter.close()

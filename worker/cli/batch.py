@@ -281,6 +281,7 @@ def retry(batch_id: str, out: str | None, provider: str | None, debug: bool) -> 
         if info is None or store.sha256_of(layout.manifest_key(batch_id)) is None:
             raise ConfigError(f"no batch {shown(batch_id)} under {target} (pass --out)")
         name = choose_provider(settings, provider or info.get("provider"))
+        check_provider(settings, name)
         with launched(settings, name, embedded_ok=True) as (rt, own):
             live = status.from_redis(rt.state, batch_id)
             if live is not None and not live.finished and live.status != BatchStatus.INTERRUPTED:

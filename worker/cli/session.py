@@ -4,6 +4,7 @@ it on Ctrl-C. ``run`` and ``submit`` are these steps in different orders; the CL
 
 from __future__ import annotations
 
+import logging
 import shlex
 import signal
 import sys
@@ -220,6 +221,16 @@ def print_summary(snap: status.Snapshot) -> int:
             f"warning: {summary['ambiguous_submits']} submits may have been "
             "billed twice (connection lost after sending)",
             markup=False,
+        )
+    if summary.get("stop_reason") == "auth":
+        names = sorted(summary.get("by_provider") or {}) or ["<name>"]
+        settings = " or ".join(f"IMAGEBATCH_{name.upper()}_API_KEY" for name in names)
+        notice(
+            f"the provider refused the key, and the lines not yet sent were not sent: set "
+            f"the account's key in {settings}; the same command runs them",
+            event="key_refused",
+            level=logging.ERROR,
+            prefix="stopped: ",
         )
     return snap.exit_code()
 
