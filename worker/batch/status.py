@@ -17,7 +17,7 @@ from jobs.output import layout, results
 from jobs.pricing import Money
 from jobs.storage import Store
 from worker.lines.records import BatchStatus
-from worker.redis.state import State
+from worker.redis.state import State, Window
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ class Snapshot:
     recorded: str = ""
     """The status the record itself says: ``running`` in the store is a batch whose run has
     not written its end (still running elsewhere, or stopped without a word)."""
+    window: Window | None = None
+    """Where the unfinished lines in Redis wait (live snapshots only)."""
 
     @property
     def finished(self) -> bool:
@@ -64,8 +66,25 @@ class Snapshot:
         return f"{self.done}/{self.total if self.total is not None else '?'} done"
 
     @property
-    def in_progress(self) -> int:
+    def left(self) -> int:
+        """Lines without a row yet."""
         return max(0, (self.total or 0) - self.done) if not self.finished else 0
+
+    def breakdown(self) -> tuple[int, int, int] | None:
+        """(waiting, submitted, storing) of the lines left: not yet submitted (in the window
+        or still in the manifest), bought and being generated, images being stored."""
+        if self.window is None or self.finished:
+            return None
+        submitted, storing = self.window.flight, self.window.store
+        return max(0, self.left - submitted - storing), submitted, storing
+
+    def pending(self) -> str:
+        """``3 waiting · 4 submitted · 1 storing`` live, ``8 left`` from a record."""
+        counts = self.breakdown()
+        if counts is None:
+            return f"{self.left} left"
+        waiting, submitted, storing = counts
+        return f"{waiting} waiting · {submitted} submitted · {storing} storing"
 
     def elapsed_s(self) -> float | None:
         if not self.started_at:
@@ -107,6 +126,7 @@ def from_redis(state: State, batch: str) -> Snapshot | None:
     if summary is not None:
         return from_summary(summary, meta.get("status", BatchStatus.FINISHED), "redis")
     counts = state.counters(batch)
+    window = state.window(batch)
     money = Money(
         {k.removeprefix("credits:"): v for k, v in counts.items() if k.startswith("credits:")}
     )
@@ -127,6 +147,7 @@ def from_redis(state: State, batch: str) -> Snapshot | None:
         throttled=int(counts.get("throttled", 0)),
         estimate=Money(json.loads(meta.get("estimate") or "{}")),
         recorded=meta.get("status", BatchStatus.RUNNING),
+        window=window,
     )
 
 
@@ -227,8 +248,8 @@ def listing(store: Store) -> Iterator[Snapshot]:
 
 
 def describe(snap: Snapshot) -> str:
-    """One line: ``ID: state · 12/20 done · 10 succeeded · 1 failed · 1 rejected · 8 in
-    progress · 300 credits · ETA 41s · out s3://bucket/runs/ID``."""
+    """One line: ``ID: state · 12/20 done · 10 succeeded · 1 failed · 1 rejected · 3 waiting
+    · 4 submitted · 1 storing · 300 credits · ETA 41s · out s3://bucket/runs/ID``."""
     total = snap.total if snap.total is not None else "?"
     parts = [
         f"{snap.batch_id}: {snap.status}",
@@ -237,8 +258,8 @@ def describe(snap: Snapshot) -> str:
         f"{snap.failed} failed",
         f"{snap.rejected} rejected",
     ]
-    if snap.in_progress and not snap.finished:
-        parts.append(f"{snap.in_progress} in progress")
+    if snap.left:
+        parts.append(snap.pending())
     parts.append(snap.money.describe())
     eta = snap.eta_s()
     if eta is not None:

@@ -43,6 +43,7 @@ from worker.cli.options import (
     user_errors,
 )
 from worker.cli.output import notice, out_console
+from worker.cli.progress import Display
 from worker.cli.session import (
     begin,
     budget_of,
@@ -204,6 +205,29 @@ def _watched(batch_id: str, out: str | None, settings: CoreSettings) -> status.S
         return snap
 
 
+def _watch(batch_id: str, out: str | None, settings: CoreSettings) -> status.Snapshot:
+    """Follow the batch until it ends: its line now, then progress as ``run`` shows it (a bar
+    on a terminal; piped, a record every IMAGEBATCH_PROGRESS_INTERVAL_S and at each 10 %),
+    then its line at the end."""
+
+    def ended(snap: status.Snapshot) -> bool:
+        return snap.finished or snap.status in ("stopped", "interrupted")
+
+    snap = _watched(batch_id, out, settings)
+    click.echo(status.describe(snap))
+    if ended(snap):
+        return snap
+    with Display(out_console, settings.progress_interval_s) as display:
+        while True:
+            time.sleep(WATCH_S)
+            snap = _watched(batch_id, out, settings)
+            if ended(snap):
+                break
+            display.update(snap)
+    click.echo(status.describe(snap))
+    return snap
+
+
 @click.command(name="status")
 @click.argument("batch_id")
 @out_opt
@@ -217,12 +241,9 @@ def status_command(
     set_debug(debug)
     with user_errors():
         settings = settings_from_env()
-        while True:
-            snap = _watched(batch_id, out, settings) if watch else _found(batch_id, out, settings)
+        snap = _watch(batch_id, out, settings) if watch else _found(batch_id, out, settings)
+        if not watch:
             click.echo(status.describe(snap))
-            if not watch or snap.finished or snap.status in ("stopped", "interrupted"):
-                break
-            time.sleep(WATCH_S)
     if exit_status:
         sys.exit(snap.exit_code() if snap.finished else 1)
 

@@ -33,7 +33,7 @@ def record(snap: Snapshot, waiting_for_storage: bool = False) -> str:
         f"{snap.succeeded} succeeded",
         f"{snap.failed} failed",
         f"{snap.rejected} rejected",
-        f"{snap.in_progress} in progress",
+        snap.pending(),
         cost,
         eta_text(snap.eta_s()),
     ]

@@ -64,6 +64,18 @@ class BatchView:
 
 
 @dataclass(frozen=True)
+class Window:
+    """A batch's lines in Redis by where they wait (``records.TABLE`` homes)."""
+
+    ready: int
+    """READY: admitted, not submitted (or waiting to be submitted again)."""
+    flight: int
+    """SUBMITTING or SUBMITTED: holding a provider slot, bought or being bought."""
+    store: int
+    """FETCHED: the images are ready and being stored."""
+
+
+@dataclass(frozen=True)
 class ProviderView:
     provider: str
     in_flight: int
@@ -181,6 +193,28 @@ class State:
         pipe.sadd(keys.BATCHES, b)
         pipe.lpush(keys.WAKE, "batch")
         pipe.execute()
+
+    def window(self, b: str) -> Window:
+        """The batch's lines by where they wait, in two round trips whatever the window's size:
+        the providers, then one pipeline reading their sorted sets (a window's worth of
+        members each; never a read per line)."""
+        providers = sorted(self.client.smembers(keys.PROVIDERS))
+        pipe = self.client.pipeline(transaction=False)
+        for provider in providers:
+            pipe.zrange(keys.ready(provider), 0, -1)
+            pipe.zrange(keys.flight(provider), 0, -1)
+        pipe.zrange(keys.STORE, 0, -1)
+        answers = pipe.execute()
+        prefix = keys.member(b, 0).rsplit(" ", 1)[0] + " "
+
+        def mine(members: list[str]) -> int:
+            return sum(1 for member in members if member.startswith(prefix))
+
+        return Window(
+            ready=sum(mine(members) for members in answers[0:-1:2]),
+            flight=sum(mine(members) for members in answers[1:-1:2]),
+            store=mine(answers[-1]),
+        )
 
     def line_count(self, b: str) -> int:
         """Line records of the batch in Redis right now (the window's occupancy, for tests)."""

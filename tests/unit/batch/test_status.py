@@ -9,9 +9,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from jobs.output import layout
 from jobs.storage import LocalStore
+from tests.runtime_support import put_line, record, seed_batch, text_client
 from worker.batch import status
+from worker.lines.records import LineStatus
+from worker.redis.state import State
 
 
 def write_info(store: LocalStore, batch: str, info: dict[str, Any] | str) -> None:
@@ -67,3 +72,35 @@ def test_one_unreadable_record_does_not_hide_the_other_batches_from_ls(tmp_path:
     ids = [line.split(":")[0] for line in lines]
     assert ids[:2] == ["good", "old"], lines
     assert set(ids) <= {"good", "old", "odd"}, lines
+
+
+def test_a_live_snapshot_separates_waiting_submitted_and_storing_lines(
+    redis_url: str, redis_client: redis.Redis[Any]
+) -> None:
+    """The defect: "in progress" counted every line without a row, the 300 not yet submitted
+    too. Now the lines left are split by where they wait."""
+    state = State(text_client(redis_url))
+    try:
+        # Given a batch of 10: 2 done, 2 ready in the window, 2 bought, 1 being stored (and the
+        # rest still in the manifest), beside another batch with lines of its own
+        seed_batch(state, "b1", total=10)
+        state.add_counts("b1", done=2, succeeded=2)
+        homes = [LineStatus.READY] * 2 + [LineStatus.SUBMITTING, LineStatus.SUBMITTED]
+        homes.append(LineStatus.FETCHED)
+        for idx, line_status in enumerate(homes):
+            put_line(state, record(idx, batch="b1", status=line_status))
+        seed_batch(state, "b10", total=5)
+        for idx, line_status in enumerate([LineStatus.READY, LineStatus.SUBMITTED]):
+            put_line(state, record(idx, batch="b10", status=line_status))
+        # When status reads it
+        snap = status.from_redis(state, "b1")
+    finally:
+        state.close()
+    # Then 5 are waiting (2 in the window, 3 in the manifest), 2 submitted, 1 storing
+    assert snap is not None and snap.breakdown() == (5, 2, 1)
+    text = status.describe(snap)
+    assert (
+        "2/10 done · 2 succeeded · 0 failed · 0 rejected · 5 waiting · 2 submitted · 1 storing"
+        in text
+    )
+    assert "in progress" not in text
