@@ -156,8 +156,8 @@ def test_a_piped_run_prints_progress_records_and_status_and_ls_answer_after_it_e
         assert m["batch"] == "cranes" and int(m["total"]) == LINES
         assert int(m["pct"]) == 100 * int(m["done"]) // LINES
         assert int(m["ok"]) + int(m["failed"]) + int(m["rejected"]) == int(m["done"])
-        left = [int(m[name]) for name in ("waiting", "submitted", "storing")]
-        assert sum(left) == LINES - int(m["done"]), s.text
+        pending = [int(m[name]) for name in ("waiting", "submitted", "storing")]
+        assert sum(pending) == LINES - int(m["done"]), s.text
         assert int(m["submitted"]) <= 2, s.text  # the account's 2 in flight
         assert float(m["credits"]) == 4 * int(m["ok"]), s.text  # low quality: 4 credits each
         if 0 < int(m["ok"]) < LINES:
