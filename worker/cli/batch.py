@@ -55,7 +55,7 @@ from worker.cli.session import (
     print_summary,
 )
 from worker.lines.records import BatchStatus
-from worker.observability import metrics
+from worker.observability import logs, metrics
 from worker.redis.connect import Unavailable, connect
 from worker.redis.state import State
 
@@ -241,6 +241,7 @@ def status_command(
     set_debug(debug)
     with user_errors():
         settings = settings_from_env()
+        logs.set_batch(batch_id)
         snap = _watch(batch_id, out, settings) if watch else _found(batch_id, out, settings)
         if not watch:
             click.echo(status.describe(snap))
@@ -296,6 +297,7 @@ def retry(batch_id: str, out: str | None, provider: str | None, debug: bool) -> 
 
     with user_errors():
         settings = settings_from_env()
+        logs.set_batch(batch_id)
         target = absolute_out(out or settings.out)
         store = open_store(target, settings)
         info = results.read_json(store, layout.info_key(batch_id))

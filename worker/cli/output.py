@@ -45,3 +45,10 @@ def notice(
 def result(text: str) -> None:
     """One line of the command's result, on stdout."""
     out_console.print(text, markup=False)
+
+
+def event(text: str, *, event: str, **fields: Any) -> None:
+    """What stdout already says as a result line (a batch started, finished), also as a
+    record in a JSON log, so the log alone tells the batch's story; nothing in text mode."""
+    if _mode["json"]:
+        log.info("%s", text, extra={"event": event, **fields})

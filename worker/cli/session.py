@@ -29,8 +29,9 @@ from jobs.validate import tally
 from worker.batch import control, estimate, finish, status
 from worker.batch.start import Budget, Started, check_batch_id, start_batch
 from worker.celery import tasks
-from worker.cli.output import err_console, notice, out_console
+from worker.cli.output import event, notice, out_console
 from worker.cli.progress import Display
+from worker.observability import logs
 from worker.redis.connect import Unavailable
 from worker.runtime import Runtime
 
@@ -70,9 +71,14 @@ class Interrupted(Exception):
 def print_rejection(source: str) -> Callable[[Line], None]:
     def show(line: Line) -> None:
         if line.rejection is not None:
-            err_console.print(
-                f"{shown(source)}:{line.number}: rejected: {shown(line.rejection.message, 300)}",
-                markup=False,
+            reason = shown(line.rejection.message, 300)
+            notice(
+                f"{shown(source)}:{line.number}: rejected: {reason}",
+                event="rejected",
+                level=logging.WARNING,
+                line=line.number,
+                line_id=line.id,
+                reason=reason,
             )
 
     return show
@@ -114,6 +120,7 @@ def prepared(
     spooled = spool(read_chunks(manifest, settings))
     try:
         batch = check_batch_id(batch_id or default_batch_id(manifest, spooled.sha256))
+        logs.set_batch(batch)
         if strict:
             checked = tally(
                 file_chunks(spooled.path),
@@ -164,10 +171,20 @@ def begin(
 def header(rt: Runtime, started: Started, provider: str) -> None:
     plan = started.plan
     spec = REGISTRY[provider]
-    out_console.print(
+    text = (
         f"batch {started.batch} · {plan.lines} lines ({plan.valid} valid, {plan.rejected} "
-        f"rejected) · {provider} ({spec.description}) · est. {plan.estimate.describe()}",
-        markup=False,
+        f"rejected) · {provider} ({spec.description}) · est. {plan.estimate.describe()}"
+    )
+    out_console.print(text, markup=False)
+    event(
+        text,
+        event="started",
+        lines=plan.lines,
+        valid=plan.valid,
+        rejected=plan.rejected,
+        provider=provider,
+        estimate=dict(plan.estimate.by_currency),
+        attached=started.attached,
     )
     if started.attached:
         out_console.print("already running: following it", markup=False)
@@ -211,16 +228,29 @@ def wait(rt: Runtime, batch: str, own: EmbeddedRedis | None = None) -> status.Sn
 
 def print_summary(snap: status.Snapshot) -> int:
     summary = snap.summary or {}
-    out_console.print(
+    text = (
         f"done · {snap.succeeded} succeeded · {snap.failed} failed · {snap.rejected} rejected · "
-        f"{snap.money.describe()} · {summary.get('results_uri')}",
-        markup=False,
+        f"{snap.money.describe()} · {summary.get('results_uri')}"
+    )
+    out_console.print(text, markup=False)
+    event(
+        text,
+        event="finished",
+        succeeded=snap.succeeded,
+        failed=snap.failed,
+        rejected=snap.rejected,
+        cost=dict(snap.money.by_currency),
+        results_uri=summary.get("results_uri"),
+        stop_reason=summary.get("stop_reason"),
     )
     if summary.get("ambiguous_submits"):
-        out_console.print(
-            f"warning: {summary['ambiguous_submits']} submits may have been "
-            "billed twice (connection lost after sending)",
-            markup=False,
+        notice(
+            f"{summary['ambiguous_submits']} submits may have been billed twice (connection "
+            "lost after sending)",
+            event="ambiguous_submits",
+            level=logging.WARNING,
+            prefix="warning: ",
+            ambiguous_submits=summary["ambiguous_submits"],
         )
     if summary.get("stop_reason") == "auth":
         names = sorted(summary.get("by_provider") or {}) or ["<name>"]
