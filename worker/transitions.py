@@ -51,7 +51,7 @@ def apply(
     )
     if not applied.applied:
         return applied
-    held = t.status is LineStatus.READY and meta.get("status") == BatchStatus.INTERRUPTED
+    held = t.status is LineStatus.READY and t.outcome == "held"  # steps: batch interrupted
     if held and state.batch_status(rec.batch) != BatchStatus.INTERRUPTED:
         # A hold decided on a record read before a resume landed after the resume released
         # the window (it sets the status first, then releases): release this line too.
