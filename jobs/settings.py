@@ -11,15 +11,20 @@ edit here.
 
 from __future__ import annotations
 
+import difflib
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from dotenv import dotenv_values
 from pydantic import Field, SecretStr, create_model
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jobs.registry import REGISTRY, ProviderSpec
 
-__all__ = ["PROVIDER_NAMES", "ProviderConfig", "Settings"]
+__all__ = ["PROVIDER_NAMES", "ProviderConfig", "Settings", "unknown_settings"]
 
 WEBHOOK_PATH = "/webhooks/apiframe"
 """Where ``imagebatch webhook`` receives APIFrame's deliveries, under ``IMAGEBATCH_WEBHOOK_URL``."""
@@ -240,3 +245,35 @@ else:
     Settings = create_model("Settings", __base__=CoreSettings, **_provider_fields())
     """The one settings class: ``CoreSettings`` plus every provider's generated fields."""
     Settings.__doc__ = CoreSettings.__doc__
+
+
+PREFIX = "IMAGEBATCH_"
+
+
+def unknown_settings(
+    environ: Mapping[str, str] | None = None, env_file: str | Path | None = ".env"
+) -> list[str]:
+    """A warning for each ``IMAGEBATCH_*`` variable (environment or ``.env``) that no setting
+    reads: pydantic-settings ignores them, so a typo (``IMAGEBATCH_MAX_ATEMPTS``) would
+    otherwise run with the default without a word. Each names the closest real setting."""
+    known = {PREFIX + name.upper() for name in Settings.model_fields}
+    found: dict[str, str] = {}
+    if env_file is not None and Path(env_file).is_file():
+        for name in dotenv_values(env_file):
+            found.setdefault(name.upper(), f" in {env_file}")
+    for name in os.environ if environ is None else environ:
+        found[name.upper()] = ""
+    warnings = []
+    for name, where in sorted(found.items()):
+        if not name.startswith(PREFIX) or name in known:
+            continue
+        suffix = name.removeprefix(PREFIX)
+        names = {k.removeprefix(PREFIX): k for k in known}
+        close = difflib.get_close_matches(suffix, list(names), n=1, cutoff=0.6)
+        if close:
+            hint = f"did you mean {names[close[0]]}?"
+        else:
+            best = max(names, key=lambda k: difflib.SequenceMatcher(None, suffix, k).ratio())
+            hint = f"no setting is called that; the closest is {names[best]}"
+        warnings.append(f"{name}{where} is not an imagebatch setting and is ignored ({hint})")
+    return warnings

@@ -59,6 +59,11 @@ def apply(
     )
     if not applied.applied:
         return applied
+    held = t.status is LineStatus.READY and t.outcome == "held"  # steps: batch interrupted
+    if held and state.batch_status(rec.batch) != BatchStatus.INTERRUPTED:
+        # A hold decided on a record read before a resume landed after the resume released
+        # the window (it sets the status first, then releases): release this line too.
+        state.release(rec, time.time())
     if stats is not None:
         for name, amount in t.counts.items():
             if name not in IMMEDIATE_COUNTS:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from jobs.manifest.parse import content, physical_lines
+from jobs.manifest.parse import BOM, content, physical_lines
 
 ReadRange = Callable[[int, int], bytes | None]
 """``read(start, end)``: bytes ``start`` to ``end`` (exclusive) of the manifest."""
@@ -38,11 +38,8 @@ class BacklogLine:
     data: bytes | None
     end: int
     """Byte offset just past its newline: the cursor after this line."""
-
-    @property
-    def raw(self) -> bytes:
-        """The line as written (for failed.jsonl); empty for one over the size cap."""
-        return self.data or b""
+    start: int = 0
+    """Byte offset of its first byte."""
 
 
 def _chunks(read: ReadRange, offset: int, size: int) -> Iterator[bytes]:
@@ -57,11 +54,27 @@ def _chunks(read: ReadRange, offset: int, size: int) -> Iterator[bytes]:
 
 def lines_from(read: ReadRange, cursor: Cursor, chunk: int = CHUNK) -> Iterator[BacklogLine]:
     """Every counted line from ``cursor`` on, reading ``chunk`` bytes at a time."""
-    idx = cursor.idx
+    idx, start = cursor.idx, cursor.offset
     chunks = _chunks(read, cursor.offset, chunk)
     for number, raw, end in physical_lines(chunks, cursor.offset, cursor.line):
         data = raw if raw is None else content(number, raw)
+        begins, start = start, end
         if raw is not None and data is None:
             continue
-        yield BacklogLine(idx, number, data, end)
+        yield BacklogLine(idx, number, data, end, begins)
         idx += 1
+
+
+def original(read: ReadRange, line: BacklogLine, chunk: int = CHUNK) -> Iterator[bytes]:
+    """The line as written, for failed.jsonl: its text, or for a line over the size cap (never
+    held whole) its bytes streamed from the manifest, line end included."""
+    if line.data is not None:
+        yield line.data
+        return
+    offset = line.start
+    while offset < line.end:
+        data = read(offset, min(line.end, offset + chunk)) or b""
+        if not data:
+            return
+        yield data.removeprefix(BOM) if offset == 0 else data
+        offset += len(data)

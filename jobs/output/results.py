@@ -9,7 +9,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from jobs.output.layout import failed_key, results_key
 from jobs.pricing import Money, ProviderTotal, money_of
@@ -60,15 +60,16 @@ def write_results(
     store: Store,
     batch: str,
     rows: Iterable[tuple[int, str]],
-    manifest_lines: Iterator[bytes],
+    manifest_lines: Iterator[Iterable[bytes]],
     unit_of: Callable[[str], str],
     total: int,
 ) -> Tally:
     """Stream rows (index order) into results.jsonl, and the failed and rejected lines, with
     their reason in a ``#`` comment the manifest reader skips, into failed.jsonl.
 
-    ``manifest_lines`` yields the archived manifest's counted lines in order (their original
-    bytes), so a line in failed.jsonl is exactly what the user wrote, ready to fix.
+    ``manifest_lines`` yields the archived manifest's counted lines in order (each its original
+    bytes, in chunks: a line over the size cap is copied without being held), so a line in
+    failed.jsonl is exactly what the user wrote, ready to fix.
     Raises ``IncompleteBatch`` when a counted line has no row.
     """
     tally = Tally()
@@ -82,14 +83,12 @@ def write_results(
                     raise IncompleteBatch(f"line index {expected} has no result row")
                 expected += 1
                 row = json.loads(text)
-                original = next(manifest_lines, b"")
+                original = next(manifest_lines, ())
                 tally.add(row, unit_of)
                 out.write(text + "\n")
                 if row["status"] != "succeeded":
-                    error = row.get("error") or {}
-                    reason = f"{error.get('type')}: {error.get('message')}".replace("\n", " ")
-                    bad.write(f"# line {row['line']}: {row['status']}: {reason}\n".encode())
-                    bad.write(original.rstrip(b"\r\n") + b"\n")
+                    bad.write(f"{failure_comment(row)}\n".encode())
+                    _copy_line(original, bad)
             if expected != total:
                 raise IncompleteBatch(f"{total - expected} lines have no result row")
         store.put_file(results_key(batch), out_path, "application/x-ndjson")
@@ -98,6 +97,27 @@ def write_results(
         os.unlink(out_path)
         os.unlink(bad_path)
     return tally
+
+
+def failure_comment(row: Mapping[str, Any]) -> str:
+    """``# line 3: rejected: why`` (a rejection's type is its status: said once), or
+    ``# line 5: failed (timeout): why``."""
+    error = row.get("error") or {}
+    kind = error.get("type")
+    status = str(row["status"])
+    said = status if kind in (None, status) else f"{status} ({kind})"
+    reason = str(error.get("message")).replace("\r", " ").replace("\n", " ")
+    return f"# line {row['line']}: {said}: {reason}"
+
+
+def _copy_line(chunks: Iterable[bytes], out: BinaryIO) -> None:
+    """Write one line from its chunks, with exactly one ``\n`` at its end."""
+    pending = b""
+    for chunk in chunks:
+        data = pending + chunk
+        out.write(data[:-2])
+        pending = data[-2:]
+    out.write(pending.rstrip(b"\r\n") + b"\n")
 
 
 class IncompleteBatch(RuntimeError):

@@ -16,7 +16,7 @@ import httpx
 from jobs.errors import JobFailed, TransientProviderError
 from jobs.manifest.request import ImageRequest, overridden
 from jobs.providers.base import Artifact, Finished, Pending, PollOutcome, SubmitOutcome, Submitted
-from jobs.providers.http import check, json_object, make_client, send
+from jobs.providers.http import KeyGate, check, json_object, key_check, make_client, send
 from jobs.registry import REGISTRY
 from jobs.settings import ProviderConfig
 from jobs.text import shown
@@ -62,6 +62,13 @@ class APIFrame:
         self.base_url = config.base_url.rstrip("/")
         self.client = client or make_client(config)
         self.prices = REGISTRY[config.name].prices
+        self.gate = KeyGate()
+
+    def check_key(self) -> bool:
+        """``GET /v2/me`` (free): ``BatchStop`` when APIFrame refuses the key (401, or 403
+        for an inactive one); False when it could not be asked."""
+        url = f"{self.base_url}/v2/me"
+        return key_check(self.client, self.name, url, self.headers(), frozenset({401, 403}))
 
     def validate(self, request: ImageRequest) -> list[tuple[str, str]]:
         problems: list[tuple[str, str]] = []
@@ -111,15 +118,16 @@ class APIFrame:
     def submit(
         self, request: ImageRequest, idempotency_key: str, webhook_url: str | None = None
     ) -> SubmitOutcome:
-        response = send(
-            self.client,
-            "POST",
-            f"{self.base_url}/v2/images/generate",
-            submit=True,
-            json=self.body(request, webhook_url),
-            headers=self.headers(**{"Idempotency-Key": idempotency_key}),
-        )
-        check(response, self.name, submit=True)
+        with self.gate.first():
+            response = send(
+                self.client,
+                "POST",
+                f"{self.base_url}/v2/images/generate",
+                submit=True,
+                json=self.body(request, webhook_url),
+                headers=self.headers(**{"Idempotency-Key": idempotency_key}),
+            )
+            check(response, self.name, submit=True)
         body = json_object(response, self.name, submit=True)
         job_id = body.get("jobId")
         if not isinstance(job_id, str) or not job_id:

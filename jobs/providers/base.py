@@ -83,4 +83,9 @@ class Provider(Protocol):
         """Raises ``JobFailed`` when the job ended without images."""
         ...
 
+    def check_key(self) -> bool:
+        """Ask the provider, with a free call, whether it takes the key: ``BatchStop``
+        (``auth``) when it refuses it; False when it has no such call or could not be asked."""
+        ...
+
     def close(self) -> None: ...

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import email.utils
 import math
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC
 from typing import Any
 
@@ -161,3 +164,64 @@ def json_object(response: httpx.Response, provider: str, *, submit: bool = False
     if submit:
         raise AmbiguousSubmit(message, type="malformed_response")
     raise TransientProviderError(message, type="malformed_response")
+
+
+KEY_CHECK_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+
+
+def key_check(
+    client: httpx.Client,
+    provider: str,
+    url: str,
+    headers: dict[str, str],
+    refused_on: frozenset[int],
+) -> bool:
+    """Ask a provider's free endpoint whether it takes the key. ``BatchStop`` (``auth``) when
+    it answers one of ``refused_on``; True when it answered, False when it could not be asked
+    (the provider is away: the first submit will find out, and a run need not stop for it)."""
+    try:
+        response = client.get(url, headers=headers, timeout=KEY_CHECK_TIMEOUT)
+    except httpx.HTTPError:
+        return False
+    if response.status_code in refused_on:
+        text = f"{provider} answered {response.status_code}: {error_text(response)}"
+        raise BatchStop(redact(text, response), type="auth", status=response.status_code)
+    return response.status_code < 400
+
+
+class KeyGate:
+    """Until a provider has taken one submit with this process's key, its submits go one at
+    a time: a refused key then costs one 401, not one per line in flight. A refusal comes at
+    once, so a submit still running after ``PATIENCE_S`` has got past the key and the others
+    go on without waiting; a refusal is remembered for ``REFUSAL_S``, and the submits that
+    waited for it fail with it, unsent."""
+
+    PATIENCE_S = 5.0
+    REFUSAL_S = 60.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open = False
+        self._refused: tuple[float, BatchStop] | None = None
+
+    @contextmanager
+    def first(self) -> Iterator[None]:
+        """Around one submit, from sending it to reading its status."""
+        if self._open:
+            yield
+            return
+        held = self._lock.acquire(timeout=self.PATIENCE_S)
+        try:
+            refused = self._refused
+            if refused is not None and time.monotonic() - refused[0] < self.REFUSAL_S:
+                raise refused[1]
+            try:
+                yield
+            except BatchStop as exc:
+                if exc.type == "auth":
+                    self._refused = (time.monotonic(), exc)
+                raise
+            self._open = True
+        finally:
+            if held:
+                self._lock.release()

@@ -16,6 +16,7 @@ from jobs.providers.openai_style import SyncImageAPI, common_fields
 class OpenAI(SyncImageAPI):
     unsupported: ClassVar[tuple[str, ...]] = ("input_images", "input_fidelity")
     """Reference images go to /v1/images/edits (multipart), which this adapter does not use."""
+    key_path: ClassVar[str | None] = "/v1/models"
 
     def extra_problems(self, request: ImageRequest) -> list[tuple[str, str]]:
         if request.output_compression is not None and (request.output_format or "png") == "png":

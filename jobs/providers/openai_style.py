@@ -16,7 +16,7 @@ import httpx
 from jobs.errors import AmbiguousSubmit, JobFailed, TransientProviderError
 from jobs.manifest.request import ImageRequest, overridden
 from jobs.providers.base import Artifact, Finished, PollOutcome, SubmitOutcome
-from jobs.providers.http import check, json_object, make_client, send
+from jobs.providers.http import KeyGate, check, json_object, key_check, make_client, send
 from jobs.registry import REGISTRY
 from jobs.settings import ProviderConfig
 
@@ -55,6 +55,9 @@ class SyncImageAPI:
     """Manifest fields this provider has no equivalent for: a line using one is rejected."""
     modelled: ClassVar[dict[str, str | None]] = BODY_FIELDS
     """Body keys ``provider_params`` may not set: they are what a line is priced and read by."""
+    key_path: ClassVar[str | None] = None
+    """A free ``GET`` that checks the key (OpenAI's ``/v1/models``); None where there is none,
+    and the first submit finds a refused key (``KeyGate`` keeps it to one)."""
 
     def __init__(self, config: ProviderConfig, client: httpx.Client | None = None) -> None:
         self.name = config.name
@@ -64,6 +67,7 @@ class SyncImageAPI:
         spec = REGISTRY[config.name]
         self.prices = spec.prices
         self.credit_unit = spec.credit_unit  # type: ignore[misc]
+        self.gate = KeyGate()
 
     # -- what subclasses describe -------------------------------------------------------------
 
@@ -95,19 +99,32 @@ class SyncImageAPI:
     def estimate(self, request: ImageRequest) -> float:
         return self.prices.cost(request)
 
+    def headers(self) -> dict[str, str]:
+        key = self.config.api_key.get_secret_value() if self.config.api_key else ""
+        return {"Authorization": f"Bearer {key}"}
+
+    def check_key(self) -> bool:
+        """``BatchStop`` when the free ``key_path`` answers 401 (a 403 there may only mean a
+        restricted key that cannot list models but can draw: not a refusal); False when the
+        provider has no free call for it, or could not be asked."""
+        if self.key_path is None:
+            return False
+        url = f"{self.base_url}{self.key_path}"
+        return key_check(self.client, self.name, url, self.headers(), frozenset({401}))
+
     def submit(
         self, request: ImageRequest, idempotency_key: str, webhook_url: str | None = None
     ) -> SubmitOutcome:
-        key = self.config.api_key.get_secret_value() if self.config.api_key else ""
-        response = send(
-            self.client,
-            "POST",
-            f"{self.base_url}{self.path}",
-            submit=True,
-            json=self.body(request),
-            headers={"Authorization": f"Bearer {key}"},
-        )
-        check(response, self.name, submit=True)
+        with self.gate.first():
+            response = send(
+                self.client,
+                "POST",
+                f"{self.base_url}{self.path}",
+                submit=True,
+                json=self.body(request),
+                headers=self.headers(),
+            )
+            check(response, self.name, submit=True)
         body = json_object(response, self.name, submit=True)
         artifacts = self.artifacts(body)
         if len(artifacts) != request.n:

@@ -53,6 +53,7 @@ from jobs.simulator.validation import (
 
 NEVER_FINISH_WAIT_S = 3600.0
 _MODELS_PATH = "/api/ai/models/"
+_LIST_PATH = "/v1/models"
 MODERATION = (
     "Your request was rejected by the safety system. If you believe this is an error,"
     " contact support and include the request ID."
@@ -126,6 +127,9 @@ class Dialect:
     cross_check: Callable[[dict[str, Any]], list[Problem]] = lambda body: []
     models: Mapping[str, dict[str, Any]] = field(default_factory=dict)
     """Model objects served at ``GET /api/ai/models/{id}`` (Oxen only)."""
+    listed: tuple[str, ...] = ()
+    """Model ids listed at ``GET /v1/models`` (OpenAI's free call: a client checks its key
+    with it; the same auth as every other route, and never billed)."""
 
 
 def _free_size_problem(size: str) -> str | None:
@@ -192,6 +196,7 @@ DIALECTS = (
     Dialect(
         provider="openai",
         path="/v1/images/generations",
+        listed=(*OPENAI_MODELS, *FREE_SIZE_MODELS),
         schema=obj(
             {
                 "model": one_of(*OPENAI_MODELS, *FREE_SIZE_MODELS),
@@ -313,6 +318,8 @@ class SyncSurface:
             return f"POST /{self.provider}{path}", self.generate
         if method == "GET" and self.dialect.models and path.startswith(_MODELS_PATH):
             return f"GET /{self.provider}{_MODELS_PATH}{{id}}", self.model
+        if method == "GET" and self.dialect.listed and path == _LIST_PATH:
+            return f"GET /{self.provider}{_LIST_PATH}", self.model_list
         return None
 
     def authenticate(self, req: Request) -> Response | None:
@@ -323,6 +330,14 @@ class SyncSurface:
         if token.startswith("invalid"):
             return error_response(self.provider, "auth", "Incorrect API key provided.")
         return None
+
+    def model_list(self, req: Request) -> Response:
+        """OpenAI's ``GET /v1/models``: the models this surface draws with."""
+        data = [
+            {"id": name, "object": "model", "created": 1_700_000_000, "owned_by": "system"}
+            for name in self.dialect.listed
+        ]
+        return json_response(200, {"object": "list", "data": data})
 
     def model(self, req: Request) -> Response:
         """The model object with its request schema; Oxen's 404 for an unknown id."""

@@ -21,8 +21,6 @@ def fleet_env(redis_url: str, s3: S3Server, bucket: str, sim: Simulator) -> dict
         "IMAGEBATCH_APIFRAME_API_KEY": KEY,
         "IMAGEBATCH_APIFRAME_BASE_URL": sim.base_url,
         "IMAGEBATCH_OUT": f"s3://{bucket}/runs",
-        "IMAGEBATCH_SWEEP_INTERVAL_S": "1",
-        "IMAGEBATCH_SWEEP_GRACE_S": "5",
         **s3.env(),
     }
 

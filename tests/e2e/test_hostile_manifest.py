@@ -296,3 +296,37 @@ def test_text_from_a_manifest_reaches_the_terminal_escaped_and_cut_short(tmp_pat
     outcome = read_local(tmp_path / "out", "small")
     check_invariants(manifest, outcome)
     assert [row.status for row in outcome.rows] == ["succeeded", "rejected", "rejected"]
+
+
+def test_failed_jsonl_holds_each_line_as_written_under_one_comment_with_its_reason(
+    tmp_path: Path,
+) -> None:
+    """The defects: a line over the 1 MB limit left an empty line in failed.jsonl (the fix-up
+    manifest silently lost it), and every comment said the status twice (``rejected:
+    rejected: …``)."""
+    # Given a manifest with a line over 1 MB, a typo and a line the provider refuses
+    huge = obj(id="huge", prompt="x" * (1024 * 1024 + 10))
+    typo = obj(id="typo", prompt="a red lamp", qualty="high")
+    policy = obj(id="flagged", prompt="a lamp [[policy]]")
+    manifest, result = run_small(
+        tmp_path, [obj(id="fine", prompt="a green lamp"), huge, typo, policy]
+    )
+    assert result.returncode == 1, result.stderr  # type: ignore[attr-defined]
+    outcome = read_local(tmp_path / "out", "small")
+    check_invariants(manifest, outcome)
+    rows = {row.line: row for row in outcome.rows}
+    assert [rows[n].status for n in (1, 2, 3, 4)] == ["succeeded", "rejected", "rejected", "failed"]
+    # When the fix-up manifest is read
+    failed = (tmp_path / "out" / "small" / "failed.jsonl").read_bytes()
+    # Then it holds each of those lines exactly as written, under one comment saying why
+    policy_error = rows[4].error
+    assert policy_error is not None
+    assert failed.split(b"\n") == [
+        f"# line 2: rejected: line is over {1024 * 1024} bytes".encode(),
+        huge,
+        b"# line 3: rejected: unknown field 'qualty' (did you mean 'quality'?)",
+        typo,
+        f"# line 4: failed ({policy_error.type}): {policy_error.message}".encode(),
+        policy,
+        b"",
+    ]

@@ -9,7 +9,10 @@ from typing import Any
 
 import redis
 
+from jobs.clock import now_iso
+from jobs.output.batch_info import write_info
 from jobs.simulator import Simulator, SimulatorConfig
+from jobs.storage import LocalStore
 from tests.harness import (
     check_invariants,
     read_local,
@@ -113,3 +116,39 @@ def test_cancel_stops_new_submits_and_every_line_still_gets_a_row(
         row.error is not None and row.error.type == "cancelled" for row in cancelled_rows
     )
     assert ledger["submits"] == statuses.count("succeeded")
+
+
+def test_cancel_of_a_finished_embedded_batch_says_it_already_finished(tmp_path: Path) -> None:
+    """The defect: it said "no broker: set IMAGEBATCH_BROKER_URL", which was not the trouble."""
+    # Given a batch an embedded run finished
+    source = manifest(tmp_path, 2)
+    out = tmp_path / "out"
+    done = run_batch(str(source), "simulator", str(out), "over")
+    assert done.returncode == 0, done.stderr
+    # When it is cancelled (no broker configured; the default output location)
+    cancelled = run_cli("cancel", "over", cwd=tmp_path)
+    # Then the answer is what is true: it already finished, nothing to cancel
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert "already finished" in cancelled.stdout and "2 succeeded" in cancelled.stdout
+    assert "BROKER" not in cancelled.stdout + cancelled.stderr
+
+
+def test_report_and_cancel_of_a_batch_still_running_say_so(tmp_path: Path) -> None:
+    """The defects: ``report`` of a running batch said "pass --out"; ``cancel`` of a batch an
+    embedded run is running said "no broker"."""
+    # Given the record a batch keeps while an embedded run in another terminal runs it
+    out = tmp_path / "out"
+    record = {"batch_id": "busy", "status": "running", "total": 300, "started_at": now_iso()}
+    write_info(LocalStore(str(out)), "busy", record, {"done": 120.0, "succeeded": 120.0})
+    # When its report is asked for, and it is cancelled
+    report = run_cli("report", "busy", "--out", str(out))
+    cancelled = run_cli("cancel", "busy", "--out", str(out))
+    # Then each says it is still running (and how to stop it), not where to look
+    assert report.returncode == 2
+    assert "still running" in report.stderr and "120/300" in report.stderr, report.stderr
+    assert "--out" not in report.stderr, report.stderr
+    assert cancelled.returncode == 2
+    assert "still running" in cancelled.stderr and "Ctrl-C" in cancelled.stderr, cancelled.stderr
+    # ... and a batch that is nowhere is still "not found"
+    missing = run_cli("report", "nowhere", "--out", str(out))
+    assert missing.returncode == 2 and "no batch nowhere" in missing.stderr, missing.stderr

@@ -15,7 +15,15 @@ import redis
 
 from jobs.simulator import Simulator, SimulatorConfig
 from tests.e2e.test_secrets import leaks, new_key
-from tests.harness import check_invariants, read_local, run_cli, start_worker, stop, wait_for
+from tests.harness import (
+    check_invariants,
+    read_local,
+    run_batch,
+    run_cli,
+    start_worker,
+    stop,
+    wait_for,
+)
 from worker.redis import keys
 
 LINE_FIELDS = ("batch", "line_id", "job_id", "provider", "step", "outcome")
@@ -147,3 +155,53 @@ def test_at_debug_the_http_requests_are_logged_too_still_json_and_without_the_ke
     http = [r for r in records if r["logger"] == "httpx"]
     assert any("POST" in r["message"] and "/v2/images/generate" in r["message"] for r in http)
     assert leaks(key, {"worker log": "\n".join(lines).encode()}) == []
+
+
+def test_a_json_run_writes_one_json_object_per_stderr_line_each_naming_its_batch(
+    tmp_path: Path,
+) -> None:
+    """The defect: ``IMAGEBATCH_LOG_FORMAT=json imagebatch run …`` printed no JSON at all: its
+    rejections and progress records were plain text and the lines' outcomes not logged."""
+    manifest = tmp_path / "mixed.jsonl"
+    lines = [
+        {"id": "ok-1", "prompt": "a brass key"},
+        {"id": "typo", "prompt": "a brass key", "qualty": "high"},
+        {"id": "flagged", "prompt": "a brass key [[policy]]"},
+        {"id": "ok-2", "prompt": "a brass lock"},
+    ]
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    env = {
+        "IMAGEBATCH_LOG_FORMAT": "json",
+        "IMAGEBATCH_PROGRESS_INTERVAL_S": "0.5",
+        "IMAGEBATCH_EMBEDDED_SIMULATOR_LATENCY_S": "1.5",
+    }
+    # When a run is asked for JSON logs (its stdout and stderr both piped)
+    result = run_batch(manifest, "simulator", tmp_path / "out", "mixed", env=env, timeout=90)
+    assert result.returncode == 1, result.stdout + result.stderr
+    # Then every stderr line is a JSON object naming the batch
+    records = parsed(result.stderr.splitlines())
+    assert records and all(r.get("batch") == "mixed" for r in records), records
+    by_event = Counter(r.get("event") for r in records)
+    assert by_event["started"] == 1 and by_event["finished"] == 1, by_event
+    # ... the rejection, with its line and reason
+    [rejected] = [r for r in records if r.get("event") == "rejected"]
+    assert rejected["line"] == 2 and "qualty" in rejected["reason"], rejected
+    # ... progress records, with their counts as numbers
+    progress = [r for r in records if r.get("event") == "progress"]
+    assert progress, by_event
+    for record in progress:
+        assert record["total"] == 4
+        pending = record["waiting"] + record["submitted"] + record["storing"]
+        assert pending == 4 - record["done"], record
+    # ... and each bought line's outcome
+    outcomes = {
+        r["line_id"]: r["outcome"]
+        for r in records
+        if r["logger"] == "imagebatch.lines" and r["outcome"] != "accepted"
+    }
+    assert outcomes["ok-1"] == outcomes["ok-2"] == "succeeded", outcomes
+    assert "content_policy" in outcomes["flagged"], outcomes
+    # stdout keeps the result lines, and the progress went to the log
+    assert result.stdout.splitlines()[0].startswith("batch mixed · 4 lines"), result.stdout
+    assert result.stdout.splitlines()[-1].startswith("done · 2 succeeded · 1 failed"), result.stdout
+    assert "progress " not in result.stdout

@@ -42,7 +42,8 @@ SLOW = {
 RECORD = re.compile(
     r"progress (?P<at>\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ) · batch (?P<batch>\S+) · "
     r"(?P<done>\d+)/(?P<total>\d+) done \((?P<pct>\d+)%\) · (?P<ok>\d+) succeeded · "
-    r"(?P<failed>\d+) failed · (?P<rejected>\d+) rejected · (?P<busy>\d+) in progress · "
+    r"(?P<failed>\d+) failed · (?P<rejected>\d+) rejected · (?P<waiting>\d+) waiting · "
+    r"(?P<submitted>\d+) submitted · (?P<storing>\d+) storing · "
     r"(?P<credits>[\d.]+) credits(?: \(projected (?P<projected>[\d.]+) credits\))? · "
     r"(?P<eta>ETA (?:–|\d+s|\d+m\d\ds|\d+h\d\dm))$"
 )
@@ -155,7 +156,9 @@ def test_a_piped_run_prints_progress_records_and_status_and_ls_answer_after_it_e
         assert m["batch"] == "cranes" and int(m["total"]) == LINES
         assert int(m["pct"]) == 100 * int(m["done"]) // LINES
         assert int(m["ok"]) + int(m["failed"]) + int(m["rejected"]) == int(m["done"])
-        assert int(m["busy"]) == LINES - int(m["done"])
+        pending = [int(m[name]) for name in ("waiting", "submitted", "storing")]
+        assert sum(pending) == LINES - int(m["done"]), s.text
+        assert int(m["submitted"]) <= 2, s.text  # the account's 2 in flight
         assert float(m["credits"]) == 4 * int(m["ok"]), s.text  # low quality: 4 credits each
         if 0 < int(m["ok"]) < LINES:
             assert m["projected"] is not None and float(m["projected"]) == 4 * LINES, s.text
@@ -269,3 +272,51 @@ def test_cancel_records_the_reason_and_a_watching_status_exits_1(
     # ... and asking the store afterwards says the same
     shown = run_cli("status", "halt", "--out", str(out))
     assert "stopped: cancelled" in shown.stdout, shown.stdout
+
+
+# --- status --watch piped ----------------------------------------------------------------
+
+
+def test_a_piped_status_watch_prints_progress_records_not_a_line_every_two_seconds(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis[Any]
+) -> None:
+    """The defect: piped, ``status --watch`` printed its full line every ~2 s (1,800 lines an
+    hour), and its "in progress" counted lines not yet submitted."""
+    lines = 24
+    manifest = write_manifest(tmp_path / "watch.jsonl", lines)
+    out = tmp_path / "out"
+    interval = 4.0
+    with Simulator(SimulatorConfig(latency_s=1.0)) as sim:
+        env = {
+            "IMAGEBATCH_BROKER_URL": redis_url,
+            "IMAGEBATCH_APIFRAME_API_KEY": "afk_progress_test",
+            "IMAGEBATCH_APIFRAME_BASE_URL": sim.base_url,
+            "IMAGEBATCH_APIFRAME_MAX_IN_FLIGHT": "2",
+            "IMAGEBATCH_OUT": str(out),
+            "IMAGEBATCH_PROGRESS_INTERVAL_S": str(interval),
+        }
+        args = ["submit", str(manifest), "--provider", "apiframe", "--batch-id", "watched"]
+        submitted = run_cli(*args, env=env)
+        assert submitted.returncode == 0, submitted.stderr
+        worker = start_worker(env, "watched", tmp_path / "worker.log", concurrency=2)
+        try:
+            # When a cron job watches it with its output piped into a log
+            code, seen = run_piped(["status", "watched", "--watch", "--exit-status"], env, 120)
+        finally:
+            stop(worker)
+    text = "\n".join(s.text for s in seen)
+    assert code == 0, text
+    # Then it printed the batch's line, progress records like run's, and the line at the end
+    assert seen[0].text.startswith("watched: running"), text
+    assert seen[-1].text.startswith(f"watched: finished · {lines}/{lines} done"), text
+    records = [RECORD.match(s.text) for s in seen[1:-1]]
+    assert records and all(records), text
+    # ... about one per interval and one per 10 % step, not one every 2 s
+    took = seen[-1].at - seen[0].at
+    assert len(records) <= took / interval + 11, (len(records), took)
+    for m in records:
+        assert m is not None
+        left = [int(m[name]) for name in ("waiting", "submitted", "storing")]
+        assert sum(left) == lines - int(m["done"]), m.string
+        assert int(m["submitted"]) <= 2, m.string
+    check_invariants(manifest, read_local(out, "watched"))

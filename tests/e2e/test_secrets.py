@@ -179,8 +179,6 @@ def test_the_key_is_in_no_output_log_object_or_redis_value_of_a_fleet_run(
             "IMAGEBATCH_APIFRAME_API_KEY": key,
             "IMAGEBATCH_APIFRAME_BASE_URL": sim.base_url,
             "IMAGEBATCH_OUT": f"s3://{s3_bucket}/runs",
-            "IMAGEBATCH_SWEEP_INTERVAL_S": "1",
-            "IMAGEBATCH_SWEEP_GRACE_S": "5",
             **s3.env(),
         }
         # Given a batch submitted with the key in the environment

@@ -50,8 +50,6 @@ ENV = {
     # The client-side limiter is not under test here; the simulator sets no rate limit.
     "IMAGEBATCH_APIFRAME_REQUESTS_PER_SECOND": "1000",
     "IMAGEBATCH_APIFRAME_MAX_IN_FLIGHT": "64",
-    "IMAGEBATCH_SWEEP_INTERVAL_S": "2",
-    "IMAGEBATCH_SWEEP_GRACE_S": "10",
 }
 
 

@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -414,6 +416,138 @@ def test_a_redis_gone_for_longer_than_run_waits_stops_it_with_the_command_that_r
             check_invariants(manifest, outcome, ledger, check, idempotent=True)
     assert [row.status for row in outcome.rows] == ["succeeded"] * lines
     assert ledger["submits"] == lines
+
+
+def test_a_watching_status_rides_out_a_redis_blip_and_exits_with_the_batchs_status(
+    tmp_path: Path,
+) -> None:
+    """The defect: ``status --watch --exit-status`` exited 2 on a Redis blip that the workers
+    and ``run`` ride out, reporting failure for a batch that then completed."""
+    lines = 16
+    manifest = write_manifest(tmp_path / "blip.jsonl", lines, "blip")
+    out = tmp_path / "out"
+    with (
+        persistent_redis() as server,
+        Simulator(SimulatorConfig(latency_s=1.0)) as sim,
+    ):
+        env = {
+            "IMAGEBATCH_BROKER_URL": server.url,
+            "IMAGEBATCH_APIFRAME_API_KEY": KEY,
+            "IMAGEBATCH_APIFRAME_BASE_URL": sim.base_url,
+            "IMAGEBATCH_APIFRAME_MAX_IN_FLIGHT": "2",
+            "IMAGEBATCH_OUT": str(out),
+        }
+        args = ("submit", str(manifest), "--provider", "apiframe", "--batch-id", "blip")
+        submitted = run_cli(*args, env=env)
+        assert submitted.returncode == 0, submitted.stderr
+        workers = [start_worker(env, "blip1", tmp_path / "worker-1.log")]
+        watcher = subprocess.Popen(
+            [*CLI, "status", "blip", "--watch", "--exit-status"],
+            env=cli_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        client = redis.Redis.from_url(server.url, decode_responses=True)
+        try:
+            # Given a watched batch a few lines in
+            wait_for(
+                lambda: int(float(client.hget(keys.counters("blip"), "done") or 0)) >= 3,
+                60,
+                "the first lines",
+                interval=0.1,
+            )
+            # When Redis goes away for 12 s (longer than a client's own retries) and comes back
+            server.stop()
+            time.sleep(12)
+            server.start()
+            # (a worker that kombu#582 took down is restarted, as a supervisor would)
+            if workers[0].poll() is not None:
+                workers.append(start_worker(env, "blip2", tmp_path / "worker-2.log"))
+            watched_out, watched_err = watcher.communicate(timeout=120)
+            wait_for(lambda: client.hget(keys.batch("blip"), "summary"), 60, "the batch to end")
+        finally:
+            client.close()
+            if watcher.poll() is None:
+                watcher.kill()
+                watcher.wait(10)
+            for worker in workers:
+                stop(worker)
+        ledger = sim.ledger()
+        with redis.Redis.from_url(server.url) as check:
+            outcome = read_local(out, "blip")
+            check_invariants(manifest, outcome, ledger, check, idempotent=True)
+    # Then the watcher waited for Redis and exited as the batch did: 0, every line succeeded
+    assert [row.status for row in outcome.rows] == ["succeeded"] * lines
+    assert watcher.returncode == 0, watched_out + watched_err
+    assert watched_out.strip().splitlines()[-1].startswith("blip: finished"), watched_out
+
+
+def children(pid: int, name: str) -> list[int]:
+    """The processes named ``name`` whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        if ppid == pid and comm == name:
+            found.append(int(entry.name))
+    return found
+
+
+def test_the_embedded_redis_dying_ends_run_at_once_with_the_command_that_resumes(
+    tmp_path: Path,
+) -> None:
+    """The defect: SIGKILL of the redis-server ``run`` had started killed its in-process
+    worker, and ``run`` then waited the whole IMAGEBATCH_REDIS_OUTAGE_S in silence for a Redis
+    nothing could bring back, and named IMAGEBATCH_BROKER_URL, which was never set."""
+    lines = 20
+    manifest = write_manifest(tmp_path / "own.jsonl", lines, "own")
+    out = tmp_path / "out"
+    with Simulator(SimulatorConfig(latency_s=1.0)) as sim:
+        env = {
+            "IMAGEBATCH_APIFRAME_API_KEY": KEY,
+            "IMAGEBATCH_APIFRAME_BASE_URL": sim.base_url,
+            "IMAGEBATCH_APIFRAME_MAX_IN_FLIGHT": "2",
+            "IMAGEBATCH_REDIS_OUTAGE_S": "300",
+            "IMAGEBATCH_FLUSH_INTERVAL_S": "0.5",
+        }
+        argv = ("run", str(manifest), "--provider", "apiframe", "--out", str(out),
+                "--batch-id", "own")  # fmt: skip
+        running = subprocess.Popen(
+            [*CLI, *argv], env=cli_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        try:
+            # Given an embedded run a few lines in
+            wait_for(lambda: sim.ledger()["submits"] >= 4, 60, "the first submits", 0.1)
+            (server,) = wait_for(lambda: children(running.pid, "redis-server"), 10, "its Redis")
+            # When its own Redis is killed
+            os.kill(server, signal.SIGKILL)
+            killed_at = time.monotonic()
+            _, err = running.communicate(timeout=60)
+            took = time.monotonic() - killed_at
+        finally:
+            if running.poll() is None:
+                running.kill()
+                running.wait(10)
+        # Then it stops at once, exit 2, saying so with the command that resumes it
+        assert running.returncode == 2, err
+        assert took < 15, f"run took {took:.0f}s to notice its own Redis was gone"
+        assert "Traceback" not in err and "IMAGEBATCH_BROKER_URL" not in err, err
+        [line] = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert "embedded Redis" in line and "SIGKILL" in line, line
+        resume = line.split("resume with: ", 1)[1].split()
+        assert resume == ["imagebatch", *argv], resume
+        # ... and that command finishes the batch, buying nothing twice
+        resumed = run_cli(*resume[1:], env=env, timeout=120)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        ledger = sim.ledger()
+    outcome = read_local(out, "own")
+    check_invariants(manifest, outcome, ledger, idempotent=True)
+    assert [row.status for row in outcome.rows] == ["succeeded"] * lines
 
 
 def test_a_storage_outage_mid_run_waits_for_storage_and_fails_no_line(

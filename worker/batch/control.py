@@ -26,9 +26,11 @@ def drain(rt: Runtime, batch: str) -> int:
     return ended
 
 
-def interrupt(rt: Runtime, batch: str) -> None:
-    """Ctrl-C on ``run``: no new submits; lines already bought go on and land."""
-    rt.state.set_batch(batch, status=BatchStatus.INTERRUPTED)
+def interrupt(rt: Runtime, batch: str, owner: str) -> bool:
+    """Ctrl-C on the ``run`` that owns the batch: no new submits; lines already bought go on
+    and land. Only the owner's token interrupts: a run that attached to a batch another
+    process runs (a fleet's, another terminal's) must not stop it; False then."""
+    return rt.state.set_batch_if(batch, "owner", owner, status=BatchStatus.INTERRUPTED)
 
 
 def cancel(rt: Runtime, batch: str) -> bool:

@@ -13,7 +13,7 @@ from collections import defaultdict
 from typing import Any
 
 from jobs.clock import now_iso
-from jobs.manifest.backlog import Cursor, lines_from
+from jobs.manifest.backlog import Cursor, lines_from, original
 from jobs.output import layout, parts, report, results, reuse
 from jobs.output.batch_info import elapsed_s, write_info
 from jobs.pricing import Money
@@ -81,9 +81,12 @@ def finalize(rt: Runtime, batch: str) -> dict[str, Any] | None:
         store = rt.store(meta["out"])
         manifest = layout.manifest_key(batch)
 
+        def read(start: int, end: int) -> bytes | None:
+            return store.get_range(manifest, start, end)
+
         def originals() -> Any:
-            for line in lines_from(lambda a, b: store.get_range(manifest, a, b), Cursor()):
-                yield line.raw
+            for line in lines_from(read, Cursor()):
+                yield original(read, line)
 
         def unit_of(provider: str) -> str:
             try:

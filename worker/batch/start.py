@@ -66,6 +66,9 @@ class Started:
     """The batch was already running in Redis: nothing was re-seeded."""
     complete: bool = False
     """Every line already has a row: only finalize is left."""
+    owner: str | None = None
+    """The token of the run that owns the batch now, when it is the caller's: only that run's
+    Ctrl-C interrupts it (a run that attached to a batch another process runs only follows)."""
 
 
 def check_batch_id(batch_id: str) -> str:
@@ -101,9 +104,12 @@ def start_batch(
     fresh: bool = False,
     on_line: Callable[[Line], None] | None = None,
     max_usd_per_image: float | None = None,
+    owner: str | None = None,
 ) -> Started:
     """Validate, archive, resume from what earlier runs stored, take what other batches under
-    ``out`` already bought (unless ``fresh``), seed Redis, admit a window."""
+    ``out`` already bought (unless ``fresh``), seed Redis, admit a window. ``owner``: the token
+    of the ``run`` that starts (or resumes) the batch and may interrupt it; None for a batch a
+    fleet runs on its own (``submit``, ``retry`` without a terminal)."""
     state, settings = rt.state, rt.settings
     store = rt.store(out)
     live = state.batch(batch)
@@ -117,7 +123,7 @@ def start_batch(
                 f"batch {batch} writes to {live.get('out')}: pass --out {live.get('out')}"
             )
         _same_provider(batch, live.get("provider"), provider, "is running")
-        return _attach(rt, batch, live)
+        return _attach(rt, batch, live, owner)
     info = results.read_json(store, layout.info_key(batch))
     if info is not None and info.get("manifest_sha") not in (None, spooled.sha256):
         raise ConfigError(
@@ -216,6 +222,7 @@ def start_batch(
         "runs": int((info or {}).get("runs", 0)) + 1,
         "estimate": json.dumps(plan.estimate.by_currency),
         **pooling,
+        "owner": owner or "",
         **budget_fields,
     }
     if fresh:
@@ -228,7 +235,7 @@ def start_batch(
     state.seed(batch, record, counts, bytes(skip), prior)
     write_info(store, batch, record, counts)
     feeder.feed(rt, batch)
-    return Started(batch, plan, carried, retrying, reused, complete=done >= plan.lines)
+    return Started(batch, plan, carried, retrying, reused, complete=done >= plan.lines, owner=owner)
 
 
 def _worked(info: dict[str, Any]) -> float:
@@ -302,15 +309,20 @@ def plan_batch(
     return plan
 
 
-def _attach(rt: Runtime, batch: str, live: dict[str, str]) -> Started:
+def _attach(rt: Runtime, batch: str, live: dict[str, str], owner: str | None) -> Started:
     """The batch is still in Redis: an interrupted one resumes in place (its held lines and
-    in-flight jobs are all still there); a running one is simply followed."""
+    in-flight jobs are all still there), owned by the caller; a running one is only followed.
+
+    A hold decided by a step that read the batch as interrupted can land after this release:
+    ``transitions.apply`` looks at the status again after such a hold and releases the line."""
+    resumed = None
     if live.get("status") == BatchStatus.INTERRUPTED:
-        rt.state.set_batch(batch, status=BatchStatus.RUNNING)
+        rt.state.set_batch(batch, status=BatchStatus.RUNNING, owner=owner or "")
         rt.state.release_held(batch, time.time())
         rt.state.wake("batch")
+        resumed = owner
     total = int(live.get("total", 0))
-    return Started(batch, Plan(lines=total, valid=total), attached=True)
+    return Started(batch, Plan(lines=total, valid=total), attached=True, owner=resumed)
 
 
 def window_size(rt: Runtime, plan: Plan) -> int:

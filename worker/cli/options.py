@@ -3,6 +3,7 @@ traceback only with ``--debug``), where settings come from, and the common optio
 
 from __future__ import annotations
 
+import logging
 import sys
 import traceback
 from collections.abc import Iterator
@@ -16,9 +17,9 @@ from jobs import providers
 from jobs.errors import ConfigError, ImagebatchError
 from jobs.registry import REGISTRY
 from jobs.routing import AUTO, is_pool, members
-from jobs.settings import CoreSettings, Settings
+from jobs.settings import CoreSettings, Settings, unknown_settings
 from jobs.text import shown
-from worker.cli.session import err_console
+from worker.cli import output
 from worker.observability import logs
 from worker.redis.connect import Unavailable
 
@@ -26,7 +27,7 @@ DEBUG = {"on": False}
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    err_console.print(f"error: {message}", markup=False)
+    output.notice(message, event="error", level=logging.ERROR, prefix="error: ")
     sys.exit(code)
 
 
@@ -61,6 +62,9 @@ def _trace() -> None:
 def settings_from_env() -> CoreSettings:
     settings = Settings()
     logs.configure(settings, debug=DEBUG["on"])
+    output.use_json(settings.log_format == "json")
+    for warning in unknown_settings():
+        output.notice(warning, event="unknown_setting", level=logging.WARNING, prefix="warning: ")
     return settings
 
 

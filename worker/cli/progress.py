@@ -1,5 +1,7 @@
 """Progress of a running batch: a rich bar on a terminal, one-line records when piped (cron,
-systemd, CI logs), every ``IMAGEBATCH_PROGRESS_INTERVAL_S`` and at each 10 %."""
+systemd, CI logs), every ``IMAGEBATCH_PROGRESS_INTERVAL_S`` and at each 10 %. With
+``IMAGEBATCH_LOG_FORMAT=json`` the records are JSON log records on stderr instead (never a
+bar), with their numbers as fields."""
 
 from __future__ import annotations
 
@@ -12,10 +14,29 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from jobs.clock import duration, now_iso
 from worker.batch.status import Snapshot
+from worker.cli.output import json_logs, notice
 
 
 def eta_text(seconds: float | None) -> str:
     return "ETA –" if seconds is None else f"ETA {duration(seconds)}"
+
+
+def fields(snap: Snapshot, waiting_for_storage: bool = False) -> dict[str, Any]:
+    """A progress record's numbers, for a JSON log."""
+    counts = snap.breakdown()
+    left = dict(zip(("waiting", "submitted", "storing"), counts, strict=True)) if counts else {}
+    return {
+        "done": snap.done,
+        "total": snap.total,
+        "succeeded": snap.succeeded,
+        "failed": snap.failed,
+        "rejected": snap.rejected,
+        **left,
+        "cost": dict(snap.money.by_currency),
+        "projected": dict(snap.projected().by_currency),
+        "eta_s": None if (eta := snap.eta_s()) is None else round(eta),
+        "waiting_for_storage": waiting_for_storage,
+    }
 
 
 def record(snap: Snapshot, waiting_for_storage: bool = False) -> str:
@@ -33,7 +54,7 @@ def record(snap: Snapshot, waiting_for_storage: bool = False) -> str:
         f"{snap.succeeded} succeeded",
         f"{snap.failed} failed",
         f"{snap.rejected} rejected",
-        f"{snap.in_progress} in progress",
+        snap.pending(),
         cost,
         eta_text(snap.eta_s()),
     ]
@@ -47,7 +68,8 @@ class Display:
 
     def __init__(self, console: Console, interval_s: float) -> None:
         self.console = console
-        self.interactive = console.is_terminal
+        self.as_json = json_logs()
+        self.interactive = console.is_terminal and not self.as_json
         self.interval_s = interval_s
         self.last_line = 0.0
         self.last_decile = -1
@@ -118,6 +140,9 @@ class Display:
         # A log shows when storage went away and when it came back, not only at the interval.
         due = now - self.last_line >= self.interval_s or waiting != was_waiting
         if due or decile > self.last_decile >= 0:
-            self.console.print(record(snap, waiting), markup=False, highlight=False)
+            if self.as_json:
+                notice(record(snap, waiting), event="progress", **fields(snap, waiting))
+            else:
+                self.console.print(record(snap, waiting), markup=False, highlight=False)
             self.last_line = now
         self.last_decile = max(self.last_decile, decile)

@@ -4,18 +4,18 @@ it on Ctrl-C. ``run`` and ``submit`` are these steps in different orders; the CL
 
 from __future__ import annotations
 
+import logging
 import shlex
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import NoReturn
-
-from rich.console import Console
+from typing import TYPE_CHECKING, NoReturn
 
 from jobs.errors import ConfigError, ImagebatchError
 from jobs.manifest.parse import Line
@@ -31,9 +31,14 @@ from worker.batch import control, estimate, finish, status
 from worker.batch.start import Budget, Started, check_batch_id, default_batch, start_batch
 from worker.celery import tasks
 from worker.cli.money import money_line
+from worker.cli.output import event, notice, out_console
 from worker.cli.progress import Display
+from worker.observability import logs
 from worker.redis.connect import Unavailable
 from worker.runtime import Runtime
+
+if TYPE_CHECKING:
+    from worker.celery.embedded import EmbeddedRedis
 
 FOLLOW_S = 0.25
 """How often a run reads its batch's progress (a few Redis reads): it ends this soon after
@@ -42,9 +47,6 @@ the batch does. The display prints at its own pace."""
 SETTLE_S = 0.5
 """After Ctrl-C, how long the last tasks get to write their counts once no line is in flight."""
 
-out_console = Console(highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
-
 
 class RedisLost(Exception):
     """Redis stopped answering for longer than ``IMAGEBATCH_REDIS_OUTAGE_S`` during ``run``."""
@@ -52,6 +54,15 @@ class RedisLost(Exception):
     def __init__(self, seconds: float) -> None:
         super().__init__(seconds)
         self.seconds = seconds
+
+
+class OwnRedisGone(Exception):
+    """The embedded Redis this run started has ended: nothing can bring it (and the batch's
+    live state in it) back, so there is nothing to wait for."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__(how)
+        self.how = how
 
 
 class Interrupted(Exception):
@@ -65,9 +76,14 @@ class Interrupted(Exception):
 def print_rejection(source: str) -> Callable[[Line], None]:
     def show(line: Line) -> None:
         if line.rejection is not None:
-            err_console.print(
-                f"{shown(source)}:{line.number}: rejected: {shown(line.rejection.message, 300)}",
-                markup=False,
+            reason = shown(line.rejection.message, 300)
+            notice(
+                f"{shown(source)}:{line.number}: rejected: {reason}",
+                event="rejected",
+                level=logging.WARNING,
+                line=line.number,
+                line_id=line.id,
+                reason=reason,
             )
 
     return show
@@ -113,6 +129,7 @@ def prepared(
         batch = check_batch_id(
             batch_id or default_batch(store, manifest, spooled.sha256, provider, fresh)
         )
+        logs.set_batch(batch)
         if strict:
             adapters = estimate.Adapters(settings, provider)
             checked = tally(
@@ -142,8 +159,10 @@ def begin(
     budget: Budget | None,
     fresh: bool = False,
     max_usd_per_image: float | None = None,
+    owner: str | None = None,
 ) -> Started:
-    """Validate and start the batch (printing rejections); nothing is spent on error."""
+    """Validate and start the batch (printing rejections); nothing is spent on error.
+    ``owner``: this process's token, when it runs the batch and its Ctrl-C may interrupt it."""
     if not is_pool(provider):
         rt.provider(provider)
     started = start_batch(
@@ -158,6 +177,7 @@ def begin(
         fresh=fresh,
         on_line=print_rejection(ready.manifest),
         max_usd_per_image=max_usd_per_image,
+        owner=owner,
     )
     if started.complete:
         tasks.send_finalize(started.batch)
@@ -171,10 +191,20 @@ def header(rt: Runtime, started: Started, provider: str) -> None:
         if is_pool(provider)
         else f"{provider} ({REGISTRY[provider].description})"
     )
-    out_console.print(
+    text = (
         f"batch {started.batch} · {plan.lines} lines ({plan.valid} valid, {plan.rejected} "
-        f"rejected) · {what} · est. {money_line(plan, rt.settings.usd_rates())}",
-        markup=False,
+        f"rejected) · {what} · est. {money_line(plan, rt.settings.usd_rates())}"
+    )
+    out_console.print(text, markup=False)
+    event(
+        text,
+        event="started",
+        lines=plan.lines,
+        valid=plan.valid,
+        rejected=plan.rejected,
+        provider=provider,
+        estimate=dict(plan.estimate.by_currency),
+        attached=started.attached,
     )
     if started.attached:
         out_console.print("already running: following it", markup=False)
@@ -191,16 +221,21 @@ def header(rt: Runtime, started: Started, provider: str) -> None:
         )
 
 
-def wait(rt: Runtime, batch: str) -> status.Snapshot:
-    """Block until the batch is finalized, showing progress the way the output can take it."""
+def wait(rt: Runtime, batch: str, own: EmbeddedRedis | None = None) -> status.Snapshot:
+    """Block until the batch is finalized, showing progress the way the output can take it.
+    ``own``: the embedded Redis this run started, whose end is noticed at once."""
     display = Display(out_console, rt.settings.progress_interval_s)
     lost_since: float | None = None
     with display:
         while True:
+            if own is not None and (how := own.gone()):
+                raise OwnRedisGone(how)
             try:
                 snap = status.from_redis(rt.state, batch)
                 lost_since = None
             except Unavailable:
+                if own is not None and (how := own.gone()):
+                    raise OwnRedisGone(how) from None
                 lost_since = lost_since or time.monotonic()
                 if time.monotonic() - lost_since > rt.settings.redis_outage_s:
                     raise RedisLost(time.monotonic() - lost_since) from None
@@ -219,53 +254,101 @@ def wait(rt: Runtime, batch: str) -> status.Snapshot:
 
 def print_summary(snap: status.Snapshot) -> int:
     summary = snap.summary or {}
-    out_console.print(
+    text = (
         f"done · {snap.succeeded} succeeded · {snap.failed} failed · {snap.rejected} rejected · "
-        f"{snap.money.describe()} · {summary.get('results_uri')}",
-        markup=False,
+        f"{snap.money.describe()} · {summary.get('results_uri')}"
+    )
+    out_console.print(text, markup=False)
+    event(
+        text,
+        event="finished",
+        succeeded=snap.succeeded,
+        failed=snap.failed,
+        rejected=snap.rejected,
+        cost=dict(snap.money.by_currency),
+        results_uri=summary.get("results_uri"),
+        stop_reason=summary.get("stop_reason"),
     )
     if summary.get("ambiguous_submits"):
-        out_console.print(
-            f"warning: {summary['ambiguous_submits']} submits may have been "
-            "billed twice (connection lost after sending)",
-            markup=False,
+        notice(
+            f"{summary['ambiguous_submits']} submits may have been billed twice (connection "
+            "lost after sending)",
+            event="ambiguous_submits",
+            level=logging.WARNING,
+            prefix="warning: ",
+            ambiguous_submits=summary["ambiguous_submits"],
+        )
+    if summary.get("stop_reason") == "auth":
+        names = sorted(summary.get("by_provider") or {}) or ["<name>"]
+        settings = " or ".join(f"IMAGEBATCH_{name.upper()}_API_KEY" for name in names)
+        notice(
+            f"the provider refused the key, and the lines not yet sent were not sent: set "
+            f"the account's key in {settings}; the same command runs them",
+            event="key_refused",
+            level=logging.ERROR,
+            prefix="stopped: ",
         )
     return snap.exit_code()
 
 
-def follow(rt: Runtime, batch: str, out: str) -> status.Snapshot:
-    """Wait for the batch as its user watches: Ctrl-C lands it; a Redis gone for too long
-    stops the command with the one that resumes it."""
+def new_owner() -> str:
+    """The token a ``run`` (or ``retry``) records as the owner of the batch it runs."""
+    return uuid.uuid4().hex
+
+
+def follow(
+    rt: Runtime, batch: str, out: str, owner: str | None, own: EmbeddedRedis | None = None
+) -> status.Snapshot:
+    """Wait for the batch as its user watches: Ctrl-C lands it when this process owns its
+    run (``owner``), else only stops following it; a Redis gone for too long (or this run's
+    own embedded Redis gone at all) stops the command with the one that resumes it."""
     try:
         with interruptible():
-            return wait(rt, batch)
+            return wait(rt, batch, own)
     except Interrupted as stop:
-        land(rt, batch, out, stop.code)
-    except RedisLost as lost:
+        if owner is not None and control.interrupt(rt, batch, owner):
+            land(rt, batch, out, stop.code)
+        notice(
+            f"stopped following batch {batch}; it goes on, run by the process that started it "
+            f"(`imagebatch status {batch} --watch` follows it, `imagebatch cancel {batch}` "
+            "stops it)",
+            event="unfollowed",
+        )
+        sys.exit(stop.code)
+    except OwnRedisGone as gone:
         raise ConfigError(
-            f"Redis has not answered for {lost.seconds:.0f}s (IMAGEBATCH_BROKER_URL; "
-            "IMAGEBATCH_REDIS_OUTAGE_S); nothing is lost: when it is back, resume with: "
+            f"the embedded Redis this run started has stopped ({gone.how}); the images and "
+            f"rows stored so far are kept: resume with: {resume_command(sys.argv, batch, out)}"
+        ) from None
+    except RedisLost as lost:
+        which = "the embedded Redis" if own is not None else "Redis (IMAGEBATCH_BROKER_URL)"
+        raise ConfigError(
+            f"{which} has not answered for {lost.seconds:.0f}s (IMAGEBATCH_REDIS_OUTAGE_S); "
+            "nothing is lost: when it is back, resume with: "
             f"{resume_command(sys.argv, batch, out)}"
         ) from None
 
 
 def resume_command(argv: list[str], batch: str, out: str) -> str:
-    if "-" in argv[1:]:
-        return f"imagebatch retry {batch} --out {shlex.quote(out)}"
-    words = ["imagebatch", *argv[1:]]
-    if "--batch-id" not in words:
+    """The command that resumes the batch, as the user can type it: the same ``run`` or
+    ``submit`` (with the batch id), or ``retry BATCH --out OUT`` (a manifest read from stdin
+    is archived, and ``retry`` takes no --batch-id)."""
+    words = argv[1:]
+    if not words or words[0] not in ("run", "submit") or "-" in words:
+        return shlex.join(["imagebatch", "retry", batch, "--out", out])
+    if not any(word == "--batch-id" or word.startswith("--batch-id=") for word in words):
         words += ["--batch-id", batch]
-    return shlex.join(words)
+    return shlex.join(["imagebatch", *words])
 
 
 def land(rt: Runtime, batch: str, out: str, code: int) -> NoReturn:
-    """After Ctrl-C: no new submits; wait (up to the grace period) for paid jobs to land."""
-    control.interrupt(rt, batch)
+    """After Ctrl-C of the run that owns the batch (it is interrupted now): no new submits;
+    wait (up to the grace period) for paid jobs to land."""
     grace = rt.settings.interrupt_grace_s
-    err_console.print(
+    notice(
         f"interrupted: no new submits; waiting up to {grace:.0f}s for paid jobs to land "
         "(Ctrl-C again to stop now)",
-        markup=False,
+        event="interrupted",
     )
     deadline = time.monotonic() + grace
     try:
@@ -279,9 +362,8 @@ def land(rt: Runtime, batch: str, out: str, code: int) -> NoReturn:
         pass
     left = len(control.in_flight(rt, batch))
     note = f" ({left} jobs in flight will be picked up again)" if left else ""
-    err_console.print(
-        f"stopped{note}; resume with: {resume_command(sys.argv, batch, out)}", markup=False
-    )
+    command = resume_command(sys.argv, batch, out)
+    notice(f"stopped{note}; resume with: {command}", event="stopped", resume=command)
     sys.exit(code)
 
 

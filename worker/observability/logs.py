@@ -31,9 +31,11 @@ def configure(
     level_name: str | None = None,
 ) -> None:
     level = logging.DEBUG if debug else _level(level_name or settings.log_level)
-    if by_cli and not debug:
+    as_json = settings.log_format == "json"
+    if by_cli and not debug and not as_json:
         level = max(level, logging.WARNING)  # a command's own output is its progress and result
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(with_batch)
     if settings.log_format == "json":
         from pythonjsonlogger.json import JsonFormatter
 
@@ -60,9 +62,30 @@ def configure(
     for name in NOISY:
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
     # The CLI's own progress and rejections go to the terminal; per-line logs stay quiet
-    # there unless asked for (a worker logs them at INFO).
+    # there unless asked for (a worker logs them at INFO), or the CLI's stderr is a JSON log:
+    # then each line's outcome is a record in it. The embedded worker's own chatter (tasks
+    # received and done) is no outcome.
     if not debug:
-        logging.getLogger("imagebatch.lines").setLevel(logging.WARNING)
+        lines_level = logging.INFO if as_json and by_cli else logging.WARNING
+        logging.getLogger("imagebatch.lines").setLevel(lines_level)
+    quiet_celery = by_cli and not debug
+    logging.getLogger("celery").setLevel(logging.WARNING if quiet_celery else logging.NOTSET)
+
+
+_context: dict[str, str | None] = {"batch": None}
+
+
+def set_batch(batch: str | None) -> None:
+    """The batch this process's command is about: every record without one gets it, so a
+    JSON log of ``run`` names its batch on every line (the embedded worker's and Celery's
+    records too)."""
+    _context["batch"] = batch
+
+
+def with_batch(record: logging.LogRecord) -> bool:
+    if _context["batch"] and not getattr(record, "batch", None):
+        record.batch = _context["batch"]
+    return True
 
 
 def one_line(record: logging.LogRecord) -> bool:

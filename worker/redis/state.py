@@ -104,6 +104,18 @@ class BatchView:
 
 
 @dataclass(frozen=True)
+class Window:
+    """A batch's lines in Redis by where they wait (``records.TABLE`` homes)."""
+
+    ready: int
+    """READY: admitted, not submitted (or waiting to be submitted again)."""
+    flight: int
+    """SUBMITTING or SUBMITTED: holding a provider slot, bought or being bought."""
+    store: int
+    """FETCHED: the images are ready and being stored."""
+
+
+@dataclass(frozen=True)
 class ProviderView:
     provider: str
     in_flight: int
@@ -153,6 +165,28 @@ class State:
     def set_batch(self, b: str, **values: Any) -> None:
         self.client.hset(keys.batch(b), mapping={k: _text(v) for k, v in values.items()})
 
+    def set_batch_if(self, b: str, name: str, expected: str, **values: Any) -> bool:
+        """Set ``values`` on the batch record only while its field ``name`` is ``expected``
+        (an owner's token), atomically; False when it is not."""
+        key = keys.batch(b)
+        with self.client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    current: Any = pipe.hget(key, name)  # watching: answered at once
+                    if not expected or current != expected:
+                        pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    pipe.hset(key, mapping={k: _text(v) for k, v in values.items()})
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
+
+    def batch_status(self, b: str) -> str | None:
+        return self.client.hget(keys.batch(b), "status")
+
     def drop_batch_fields(self, b: str, *names: str) -> None:
         self.client.hdel(keys.batch(b), *names)
 
@@ -200,6 +234,35 @@ class State:
         pipe.lpush(keys.WAKE, "batch")
         pipe.execute()
 
+    def window(self, b: str) -> Window:
+        """The batch's lines by where they wait, in two round trips whatever the window's size:
+        the providers, then one pipeline reading their sorted sets (a window's worth of
+        members each; never a read per line)."""
+        first = self.client.pipeline(transaction=False)
+        first.smembers(keys.PROVIDERS)
+        first.smembers(keys.POOLS)
+        provider_set, pool_set = first.execute()
+        providers = sorted(provider_set)
+        pools = [m.removeprefix(b) for m in pool_set if m.startswith(b + "@")]
+        pipe = self.client.pipeline(transaction=False)
+        for queue in (*providers, *pools):
+            pipe.zcard(keys.ready(b, queue))
+        for provider in providers:
+            pipe.zrange(keys.flight(provider), 0, -1)
+        pipe.zrange(keys.STORE, 0, -1)
+        answers = pipe.execute()
+        queues = len(providers) + len(pools)
+        prefix = keys.member(b, 0).rsplit(" ", 1)[0] + " "
+
+        def mine(members: list[str]) -> int:
+            return sum(1 for member in members if member.startswith(prefix))
+
+        return Window(
+            ready=sum(int(n) for n in answers[:queues]),
+            flight=sum(mine(members) for members in answers[queues:-1]),
+            store=mine(answers[-1]),
+        )
+
     def line_count(self, b: str) -> int:
         """Line records of the batch in Redis right now (the window's occupancy, for tests)."""
         return sum(1 for _ in self.client.scan_iter(match=keys.line_pattern(b), count=1000))
@@ -220,13 +283,18 @@ class State:
         released = 0
         for rec in self.lines(b):
             if rec.status is LineStatus.READY:
-                self.client.zadd(keys.ready(b, rec.ready_queue), {rec.member: now})
-                if rec.queue:
-                    self.client.sadd(keys.POOLS, b + rec.queue)
-                else:
-                    self.client.sadd(keys.queues(rec.provider), b)
-                released += 1
+                released += self.release(rec, now)
         return released
+
+    def release(self, rec: LineRecord, now: float) -> int:
+        """Make a waiting line due ``now`` if it is still waiting (``ZADD XX LT``: a line the
+        scheduler took meanwhile is not put back, a line due sooner is not delayed)."""
+        ready = keys.ready(rec.batch, rec.ready_queue)
+        moved = int(self.client.zadd(ready, {rec.member: now}, xx=True, lt=True, ch=True))
+        if moved:
+            registered = (keys.POOLS, rec.batch + rec.queue) if rec.queue else None
+            self.client.sadd(*(registered or (keys.queues(rec.provider), rec.batch)))
+        return moved
 
     def purge(self, b: str) -> None:
         """Delete every key of the batch except its record (which keeps the summary)."""

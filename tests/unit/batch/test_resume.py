@@ -251,3 +251,45 @@ def test_resuming_a_batch_on_another_provider_is_refused(rt: Runtime, tmp_path: 
         ):
             start.start_batch(rt, spooled, batch="cups", out=out, provider="simulator")
     Path(spooled.path).unlink()
+
+
+def test_a_hold_decided_before_a_resume_but_applied_after_it_does_not_keep_the_line_held(
+    rt: Runtime, tmp_path: Path
+) -> None:
+    """The defect: after ``submit … --batch-id`` resumed an interrupted batch, a line stayed
+    held, due an hour ahead: a submit task that had read the batch as interrupted applied its
+    hold after the resume had released the window."""
+    from worker.batch import control
+    from worker.dispatch.runner import Runner
+
+    source = manifest(tmp_path / "cups.jsonl", 3)
+    spooled = spool([source.read_bytes()])
+    try:
+        out = str(tmp_path / "out")
+        first = start.start_batch(
+            rt, spooled, batch="cups", out=out, provider="apiframe", owner="run-1"
+        )
+        assert first.owner == "run-1"
+        # Given an interrupted batch whose submits were dispatched, and a worker that read the
+        # batch's record (interrupted) just before the resume
+        assert control.interrupt(rt, "cups", "run-1")
+        pumped = rt.state.pump(
+            "apiframe", time.time(), 30, polls=0, submits=4, defaults=(4, 10.0, 10.0)
+        )
+        assert len(pumped.submits) == 3
+        assert rt.batch_meta("cups")["status"] == "interrupted"
+        # When the batch is resumed (by a submit: no owner), and only then do those submits run
+        resumed = start.start_batch(rt, spooled, batch="cups", out=out, provider="apiframe")
+        assert resumed.attached and resumed.owner is None
+        report = Runner(rt).run(
+            Step.SUBMIT, "cups", [(idx, seq) for _, idx, seq in pumped.submits]
+        )
+    finally:
+        Path(spooled.path).unlink()
+    # Then each line was held by that stale read, and is due now all the same
+    assert report.outcomes["held"] >= 3, report.outcomes  # (a freed slot may run one more)
+    due = dict(rt.state.client.zrange(keys.ready("cups", "apiframe"), 0, -1, withscores=True))
+    assert len(due) == 3 and max(due.values()) <= time.time() + 1, due
+    # ... and the run that interrupted it no longer owns it: its token stops nothing
+    assert not control.interrupt(rt, "cups", "run-1")
+    assert rt.state.batch_status("cups") == "running"

@@ -253,6 +253,30 @@ def test_apiframe_auth_errors(sim: Simulator, key: str | None, status: int, erro
     assert response.headers["x-request-id"]
 
 
+@pytest.mark.parametrize(
+    ("path", "headers", "status"),
+    [
+        ("/v2/me", {"X-API-Key": KEY}, 200),
+        ("/v2/me", {}, 401),
+        ("/v2/me", {"X-API-Key": "badkey"}, 401),
+        ("/v2/me", {"X-API-Key": "afk_inactive_123"}, 403),
+        ("/openai/v1/models", {"Authorization": f"Bearer {TOKEN}"}, 200),
+        ("/openai/v1/models", {}, 401),
+        ("/openai/v1/models", {"Authorization": "Bearer invalid-key"}, 401),
+    ],
+)
+def test_the_free_calls_that_check_a_key_answer_with_the_same_auth_and_bill_nothing(
+    sim: Simulator, path: str, headers: dict[str, str], status: int
+) -> None:
+    response = HTTP.get(f"{sim.base_url}{path}", headers=headers)
+    assert response.status_code == status, response.text
+    if path.startswith("/openai") and status == 200:
+        models = [model["id"] for model in response.json()["data"]]
+        assert "gpt-image-1.5" in models
+    ledger = sim.ledger()
+    assert ledger["submits"] == 0 and not ledger["credits_charged"]
+
+
 def test_insufficient_credits_is_402_with_amounts_and_creates_no_job(
     sim: Simulator, api: httpx.Client
 ) -> None:
