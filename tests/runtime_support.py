@@ -94,13 +94,16 @@ def put_line(state: State, rec: LineRecord, score: float | None = None) -> None:
     state.client.hset(keys.line(rec.batch, rec.idx), mapping=data)
     home = rec.info.home.value
     zset = {
-        "ready": keys.ready(rec.batch, rec.provider),
+        "ready": keys.ready(rec.batch, rec.ready_queue),
         "flight": keys.flight(rec.provider),
         "store": keys.STORE,
     }.get(home)
     if zset is not None:
         state.client.zadd(zset, {rec.member: time.time() if score is None else score})
-    if home == "ready":
+    if home == "ready" and rec.queue:
+        state.client.sadd(keys.POOLS, rec.batch + rec.queue)
+        state.client.sadd(keys.PROVIDERS, *rec.pool)
+    elif home == "ready":
         state.client.sadd(keys.queues(rec.provider), rec.batch)
     state.client.sadd(keys.PROVIDERS, rec.provider)
 

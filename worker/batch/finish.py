@@ -16,7 +16,8 @@ from jobs.clock import now_iso
 from jobs.manifest.backlog import Cursor, lines_from, original
 from jobs.output import layout, parts, report, results, reuse
 from jobs.output.batch_info import elapsed_s, write_info
-from jobs.pricing import Money
+from jobs.pricing import Money, in_usd
+from jobs.routing import is_pool
 from worker.lines.records import BatchStatus
 from worker.redis import keys
 from worker.runtime import Runtime
@@ -133,7 +134,9 @@ def _summary(
         ((name, credits),) = money.by_currency.items()
         unit = "USD" if name == "USD" else "credits"
     else:
-        credits, unit = 0.0, rt.settings.provider_spec(meta["provider"]).credit_unit
+        spec = meta["provider"]
+        credits = 0.0
+        unit = "USD" if is_pool(spec) else rt.settings.provider_spec(spec).credit_unit
     stop_reason = meta.get("stop_reason") or (
         "cancelled" if meta.get("status") == BatchStatus.CANCELLED else None
     )
@@ -154,9 +157,13 @@ def _summary(
                 "images": part.images,
                 "credits": round(part.credits, 6),
                 "unit": part.unit,
+                "usd": in_usd(part.credits, part.unit, rt.settings.usd_per_credit(name)),
             }
             for name, part in sorted(tally.by_provider.items())
         },
+        "providers_left": rt.state.out_of_pool(meta["batch_id"]),
+        "moved": int(counts.get("moved", 0)),
+        "ambiguous_moved": int(counts.get("ambiguous_moved", 0)),
         "credit_units": units,
         "failures": dict(sorted(tally.failures.items())),
         "estimated": json.loads(meta.get("estimate") or "{}"),

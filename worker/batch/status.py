@@ -15,6 +15,7 @@ from typing import Any
 from jobs.errors import ImagebatchError
 from jobs.output import layout, results
 from jobs.pricing import Money
+from jobs.routing import is_pool, members
 from jobs.storage import Store
 from worker.lines.records import BatchStatus
 from worker.redis.state import State, Window
@@ -47,6 +48,9 @@ class Snapshot:
     not written its end (still running elsewhere, or stopped without a word)."""
     window: Window | None = None
     """Where the unfinished lines in Redis wait (live snapshots only)."""
+    providers: dict[str, str] = field(default_factory=dict)
+    """The batch's providers that are not simply healthy: ``out: why`` (left the pool for
+    good), ``cooling down until T``, ``probing``."""
 
     @property
     def finished(self) -> bool:
@@ -148,7 +152,21 @@ def from_redis(state: State, batch: str) -> Snapshot | None:
         estimate=Money(json.loads(meta.get("estimate") or "{}")),
         recorded=meta.get("status", BatchStatus.RUNNING),
         window=window,
+        providers=_providers(state, batch, meta),
     )
+
+
+def _providers(state: State, batch: str, meta: dict[str, str]) -> dict[str, str]:
+    """Each of the batch's pool members that left it or is cooling down, saying so."""
+    found = {name: f"out: {why}" for name, why in state.out_of_pool(batch).items()}
+    spec, keyed = meta.get("provider", ""), meta.get("keyed", "")
+    pool = members(spec, tuple(keyed.split(","))) if is_pool(spec) and keyed else None
+    now = time.time()
+    for name in pool or ():
+        health = state.health(name)
+        if name not in found and health.until:
+            found[name] = health.describe(now)
+    return found
 
 
 def from_summary(summary: dict[str, Any], status: str, source: str) -> Snapshot:
@@ -167,6 +185,7 @@ def from_summary(summary: dict[str, Any], status: str, source: str) -> Snapshot:
         out_uri=summary.get("out"),
         stop_reason=summary.get("stop_reason"),
         source=source,
+        providers={k: f"out: {v}" for k, v in (summary.get("providers_left") or {}).items()},
     )
 
 
@@ -266,6 +285,7 @@ def describe(snap: Snapshot) -> str:
         parts.append(f"ETA {eta:.0f}s")
     if snap.stop_reason:
         parts.append(f"stopped: {snap.stop_reason}")
+    parts += [f"{name} {state}" for name, state in sorted(snap.providers.items())]
     if snap.out_uri:
         parts.append(f"out {snap.out_uri}")
     return " · ".join(parts)

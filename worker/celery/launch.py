@@ -32,7 +32,7 @@ def launched(
     own: EmbeddedRedis | None = None
     with ExitStack() as stack:
         is_embedded = settings.broker_url is None
-        spec = settings.provider_spec(provider) if provider else None
+        spec = settings.provider_spec(provider) if provider and not is_pool(provider) else None
         if spec is not None and spec.builtin_simulator and is_embedded:
             config = settings.provider_config(provider or "")
             if not config.base_url:

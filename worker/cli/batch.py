@@ -396,6 +396,9 @@ def retry(batch_id: str, out: str | None, provider: str | None, debug: bool) -> 
                     source=str(info.get("source", "")),
                     fresh=bool(info.get("fresh")),
                     owner=new_owner(),
+                    max_usd_per_image=float(most)
+                    if (most := info.get("max_usd_per_image"))
+                    else None,
                 )
             finally:
                 Path(spooled.path).unlink(missing_ok=True)

@@ -15,12 +15,11 @@ def usd_setting(provider: str) -> str:
 
 
 def money_line(plan: Plan, rates: Mapping[str, float | None]) -> str:
-    """``900 apiframe credits + 1.2 USD ≈ 10.2 USD``; ``(USD unknown)`` where a rate is not set."""
+    """``900 apiframe credits + 1.2 USD ≈ 10.2 USD``; without the total where a credit's price is
+    not set (``provider_lines`` says which setting would give it)."""
     described = plan.estimate.describe()
     usd = plan.estimate.in_usd(rates)
-    if usd is None:
-        return f"{described} (USD unknown)"
-    if set(plan.estimate.by_currency) <= {"USD"}:
+    if usd is None or set(plan.estimate.by_currency) <= {"USD"}:
         return described
     return f"{described} ≈ {usd:g} USD"
 

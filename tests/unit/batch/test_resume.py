@@ -281,9 +281,7 @@ def test_a_hold_decided_before_a_resume_but_applied_after_it_does_not_keep_the_l
         # When the batch is resumed (by a submit: no owner), and only then do those submits run
         resumed = start.start_batch(rt, spooled, batch="cups", out=out, provider="apiframe")
         assert resumed.attached and resumed.owner is None
-        report = Runner(rt).run(
-            Step.SUBMIT, "cups", [(idx, seq) for _, idx, seq in pumped.submits]
-        )
+        report = Runner(rt).run(Step.SUBMIT, "cups", [(idx, seq) for _, idx, seq in pumped.submits])
     finally:
         Path(spooled.path).unlink()
     # Then each line was held by that stale read, and is due now all the same
