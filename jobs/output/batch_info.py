@@ -17,8 +17,10 @@ def write_info(
 ) -> None:
     """Write the batch's record as ``status`` and ``ls`` read it. ``record`` may come straight
     from Redis (every value a string): numbers are written as numbers."""
-    keep = ("batch_id", "status", "out_uri", "provider", "source", "manifest_sha")
-    keep += ("max_usd_per_image",)
+    keep = (
+        *("batch_id", "status", "out_uri", "provider", "source", "manifest_sha"),
+        "max_usd_per_image",
+    )
     info: dict[str, Any] = {name: str(record[name]) for name in keep if name in record}
     if record.get("fresh"):
         info["fresh"] = True
