@@ -125,10 +125,10 @@ def env_for(
     }
 
 
-def plan_seconds(source: Path, env: Mapping[str, str]) -> float:
+def plan_seconds(source: Path, env: Mapping[str, str], provider: str = "apiframe") -> float:
     """The time ``imagebatch plan`` estimates (its ``est. 4m12s`` as seconds)."""
     result = subprocess.run(
-        [*CLI, "plan", str(source), "--provider", "apiframe"],
+        [*CLI, "plan", str(source), "--provider", provider],
         env=env,
         capture_output=True,
         text=True,
@@ -149,6 +149,7 @@ def run_batch(
     workers: int = 1,
     concurrency: int = 16,
     extra: Mapping[str, str] | None = None,
+    provider: str = "apiframe",
 ) -> Run:
     """``imagebatch run`` against a fleet of ``workers`` processes; returns what it cost."""
     server.client.flushall()
@@ -156,7 +157,7 @@ def run_batch(
     with tempfile.TemporaryDirectory(prefix="imagebatch-bench-") as tmp:
         out = Path(tmp) / "out"
         env = env_for(server.url, sim.base_url, out, extra)
-        plan_cold = plan_seconds(source, env)
+        plan_cold = plan_seconds(source, env, provider)
         logs = [open(Path(tmp) / f"w{i}.log", "wb") for i in range(workers)]  # noqa: SIM115
         procs = [
             subprocess.Popen(
@@ -205,7 +206,7 @@ def run_batch(
             cli_log = Path(tmp) / "cli.log"
             with cli_log.open("wb") as output:
                 cli = subprocess.Popen(
-                    [*CLI, "run", str(source), "--provider", "apiframe", "--batch-id", "bench"],
+                    [*CLI, "run", str(source), "--provider", provider, "--batch-id", "bench"],
                     env=env,
                     stdout=output,
                     stderr=subprocess.STDOUT,
@@ -224,7 +225,7 @@ def run_batch(
             if code not in (0, 1):
                 raise RuntimeError(f"run failed ({code}):\n{cli_log.read_text()[-3000:]}")
             summary = json.loads((out / "bench" / "summary.json").read_text())
-            plan_learned = plan_seconds(source, env)
+            plan_learned = plan_seconds(source, env, provider)
         finally:
             for profiler in profilers:
                 profiler.send_signal(2)

@@ -7,7 +7,7 @@ import email.utils
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC
 from typing import Any
@@ -190,19 +190,21 @@ def key_check(
 
 
 class KeyGate:
-    """Until a provider has taken one submit with this process's key, its submits go one at
-    a time: a refused key then costs one 401, not one per line in flight. A refusal comes at
-    once, so a submit still running after ``PATIENCE_S`` has got past the key and the others
-    go on without waiting; a refusal is remembered for ``REFUSAL_S``, and the submits that
-    waited for it fail with it, unsent."""
+    """Until a provider has taken this process's key, its submits go one at a time: a refused
+    key then costs one 401, not one per line in flight. Where the provider has a free call
+    that says whether it takes the key (``check``), that call opens the gate and no paid
+    submit waits on another. Else a refusal comes at once, so a submit still running after
+    ``PATIENCE_S`` has got past the key and the others go on without waiting. A refusal is
+    remembered for ``REFUSAL_S``, and the submits that waited for it fail with it, unsent."""
 
-    PATIENCE_S = 5.0
+    PATIENCE_S = 1.5
     REFUSAL_S = 60.0
 
-    def __init__(self) -> None:
+    def __init__(self, check: Callable[[], bool] | None = None) -> None:
         self._lock = threading.Lock()
         self._open = False
         self._refused: tuple[float, BatchStop] | None = None
+        self._check = check
 
     @contextmanager
     def first(self) -> Iterator[None]:
@@ -215,13 +217,32 @@ class KeyGate:
             refused = self._refused
             if refused is not None and time.monotonic() - refused[0] < self.REFUSAL_S:
                 raise refused[1]
-            try:
+            if not self._open and self._check is not None:
+                self._open = self._refusing(self._check)
+            if self._open:
+                if held:
+                    self._lock.release()
+                    held = False
                 yield
-            except BatchStop as exc:
-                if exc.type == "auth":
-                    self._refused = (time.monotonic(), exc)
-                raise
-            self._open = True
+                return
+            yield from self._refusing_submit()
         finally:
             if held:
                 self._lock.release()
+
+    def _refusing(self, attempt: Callable[[], bool]) -> bool:
+        try:
+            return attempt()
+        except BatchStop as exc:
+            if exc.type == "auth":
+                self._refused = (time.monotonic(), exc)
+            raise
+
+    def _refusing_submit(self) -> Iterator[None]:
+        try:
+            yield
+        except BatchStop as exc:
+            if exc.type == "auth":
+                self._refused = (time.monotonic(), exc)
+            raise
+        self._open = True

@@ -67,7 +67,7 @@ class SyncImageAPI:
         spec = REGISTRY[config.name]
         self.prices = spec.prices
         self.credit_unit = spec.credit_unit  # type: ignore[misc]
-        self.gate = KeyGate()
+        self.gate = KeyGate(self.check_key)
 
     # -- what subclasses describe -------------------------------------------------------------
 

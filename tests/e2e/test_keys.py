@@ -64,7 +64,9 @@ def test_a_good_key_passes_the_check_and_the_run_buys_as_usual(tmp_path: Path) -
         result = run_batch(manifest, "openai", tmp_path / "out", "jars", env=env, timeout=60)
         ledger = sim.ledger()
     assert result.returncode == 0, result.stdout + result.stderr
-    assert ledger["requests"].get("GET /openai/v1/models 200") == 1, ledger["requests"]
+    # The run's check before it starts, and the worker's before its first paid submit (so no
+    # submit waits on another to prove the key)
+    assert ledger["requests"].get("GET /openai/v1/models 200") == 2, ledger["requests"]
     assert posts(ledger) == 2
 
 

@@ -109,25 +109,38 @@ def test_when_the_cheapest_is_full_the_next_one_takes_the_overflow(
 ) -> None:
     sim.reset()
     sim.update(sync_latency_s=0.6, latency_s=0.6)
+    pool = ("apiframe", "openai", "omixa")  # $0.004, $0.009, $0.011 an image
     try:
         path = manifest(tmp_path / "chairs.jsonl", 24)
         out = tmp_path / "out"
-        caps = {f"IMAGEBATCH_{name.upper()}_MAX_IN_FLIGHT": "3" for name in KEYS}
-        pool = "aimlapi,apiframe,openai"
-        result = run_batch(path, pool, out, "overflow", env=env(sim, **caps))
+        caps = {f"IMAGEBATCH_{name.upper()}_MAX_IN_FLIGHT": "3" for name in pool}
+        result = run_batch(path, ",".join(pool), out, "overflow", env=env(sim, pool, **caps))
+        jobs = sim.ledger()["jobs"]
     finally:
         sim.update(sync_latency_s=0.1, latency_s=0.3)
 
     assert result.returncode == 0, result.stdout + result.stderr
     outcome = read_local(out, "overflow")
     check_invariants(path, outcome, sim.ledger())
-    count = served(outcome.rows)
-    # The cheapest served most; its overflow went down the list, never outside the pool
-    assert set(count) <= {"aimlapi", "apiframe", "openai"}
-    assert count["aimlapi"] >= max(count["apiframe"], count["openai"])
-    assert count["apiframe"] > 0, count
-    assert outcome.summary["by_provider"]["aimlapi"]["lines"] == count["aimlapi"]
     bought_once(sim)
+    count = served(outcome.rows)
+    assert min(count[name] for name in pool) > 0, count
+    assert outcome.summary["by_provider"]["apiframe"]["lines"] == count["apiframe"]
+    # A dearer account started a job only while every cheaper one had its 3 in flight (a slot
+    # counts as ours until the job's images are stored: up to a second after the job ends)
+    spans = {
+        name: [
+            (job["created_ms"] / 1000, job["created_ms"] / 1000 + job["duration_s"] + 1.0)
+            for job in jobs
+            if job["provider"] == name
+        ]
+        for name in pool
+    }
+    for rank, dearer in enumerate(pool[1:], start=1):
+        for start, _ in spans[dearer]:
+            for cheaper in pool[:rank]:
+                busy = sum(1 for s, e in spans[cheaper] if s <= start + 0.05 and start < e)
+                assert busy >= 3, (dearer, start, cheaper, busy)
 
 
 def test_a_provider_going_down_hands_its_unbought_lines_on_and_finishes_what_it_bought(

@@ -86,9 +86,26 @@ class Scheduler:
             self.providers = self.rt.state.providers()
             self.providers_at = now
         wait = IDLE_S
+        for provider in sorted(self.providers - self.next_due.keys()):
+            # A provider new to this leader first tells the others its cap and budget: a
+            # pool's dearer member then never waits a pass for a cheaper one to pump.
+            self.rt.state.pump(
+                provider,
+                now,
+                self.rt.settings.lease_s,
+                polls=0,
+                submits=0,
+                defaults=self.controllers.defaults(provider, now),
+            )
+        deferred: list[str] = []
         for provider in sorted(self.providers):
             if pump_all or now >= self.next_due.get(provider, 0.0):
-                self.next_due[provider] = now + self._pump(provider, now)
+                self.next_due[provider] = now + self._pump(provider, now, deferred)
+            wait = min(wait, self.next_due[provider] - now)
+        for provider in deferred:
+            # A pool's lines this provider left to a cheaper member pumped after it: what that
+            # member could not take, this one takes now rather than next pass.
+            self.next_due[provider] = now + self._pump(provider, now, [])
             wait = min(wait, self.next_due[provider] - now)
         if "store" in events or now >= self.next_store:
             self.next_store = now + self._stores(now)
@@ -103,8 +120,9 @@ class Scheduler:
         """A line ended: a batch pass soon (the window may have room), but not on every line."""
         return now >= self.next_batches - BATCH_PASS_S / 2
 
-    def _pump(self, provider: str, now: float) -> float:
-        """Hand out what the provider can do now; returns how long until it can do more."""
+    def _pump(self, provider: str, now: float, deferred: list[str]) -> float:
+        """Hand out what the provider can do now; returns how long until it can do more (and
+        adds it to ``deferred`` when it left a pool's lines to a cheaper member)."""
         controllers = self.controllers
         defaults = controllers.defaults(provider, now)
         pumped = self.rt.state.pump(
@@ -115,6 +133,8 @@ class Scheduler:
             submits=MOST_PER_PUMP,
             defaults=defaults,
         )
+        if pumped.deferred:
+            deferred.append(provider)
         controllers.observe(provider, pumped.binding, now)
         controllers.update_if_due(provider, now)
         by_step: dict[tuple[Step, str], list[tuple[int, int]]] = defaultdict(list)

@@ -51,6 +51,9 @@ class Pumped:
     submit_wait: float
     """Seconds until a submit may go out (the next token, or the end of a pause)."""
     poll_wait: float
+    deferred: bool = False
+    """A pool's lines were left to a cheaper member that could take them: if it does not
+    (it pumps next), this provider should look again."""
 
 
 @dataclass(frozen=True)
@@ -372,7 +375,7 @@ class State:
         its cap and each kind's token bucket (``pump.lua``). ``defaults`` (cap, submit rate,
         poll rate) count until the controller has written its own."""
         cap, submit_rate, poll_rate = defaults
-        got_polls, got_submits, in_flight, nf, nr, binding, sw, pw = self._run(
+        got_polls, got_submits, in_flight, nf, nr, binding, sw, pw, deferred = self._run(
             "pump",
             [
                 keys.limit(provider),
@@ -407,6 +410,7 @@ class State:
             Binding(*(bool(int(flag)) for flag in binding)),
             float(sw),
             float(pw),
+            bool(deferred),
         )
 
     def claim_stores(

@@ -29,7 +29,8 @@
 -- down submits nothing; once the cooldown ends it sends one probe line before any other.
 -- Returns {{member, seq, status}...} polls, {{member, seq}...} submits, in flight after,
 -- next flight due, next ready due, {submit, poll, cap} binding (1/0: that limit held due work
--- back), seconds until the next submit token, seconds until the next poll token.
+-- back), seconds until the next submit token, seconds until the next poll token, and 1 when
+-- P left a pool's lines to a cheaper member that could take them (0 otherwise).
 
 local now, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
 local provider = ARGV[5]
@@ -105,7 +106,7 @@ end
 
 -- The queues P takes READY lines from: its batches' own, and the pools it is a member of
 -- whose cheaper members cannot take their lines now.
-local queues = {}
+local queues, deferred = {}, 0
 for _, b in ipairs(redis.call('SMEMBERS', KEYS[3])) do
   queues[#queues + 1] = {name = b, set = KEYS[3], key = string.format(ARGV[4], b, provider)}
 end
@@ -118,6 +119,8 @@ for _, m in ipairs(redis.call('SMEMBERS', KEYS[4])) do
   end
   if mine and not cheaper_able and redis.call('HEXISTS', string.format(ARGV[11], b), provider) == 0 then
     queues[#queues + 1] = {name = m, set = KEYS[4], key = string.format(ARGV[4], b, q)}
+  elseif mine and cheaper_able then
+    deferred = 1
   end
 end
 table.sort(queues, function(x, y) return x.name < y.name end)
@@ -197,4 +200,4 @@ local function until_token(kind, pause)
   return tostring(math.max(wait, pause - now))
 end
 return {polls, submits, inflight, nf[2] or '', next_ready_text, binding,
-  until_token('submit', tonumber(s[8]) or 0), until_token('poll', tonumber(s[9]) or 0)}
+  until_token('submit', tonumber(s[8]) or 0), until_token('poll', tonumber(s[9]) or 0), deferred}
