@@ -12,6 +12,11 @@
     imagebatch_limit_rate{provider,kind}               the adaptive rate of submits or polls (/s)
     imagebatch_limit_pause_seconds{provider,kind}      what is left of a pause (a blocked account)
     imagebatch_throttled{provider}                     429s the provider answered (cumulative)
+    imagebatch_provider_state{provider,state}          1 for its breaker's state: healthy,
+                                                       cooling (no submits), probing, cooled
+    imagebatch_provider_cooldown_seconds{provider}     what is left of its cooldown
+    imagebatch_batch_provider_out{batch,provider}      1 for a provider that left the batch's
+                                                       pool for good (402, 401/403)
     imagebatch_queue_depth{queue}                      Celery messages waiting (LLEN imagebatch)
     imagebatch_redis_up                                0 when the fleet could not be read
 """
@@ -118,6 +123,11 @@ class FleetCollector(Collector):
         status = GaugeMetricFamily(
             "imagebatch_batch_status", "1 for an active batch's status", labels=["batch", "status"]
         )
+        out = GaugeMetricFamily(
+            "imagebatch_batch_provider_out",
+            "1 for a provider that left an active batch's pool for good",
+            labels=["batch", "provider"],
+        )
         for view in views:
             if view.total is not None:
                 lines.add_metric([view.batch], view.total)
@@ -129,7 +139,9 @@ class FleetCollector(Collector):
                     credits.add_metric([view.batch, name.removeprefix("credits:")], amount)
             if view.status:
                 status.add_metric([view.batch, label(view.status)], 1)
-        yield from (lines, done, ended, credits, status)
+            for provider in view.out:
+                out.add_metric([view.batch, label(provider)], 1)
+        yield from (lines, done, ended, credits, status, out)
 
     def _providers(self, views: list[ProviderView]) -> Iterator[Metric]:
         def gauge(name: str, doc: str, *labels: str) -> GaugeMetricFamily:
@@ -141,10 +153,14 @@ class FleetCollector(Collector):
         rate = gauge("limit_rate", "The adaptive rate of a request kind (per second)", "kind")
         pause = gauge("limit_pause_seconds", "Seconds left of a request kind's pause", "kind")
         throttled = gauge("throttled", "429 answers of the provider, all workers (cumulative)")
+        health = gauge("provider_state", "1 for the state of the provider's breaker", "state")
+        cooldown = gauge("provider_cooldown_seconds", "Seconds left of the provider's cooldown")
         now = time.time()
         for view in views:
             in_flight.add_metric([view.provider], view.in_flight)
             waiting.add_metric([view.provider], view.waiting)
+            health.add_metric([view.provider, view.health.state(now)], 1)
+            cooldown.add_metric([view.provider], max(0.0, view.health.until - now))
             limits = current_limits(view, self.settings, now)
             if limits is None:
                 continue
@@ -153,7 +169,7 @@ class FleetCollector(Collector):
             for kind in ("submit", "poll"):
                 rate.add_metric([view.provider, kind], limits.rates[kind])
                 pause.add_metric([view.provider, kind], limits.pauses[kind])
-        yield from (in_flight, waiting, cap, rate, pause, throttled)
+        yield from (in_flight, waiting, cap, rate, pause, throttled, health, cooldown)
 
 
 def scrape_clients(settings: CoreSettings) -> tuple[State, State | None]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,15 @@ class Health:
     probe: float = 0.0
     failures: int = 0
 
+    def state(self, now: float) -> str:
+        """``healthy``, ``cooling`` (no submits), ``probing`` (one line out), or ``cooled``
+        (its next line is the probe)."""
+        if not self.until:
+            return "healthy"
+        if now < self.until:
+            return "cooling"
+        return "probing" if now < self.probe else "cooled"
+
     def describe(self, now: float) -> str:
         if not self.until:
             return "healthy"
@@ -104,6 +113,8 @@ class BatchView:
     total: int | None
     status: str
     counters: dict[str, float]
+    out: dict[str, str] = field(default_factory=dict)
+    """Providers that left the batch's pool, each with why."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +135,7 @@ class ProviderView:
     in_flight: int
     waiting: int
     limits: dict[str, str]
+    health: Health = Health()
 
 
 @dataclass(frozen=True)
@@ -654,9 +666,11 @@ class State:
         for b in batches:
             second.hmget(keys.batch(b), ["total", "status"])
             second.hgetall(keys.counters(b))
+            second.hgetall(keys.out(b))
         for p in providers:
             second.zcard(keys.flight(p))
             second.hgetall(keys.limit(p))
+            second.hmget(keys.health(p), ["until", "probe", "failures"])
             for b in batches:
                 second.zcard(keys.ready(b, p))
         answers = iter(second.execute())
@@ -664,12 +678,15 @@ class State:
         for b in batches:
             total, status = next(answers)
             counters = {k: float(v) for k, v in next(answers).items()}
-            views.append(BatchView(b, int(total) if total else None, status or "", counters))
+            out = dict(next(answers))
+            views.append(BatchView(b, int(total) if total else None, status or "", counters, out))
         slots = []
         for p in providers:
             in_flight, limits = int(next(answers)), dict(next(answers))
+            until, probe, failures = (float(v or 0) for v in next(answers))
             waiting = sum(int(next(answers)) for _ in batches)
-            slots.append(ProviderView(p, in_flight, waiting, limits))
+            health = Health(until, probe, int(failures))
+            slots.append(ProviderView(p, in_flight, waiting, limits, health))
         return Fleet(views, slots)
 
     def queue_depth(self) -> int:

@@ -236,6 +236,9 @@ def test_collector_reports_the_fleet_from_redis_in_a_few_commands(
         "apiframe", cap=3, submit_rate=2.5, poll_rate=4.0, submit_pause=now + 30, throttled=7
     )
     state.client.rpush(QUEUE, "m1", "m2", "m3")
+    # ...an account that left the batch's pool, and one cooling down after failing
+    state.leave_pool("b1", "openai", "openai answered 402")
+    state.client.hset(keys.health("openai"), mapping={"until": now + 20, "probe": 0})
     m = metrics.Metrics(settings)
     try:
         # When it is scraped
@@ -276,6 +279,13 @@ def test_collector_reports_the_fleet_from_redis_in_a_few_commands(
         rate = value(registry, "imagebatch_limit_rate", provider="openai", kind="submit")
         assert rate == openai.submit_rate
         assert value(registry, "imagebatch_queue_depth", queue=QUEUE) == 3
+        out = value(registry, "imagebatch_batch_provider_out", batch="b1", provider="openai")
+        assert out == 1
+        state_of = "imagebatch_provider_state"
+        assert value(registry, state_of, provider="openai", state="cooling") == 1
+        assert value(registry, state_of, provider="apiframe", state="healthy") == 1
+        cooldown = value(registry, "imagebatch_provider_cooldown_seconds", provider="openai")
+        assert cooldown is not None and 15 < cooldown <= 20
 
         # ...in a few commands per scrape, however many lines there are
         def commands_per_scrape() -> int:
@@ -284,7 +294,7 @@ def test_collector_reports_the_fleet_from_redis_in_a_few_commands(
             return command_calls(redis_client) - before
 
         few = commands_per_scrape()
-        assert few == 3 + 2 * 1 + 3 * 2, few
+        assert few == 3 + 3 * 1 + 4 * 2, few
         state.client.zadd(keys.flight("apiframe"), {keys.member("b1", i): now for i in range(500)})
         assert commands_per_scrape() == few
         assert value(registry, "imagebatch_in_flight", provider="apiframe") == 500
