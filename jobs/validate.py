@@ -172,11 +172,12 @@ def tally(
     default_provider: str,
     on_line: Callable[[Line], None] | None = None,
     check_with: AdapterFor | None = None,
+    rules: PoolRules | None = None,
 ) -> Plan:
     """Validate and price the whole manifest without touching Redis or any provider;
     ``check_with`` (when given) makes the adapters lines are validated with (raising the
     ``ConfigError`` of a provider a run could not reach)."""
-    check = Checker(check_with or adapter_for, default_provider)
+    check = Checker(check_with or adapter_for, default_provider, rules)
     plan = Plan()
     for _, line in counted_lines(chunks, check):
         plan.add(line, adapter_for, check)

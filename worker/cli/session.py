@@ -22,7 +22,7 @@ from jobs.manifest.parse import Line
 from jobs.manifest.sources import read_chunks
 from jobs.manifest.spool import Spooled, file_chunks, spool
 from jobs.registry import REGISTRY
-from jobs.routing import is_pool
+from jobs.routing import PoolRules, is_pool
 from jobs.settings import CoreSettings
 from jobs.storage import check_writable, open_store
 from jobs.text import shown
@@ -138,6 +138,7 @@ def prepared(
                 provider,
                 print_rejection(manifest),
                 check_with=adapters.checked,
+                rules=PoolRules(settings.keyed(), settings.usd_rates()),
             )
             if checked.rejected:
                 raise ConfigError(
