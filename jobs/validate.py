@@ -48,6 +48,8 @@ class Plan:
     first_rejections: list[ManifestError] = field(default_factory=list)
     reused: int = 0
     """Valid lines already bought under the output: counted, not priced (``take_out``)."""
+    unpriced: dict[str, int] = field(default_factory=dict)
+    """Lines by model whose price is not published: not in the estimate (``plan`` says so)."""
 
     @property
     def estimate(self) -> Money:
@@ -66,6 +68,9 @@ class Plan:
         part.lines += 1
         part.images += line.request.n
         part.credits = round(part.credits + adapter.estimate(line.request), 6)
+        if not adapter.price_known(line.request):
+            model = line.request.model
+            self.unpriced[model] = self.unpriced.get(model, 0) + 1
         self.valid += 1
         self.images += line.request.n
 
@@ -76,6 +81,10 @@ class Plan:
         part.lines -= 1
         part.images -= request.n
         part.credits = round(part.credits - adapter_for(name).estimate(request), 6)
+        if request.model in self.unpriced and not adapter_for(name).price_known(request):
+            self.unpriced[request.model] -= 1
+            if not self.unpriced[request.model]:
+                del self.unpriced[request.model]
         if part.lines <= 0:
             del self.by_provider[name]
         self.reused += 1
