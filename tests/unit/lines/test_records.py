@@ -60,6 +60,7 @@ EVERY_FIELD: dict[str, Any] = {
             "height": 1024,
         },
     ),
+    "group": "3f9a1c2e0b7d",
 }
 
 
