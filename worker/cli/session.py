@@ -270,6 +270,13 @@ def land(rt: Runtime, batch: str, out: str, code: int) -> NoReturn:
         pass
     left = len(control.in_flight(rt, batch))
     note = f" ({left} jobs in flight will be picked up again)" if left else ""
+    jobs = control.open_jobs(rt, batch)
+    if jobs:
+        err_console.print(
+            f"still running at the provider, paid as they finish: {', '.join(jobs)}; "
+            "the same command picks them up and stores what they made",
+            markup=False,
+        )
     err_console.print(
         f"stopped{note}; resume with: {resume_command(sys.argv, batch, out)}", markup=False
     )
