@@ -189,7 +189,7 @@ def test_a_free_size_reaches_the_adapter_only_for_gpt_image_2_which_checks_its_r
 
 
 def test_the_manifest_s_free_size_models_are_the_rules_free_size_models() -> None:
-    assert FREE_SIZE_MODELS == {name for name, m in MODELS_TABLE.items() if m.flexible_sizes}
+    assert {name for name, m in MODELS_TABLE.items() if m.flexible_sizes} == FREE_SIZE_MODELS
 
 
 def test_a_model_without_a_published_price_is_unknown_not_guessed() -> None:
