@@ -148,7 +148,7 @@ OPENAI_BATCH = ProviderSpec(
     # the lines the batch holds in Redis and how many OpenAI batches run side by side.
     max_in_flight=20_000,
     requests_per_second=2.0,
-    timeout_s=300.0,
+    timeout_s=OPENAI.timeout_s,
     expected_latency_s=3600.0,
     simulator_surface="openai",
     group=True,

@@ -122,7 +122,7 @@ def test_plan_and_summary_are_half_the_synchronous_price_and_match_the_ledger(
     assert {row.provider for row in outcome.rows} == {"openai-batch"}
     assert "2 OpenAI batches" in (out / "teapots" / "report.html").read_text()
     # the progress showed each OpenAI batch's state and request counts
-    shown = r"openai-batch batch_\w+: in_progress \d+/8 completed, 0 failed"
+    shown = r"openai-batch batch_\w+: in_progress \(requests: \d+ completed, 0 failed of 8\)"
     assert re.search(shown, done.stdout), done.stdout
 
 

@@ -48,14 +48,14 @@ class JobView:
         )
 
     def describe(self) -> str:
-        """``openai-batch batch_6f…: in_progress 120/300 completed, 2 failed``."""
+        """``openai-batch batch_6f…: in_progress (requests: 120 completed, 2 failed of 300)``."""
         name = self.id or f"group {self.group}"
         text = f"{self.provider} {name}: {self.status}"
         if self.total:
-            text += f" {self.completed}/{self.total} completed, {self.failed} failed"
-        else:
-            text += f" ({self.lines} lines)"
-        return text
+            return text + (
+                f" (requests: {self.completed} completed, {self.failed} failed of {self.total})"
+            )
+        return text + f" ({self.lines} lines)"
 
 
 @dataclass(frozen=True)

@@ -237,9 +237,14 @@ class GroupJob(Collector):
     def poll(self) -> None:
         api = self.adapter.api
         if lines.stopped(self.meta) and not self.rec.cancel:
-            api.cancel(self.rec.job_id)
+            try:
+                api.cancel(self.rec.job_id)
+                self.note(f"cancel asked of job {self.rec.job_id}")
+            except TransientProviderError:
+                raise
+            except ProviderError as exc:  # it ended meanwhile (a 409): collect it as it is
+                self.note(f"job {self.rec.job_id} not cancelled: {exc.message}")
             self.save("keep", cancel=1)
-            self.note(f"cancel asked of job {self.rec.job_id}")
         info = api.get(self.rec.job_id)
         self.count("polls")
         counts = info.request_counts
