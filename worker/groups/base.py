@@ -77,9 +77,10 @@ class GroupWork:
             raise StaleGroup(self.rec.id)
         self.rec = self.rec.evolve(**changes)
 
-    def note(self, outcome: str) -> None:
+    def note(self, outcome: str, level: int = logging.INFO) -> None:
         self.done.outcome = outcome
-        log.info(
+        log.log(
+            level,
             "group %s: %s",
             self.rec.id,
             outcome,

@@ -10,6 +10,7 @@ for that metadata before it ever creates again.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -98,7 +99,14 @@ class GroupJob(Collector):
             # The provider or the output store did not answer: the same step again later.
             wait = policy.backoff(2, self.settings.retry_base_s, self.settings.retry_max_s)
             self.save(time.time() + max(wait, 0.05))
-            self.note(f"retry ({exc.type}): {exc.message}")
+            self.note(f"retry ({exc.type}): {exc.message}", logging.WARNING)
+        except ProviderError as exc:
+            # Reading a job we made was refused (a key revoked, another account's base URL):
+            # its lines are paid for or may be, so they wait for the account to be fixed
+            # (the same command then collects them), never to be bought again.
+            self.count("group_refusals")
+            self.save(time.time() + self.config.poll_s)
+            self.note(f"refused ({exc.type}): {exc.message}; looking again later", logging.WARNING)
 
     def held_back(self) -> bool:
         """A cancelled, stopped or interrupted batch buys no new job: the group's lines fail

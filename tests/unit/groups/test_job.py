@@ -302,3 +302,28 @@ def test_a_group_of_an_interrupted_batch_is_not_sent_until_the_resume(
     group = rt.state.groups.get(B, "g1")
     assert group is not None and group.status is GroupStatus.FORMED
     assert (rt.state.client.zscore(keys.groups(P), group.member) or 0) > time.time() + 600
+
+
+def test_a_job_the_account_may_no_longer_read_is_not_bought_again_its_lines_wait(
+    redis_client: redis.Redis[bytes], redis_url: str, sim: Simulator, tmp_path: Path
+) -> None:
+    rt = make(redis_url, sim)
+    other = make(redis_url, sim, openai_api_key="sk-another-account")
+    try:
+        start(rt, tmp_path, ["a kettle 0"])
+        drive(rt, stop_at=GroupStatus.RUNNING)
+        claimed, _ = other.state.groups.claim(P, time.time() + 3600, 30.0, 10)
+
+        outcome = job.run(other, *claimed[0])  # 404: no such batch, for this key
+
+        assert outcome.outcome.startswith("refused (provider_rejected)")
+        group = other.state.groups.get(B, "g1")
+        assert group is not None and group.status is GroupStatus.RUNNING
+        line = other.state.read(B, 0)
+        assert line is not None and line.status is LineStatus.GROUPED
+        drive(rt)  # the right account collects it
+        assert rows(rt)["line-0"]["status"] == "succeeded"
+        assert len(sim.ledger()["openai_batches"]) == 1
+    finally:
+        rt.close()
+        other.close()
