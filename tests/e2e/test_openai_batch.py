@@ -268,3 +268,27 @@ def test_plan_says_a_model_s_price_is_unknown_rather_than_guess(
     assert plan.returncode == 0, plan.stderr
     assert "price unknown: 1 lines of gpt-image-2" in plan.stdout, plan.stdout
     assert est_usd(plan.stdout) == pytest.approx(0.0025)
+
+
+def test_with_the_fallback_a_line_a_batch_left_unfinished_is_bought_synchronously_at_full_price(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    lines = kettles(4, quality="low")
+    lines[2]["prompt"] += " [[fail-once]]"  # its batch request fails with a 500
+    source = manifest(tmp_path / "kettles.jsonl", lines)
+    out = tmp_path / "out"
+    env = batch_env(sim, IMAGEBATCH_OPENAI_BATCH_FALLBACK="true")
+
+    done = run_batch(source, "openai-batch", out, "fallback", env=env)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    outcome = read_local(out, "fallback")
+    check_invariants(source, outcome)
+    by_id = {row.id: row for row in outcome.rows}
+    assert by_id["k002"].provider == "openai" and by_id["k002"].attempts == 2
+    assert by_id["k002"].credits == pytest.approx(0.009)  # the synchronous, full price
+    assert {by_id[f"k00{i}"].provider for i in (0, 1, 3)} == {"openai-batch"}
+    charged = sim.ledger()["credits_charged"]
+    assert charged == {"openai-batch": pytest.approx(3 * 0.0045), "openai": pytest.approx(0.009)}
+    assert outcome.summary["by_provider"]["openai"]["lines"] == 1
+    assert outcome.summary["costs"] == {"USD": pytest.approx(3 * 0.0045 + 0.009)}
