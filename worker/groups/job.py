@@ -235,7 +235,7 @@ class GroupJob(Collector):
             now + self.config.poll_s,
             status=GroupStatus.RUNNING,
             job_id=info.id,
-            created_at=now,
+            created_at=float(info.created_at or now),
             job_status=info.status,
         )
         self.note(f"{how}: job {info.id} ({info.status})")
