@@ -246,6 +246,7 @@ def test_ctrl_c_leaves_the_openai_batch_running_and_the_same_command_picks_it_up
     # ...and the same command picks it up: the batch's results, nothing bought again
     again = run_cli(*args, env=env, timeout=120)
     assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming: 6 lines are in provider jobs already running" in again.stdout, again.stdout
     outcome = read_local(out, "interrupted")
     check_invariants(source, outcome)
     assert [b["id"] for b in sim.ledger()["openai_batches"]] == [job["id"]]

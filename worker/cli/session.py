@@ -167,6 +167,14 @@ def header(rt: Runtime, started: Started, provider: str) -> None:
         f"rejected) · {provider} ({spec.description}) · est. {plan.estimate.describe()}",
         markup=False,
     )
+    for note in estimate.group_notes(rt.settings, plan):
+        out_console.print(note, markup=False)
+    if started.adopted:
+        out_console.print(
+            f"resuming: {started.adopted} lines are in provider jobs already running (an OpenAI "
+            "batch): found again, not bought again",
+            markup=False,
+        )
     if started.attached:
         out_console.print("already running: following it", markup=False)
     elif started.carried or started.retrying:
