@@ -48,6 +48,16 @@ class ProviderSpec:
     finished within hours; never chosen by ``--provider auto``."""
     same_account_as: str | None = None
     """A provider whose key and base URL this one uses unless its own are set."""
+    group_size: int = 0
+    """A group provider's lines per provider job by default (``IMAGEBATCH_<NAME>_GROUP_SIZE``)."""
+    group_max_size: int = 0
+    """The most lines one provider job takes (OpenAI: 50,000 requests per batch)."""
+    group_max_bytes: int = 0
+    """The largest input file one provider job takes (OpenAI: 200 MB)."""
+    group_poll_s: float = 0.0
+    """How far apart a group's provider job is polled by default (it takes hours)."""
+    group_window_s: float = 0.0
+    """The provider's promise: a group's job ends within this long (OpenAI: 24 h)."""
 
     @property
     def field(self) -> str:
@@ -111,17 +121,50 @@ SIMULATOR = replace(
 )
 """``--provider simulator``: APIFrame's adapter and prices against the simulator ``run`` starts."""
 
+OPENAI = synchronous(
+    "openai",
+    "OpenAI Images API",
+    "jobs.providers.openai:OpenAI",
+    "https://api.openai.com",
+    PriceTable({"low": 0.009, "medium": 0.034, "high": 0.133, "auto": 0.133}, "auto"),
+    "USD",
+    expected_latency_s=30.0,
+)
+
+BATCH_SHARE = 0.5
+"""OpenAI's Batch API bills half the synchronous price (providers.md §2.6)."""
+
+OPENAI_BATCH = ProviderSpec(
+    name="openai-batch",
+    description="OpenAI Batch API, half price, within 24 h",
+    adapter="jobs.providers.openai_batch:OpenAIBatch",
+    base_url=OPENAI.base_url,
+    prices=PriceTable(
+        {q: round(p * BATCH_SHARE, 6) for q, p in OPENAI.prices.per_image.items()},
+        OPENAI.prices.default_quality,
+    ),
+    credit_unit="USD",
+    # Requests in open OpenAI batches at once (two groups of the default size): it bounds
+    # the lines the batch holds in Redis and how many OpenAI batches run side by side.
+    max_in_flight=20_000,
+    requests_per_second=2.0,
+    timeout_s=OPENAI.timeout_s,
+    expected_latency_s=3600.0,
+    simulator_surface="openai",
+    group=True,
+    same_account_as="openai",
+    group_size=10_000,
+    group_max_size=50_000,
+    group_max_bytes=200 * 1024 * 1024,
+    group_poll_s=300.0,
+    group_window_s=24 * 3600.0,
+)
+"""``--provider openai-batch``: the same account and images as ``openai``, in groups."""
+
 SPECS: tuple[ProviderSpec, ...] = (
     APIFRAME,
-    synchronous(
-        "openai",
-        "OpenAI Images API",
-        "jobs.providers.openai:OpenAI",
-        "https://api.openai.com",
-        PriceTable({"low": 0.009, "medium": 0.034, "high": 0.133, "auto": 0.133}, "auto"),
-        "USD",
-        expected_latency_s=30.0,
-    ),
+    OPENAI,
+    OPENAI_BATCH,
     # AI/ML API bills in its own credits; its docs default quality to medium.
     synchronous(
         "aimlapi",

@@ -82,6 +82,12 @@ def members(spec: str, keyed: Sequence[str]) -> tuple[str, ...] | None:
             f"unknown provider {shown(unknown[0])} in --provider {shown(spec)}: use some of "
             f"{', '.join(REGISTRY)}"
         )
+    grouped = [name for name in names if REGISTRY[name].group]
+    if grouped:
+        raise ConfigError(
+            f"{grouped[0]} sends lines in groups that finish within hours: it cannot be in a "
+            f"pool (--provider {shown(spec)}); run it on its own"
+        )
     return names
 
 

@@ -4,9 +4,10 @@ Nothing else in the code base reads ``os.environ``: the settings object is built
 (the CLI, a worker process) and passed down. The per-provider fields
 (``IMAGEBATCH_<NAME>_API_KEY``, ``_BASE_URL``, ``_MAX_IN_FLIGHT``, ``_REQUESTS_PER_SECOND``,
 ``_SUBMITS_PER_SECOND``, ``_POLLS_PER_SECOND``,
-``_TIMEOUT_S``, ``_EXPECTED_LATENCY_S``, and ``IMAGEBATCH_USD_PER_CREDIT_<NAME>`` for providers
-that bill in credits) are generated from the provider registry, so a new provider needs no
-edit here.
+``_TIMEOUT_S``, ``_EXPECTED_LATENCY_S``, ``IMAGEBATCH_USD_PER_CREDIT_<NAME>`` for providers
+that bill in credits, and ``_GROUP_SIZE``, ``_POLL_S``, ``_FALLBACK`` for group providers) are
+generated from the provider registry, so a new provider needs no edit here. ``<NAME>`` is the
+provider's name with ``-`` as ``_`` (``IMAGEBATCH_OPENAI_BATCH_API_KEY``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from jobs.registry import REGISTRY, ProviderSpec
 
-__all__ = ["PROVIDER_NAMES", "ProviderConfig", "Settings", "unknown_settings"]
+__all__ = ["PROVIDER_NAMES", "GroupConfig", "ProviderConfig", "Settings", "unknown_settings"]
 
 WEBHOOK_PATH = "/webhooks/apiframe"
 """Where ``imagebatch webhook`` receives APIFrame's deliveries, under ``IMAGEBATCH_WEBHOOK_URL``."""
@@ -66,6 +67,19 @@ class ProviderConfig:
     def __repr__(self) -> str:
         key = "set" if self.api_key is not None else "unset"
         return f"ProviderConfig(name={self.name!r}, base_url={self.base_url!r}, api_key=<{key}>)"
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """How a group provider's lines are sent: in groups of ``size`` lines (at most
+    ``max_bytes`` of input), the provider job polled every ``poll_s``, and ``fallback``: the
+    synchronous provider that may buy a line its group left unfinished (None: a later group)."""
+
+    size: int
+    max_bytes: int
+    poll_s: float
+    window_s: float
+    fallback: str | None = None
 
 
 class CoreSettings(BaseSettings):
@@ -175,41 +189,71 @@ class CoreSettings(BaseSettings):
         return list(REGISTRY)
 
     def provider_config(self, name: str) -> ProviderConfig:
-        """The per-provider slice of the settings; ``KeyError`` for an unknown provider."""
+        """The per-provider slice of the settings; ``KeyError`` for an unknown provider.
+
+        A provider on another's account (``same_account_as``: ``openai-batch`` on ``openai``)
+        takes that one's key and base URL unless its own are set."""
         if name not in REGISTRY:
             raise KeyError(name)
+        spec = REGISTRY[name]
+        field = spec.field
+        api_key, base_url = getattr(self, f"{field}_api_key"), getattr(self, f"{field}_base_url")
+        if spec.same_account_as is not None:
+            other = REGISTRY[spec.same_account_as].field
+            if api_key is None:
+                api_key = getattr(self, f"{other}_api_key")
+            if f"{field}_base_url" not in self.model_fields_set:
+                base_url = getattr(self, f"{other}_base_url")
         return ProviderConfig(
             name=name,
-            base_url=getattr(self, f"{name}_base_url"),
-            api_key=getattr(self, f"{name}_api_key"),
-            max_in_flight=getattr(self, f"{name}_max_in_flight"),
-            requests_per_second=getattr(self, f"{name}_requests_per_second"),
-            timeout_s=getattr(self, f"{name}_timeout_s"),
-            expected_latency_s=getattr(self, f"{name}_expected_latency_s"),
-            submits_per_second=getattr(self, f"{name}_submits_per_second"),
-            polls_per_second=getattr(self, f"{name}_polls_per_second"),
-            configured=self._configured(name),
+            base_url=base_url,
+            api_key=api_key,
+            max_in_flight=getattr(self, f"{field}_max_in_flight"),
+            requests_per_second=getattr(self, f"{field}_requests_per_second"),
+            timeout_s=getattr(self, f"{field}_timeout_s"),
+            expected_latency_s=getattr(self, f"{field}_expected_latency_s"),
+            submits_per_second=getattr(self, f"{field}_submits_per_second"),
+            polls_per_second=getattr(self, f"{field}_polls_per_second"),
+            configured=self._configured(field),
         )
 
-    def _configured(self, name: str) -> frozenset[Limit]:
+    def group_config(self, name: str) -> GroupConfig:
+        """A group provider's grouping, polling and fallback; ``KeyError`` for any other."""
+        spec = REGISTRY[name]
+        if not spec.group:
+            raise KeyError(name)
+        field = spec.field
+        fallback = getattr(self, f"{field}_fallback")
+        return GroupConfig(
+            size=min(
+                getattr(self, f"{field}_group_size"), self.provider_config(name).max_in_flight
+            ),
+            max_bytes=spec.group_max_bytes,
+            poll_s=getattr(self, f"{field}_poll_s"),
+            window_s=spec.group_window_s,
+            fallback=spec.same_account_as if fallback else None,
+        )
+
+    def _configured(self, field: str) -> frozenset[Limit]:
         given = self.model_fields_set
-        rate = f"{name}_requests_per_second" in given
+        rate = f"{field}_requests_per_second" in given
         found: set[Limit] = set()
-        if f"{name}_max_in_flight" in given:
+        if f"{field}_max_in_flight" in given:
             found.add("cap")
-        if rate or f"{name}_submits_per_second" in given:
+        if rate or f"{field}_submits_per_second" in given:
             found.add("submits")
-        if rate or f"{name}_polls_per_second" in given:
+        if rate or f"{field}_polls_per_second" in given:
             found.add("polls")
         return frozenset(found)
 
     def keyed(self) -> tuple[str, ...]:
         """The providers with a key set (the pool ``--provider auto`` draws from)."""
-        return tuple(n for n in PROVIDER_NAMES if getattr(self, f"{n}_api_key") is not None)
+        return tuple(n for n in PROVIDER_NAMES if self.provider_config(n).api_key is not None)
 
     def usd_per_credit(self, name: str) -> float | None:
         """USD value of one credit of ``name`` (a credit-billing provider), if configured."""
-        value: float | None = getattr(self, f"usd_per_credit_{name}", None)
+        field = REGISTRY[name].field if name in REGISTRY else name
+        value: float | None = getattr(self, f"usd_per_credit_{field}", None)
         return value
 
     def usd_rates(self) -> dict[str, float | None]:
@@ -218,7 +262,8 @@ class CoreSettings(BaseSettings):
 
 def _provider_fields() -> dict[str, Any]:
     fields: dict[str, Any] = {}
-    for name, spec in REGISTRY.items():
+    for spec in REGISTRY.values():
+        name = spec.field
         default_key = SecretStr(spec.default_api_key) if spec.default_api_key else None
         fields[f"{name}_api_key"] = (SecretStr | None, default_key)
         fields[f"{name}_base_url"] = (str, spec.base_url)
@@ -236,7 +281,22 @@ def _provider_fields() -> dict[str, Any]:
         )
         if spec.credit_unit == "credits":
             fields[f"usd_per_credit_{name}"] = (float | None, Field(default=None, gt=0))
+        if spec.group:
+            fields |= _group_fields(spec)
     return fields
+
+
+def _group_fields(spec: ProviderSpec) -> dict[str, Any]:
+    """A group provider's own settings: group size, poll interval, and the opt-in fallback."""
+    name = spec.field
+    return {
+        f"{name}_group_size": (
+            int,
+            Field(default=spec.group_size, ge=1, le=spec.group_max_size),
+        ),
+        f"{name}_poll_s": (float, Field(default=spec.group_poll_s, gt=0)),
+        f"{name}_fallback": (bool, False),
+    }
 
 
 if TYPE_CHECKING:

@@ -116,6 +116,9 @@ class Plan:
         """Every provider the batch may buy from."""
         return set(self.by_provider) | self.members
 
+    unpriced: dict[str, int] = field(default_factory=dict)
+    """Lines by model whose price is not published: not in the estimate (``plan`` says so)."""
+
     @property
     def estimate(self) -> Money:
         return money_of(self.by_provider)
@@ -134,6 +137,8 @@ class Plan:
         part.lines += 1
         part.images += request.n
         part.credits = round(part.credits + adapter.estimate(request), 6)
+        if not adapter.price_known(request):
+            self.unpriced[request.model] = self.unpriced.get(request.model, 0) + 1
         self.valid += 1
         self.images += request.n
         pool = check.pool_of(request)
@@ -156,6 +161,10 @@ class Plan:
         part.lines -= 1
         part.images -= request.n
         part.credits = round(part.credits - adapter_for(name).estimate(request), 6)
+        if request.model in self.unpriced and not adapter_for(name).price_known(request):
+            self.unpriced[request.model] -= 1
+            if not self.unpriced[request.model]:
+                del self.unpriced[request.model]
         if part.lines <= 0:
             del self.by_provider[name]
         self.reused += 1

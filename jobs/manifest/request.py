@@ -13,7 +13,7 @@ from collections.abc import Collection, Mapping
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from jobs.text import shown
 
@@ -25,6 +25,12 @@ InputFidelity = Literal["auto", "low", "high"]
 Moderation = Literal["auto", "low"]
 
 DEFAULT_MODEL = "gpt-image-1.5"
+SIZES: tuple[str, ...] = ("auto", "1024x1024", "1536x1024", "1024x1536")
+"""The sizes every model takes (``Size``)."""
+FREE_SIZE_MODELS = frozenset({"gpt-image-2", "gpt-image-2-2026-04-21"})
+"""Models that also take any ``WIDTHxHEIGHT``; the provider's adapter checks its rules
+(``jobs.providers.openai_models``)."""
+FREE_SIZE = re.compile(r"[1-9][0-9]{0,4}x[1-9][0-9]{0,4}")
 ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 EXTENSIONS = {v: k for k, v in CONTENT_TYPES.items()} | {"image/jpg": "jpeg"}
@@ -40,7 +46,8 @@ class ImageRequest(BaseModel):
     model: str = Field(default=DEFAULT_MODEL, min_length=1, max_length=200)
     provider: str | None = None
     n: int = Field(default=1, ge=1, le=10)
-    size: Size | None = None
+    size: str | None = None
+    """One of ``Size``; a model of ``FREE_SIZE_MODELS`` also takes ``WIDTHxHEIGHT``."""
     quality: Quality | None = None
     output_format: OutputFormat | None = None
     background: Background | None = None
@@ -57,6 +64,16 @@ class ImageRequest(BaseModel):
         if not value.strip():
             raise ValueError("prompt is empty")
         return value
+
+    @field_validator("size")
+    @classmethod
+    def _size_fits_the_model(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or value in SIZES:
+            return value
+        if info.data.get("model") in FREE_SIZE_MODELS and FREE_SIZE.fullmatch(value):
+            return value
+        free = " (or WIDTHxHEIGHT for gpt-image-2)" if FREE_SIZE.fullmatch(value) else ""
+        raise ValueError(f"size '{shown(value)}' is not one of {', '.join(SIZES)}{free}")
 
     @field_validator("id")
     @classmethod

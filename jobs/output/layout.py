@@ -9,6 +9,9 @@ Besides what users read (``images/``, ``results.jsonl``, ``failed.jsonl``, ``sum
     .state/stored/CCCCCC.tsv    the fingerprints of chunk C's succeeded lines: what later
                                 batches under the same output look up to reuse them
     .state/batch.json   what ``status`` and ``ls`` show once Redis has forgotten the batch
+    .state/groups/G.json    a group of lines sent as one provider job (an OpenAI batch): its
+                            lines and the job's id, saved before the job is created, so a
+                            resume after Redis is lost finds the job instead of buying again
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 STATE = ".state"
 PARTS = f"{STATE}/parts"
 STORED = f"{STATE}/stored"
+GROUPS = f"{STATE}/groups"
 
 
 def image_key(batch: str, line_id: str, k: int, extension: str) -> str:
@@ -52,3 +56,11 @@ def part_key(batch: str, chunk: int) -> str:
 
 def stored_key(batch: str, chunk: int) -> str:
     return f"{batch}/{STORED}/{chunk:06d}.tsv"
+
+
+def group_key(batch: str, group: str) -> str:
+    return f"{batch}/{GROUPS}/{group}.json"
+
+
+def groups_prefix(batch: str) -> str:
+    return f"{batch}/{GROUPS}/"

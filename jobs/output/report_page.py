@@ -99,7 +99,8 @@ def page_top(batch: str, summary: Mapping[str, Any], totals: Totals) -> str:
         f"<meta name='referrer' content='no-referrer'><link rel='icon' href='data:,'>\n"
         f"<title>{title} · imagebatch report</title>\n<style>{_STYLE}</style></head><body>\n"
         f"<header><h1>{title}</h1><p>{totals.lines:,} lines · {totals.images:,} images · "
-        f"{_reused(summary)}{esc(_took(summary))} · report made {generated}</p></header>\n"
+        f"{_reused(summary)}{_provider_jobs(summary)}{esc(_took(summary))} · "
+        f"report made {generated}</p></header>\n"
         f'<section class="totals"><div class="tiles"><div class="tile"><b>{totals.lines:,}</b>'
         f" lines</div>{counts}</div>\n"
         f"<table class='cost'><thead><tr><th>provider</th><th>lines</th><th>billed</th>"
@@ -157,6 +158,17 @@ def _reused(summary: Mapping[str, Any]) -> str:
     if not isinstance(reused, int) or isinstance(reused, bool) or reused <= 0:
         return ""
     return f"{reused:,} lines reused from earlier batches (not bought again) · "
+
+
+def _provider_jobs(summary: Mapping[str, Any]) -> str:
+    """The OpenAI batches the batch used (and those refused for the enqueued limit)."""
+    used, refused = summary.get("openai_batches"), summary.get("openai_batches_refused")
+    if not isinstance(used, int) or isinstance(used, bool) or used <= 0:
+        return ""
+    text = f"{used:,} OpenAI batch{'es' if used != 1 else ''}"
+    if isinstance(refused, int) and not isinstance(refused, bool) and refused > 0:
+        text += f" ({refused:,} more refused for the enqueued limit, not billed)"
+    return esc(text) + " · "
 
 
 def _took(summary: Mapping[str, Any]) -> str:

@@ -43,9 +43,12 @@ def create(name: str, settings: CoreSettings) -> Provider:
     _known(name)
     spec = REGISTRY[name]
     config = settings.provider_config(name)
+    setting = f"IMAGEBATCH_{spec.field.upper()}"
+    if spec.same_account_as is not None:
+        setting = f"IMAGEBATCH_{REGISTRY[spec.same_account_as].field.upper()}"
     if not config.base_url:
         raise ConfigError(
-            f"provider {name!r} has no base URL: set IMAGEBATCH_{name.upper()}_BASE_URL"
+            f"provider {name!r} has no base URL: set {setting}_BASE_URL"
             + (
                 " to a running `imagebatch simulate` (imagebatch run starts one by itself)"
                 if spec.builtin_simulator
@@ -54,7 +57,6 @@ def create(name: str, settings: CoreSettings) -> Provider:
         )
     if config.api_key is None:
         raise ConfigError(
-            f"no provider key: set IMAGEBATCH_{name.upper()}_API_KEY, "
-            "or use --provider simulator to try it out"
+            f"no provider key: set {setting}_API_KEY, or use --provider simulator to try it out"
         )
     return build_adapter(spec, config)

@@ -77,6 +77,9 @@ class APIFrame:
         if request.model not in PARAMS_BLOCK:
             models = ", ".join(PARAMS_BLOCK)
             problems.append(("model", f"model '{shown(request.model)}' is not one of {models}"))
+        if request.size not in (None, "auto", *ASPECT_RATIOS):
+            sizes = ", ".join(("auto", *ASPECT_RATIOS))
+            problems.append(("size", f"APIFrame takes the sizes {sizes}"))
         if request.input_fidelity == "auto":
             problems.append(("input_fidelity", "APIFrame accepts input_fidelity low or high"))
         if request.output_compression is not None:
@@ -92,6 +95,9 @@ class APIFrame:
 
     def estimate(self, request: ImageRequest) -> float:
         return self.prices.cost(request)
+
+    def price_known(self, request: ImageRequest) -> bool:
+        return True
 
     def body(self, request: ImageRequest, webhook_url: str | None = None) -> dict[str, Any]:
         """The request in APIFrame's terms: common fields move into the model's params block."""

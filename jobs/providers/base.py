@@ -75,6 +75,11 @@ class Provider(Protocol):
         """Expected cost of the whole line, in ``credit_unit``."""
         ...
 
+    def price_known(self, request: ImageRequest) -> bool:
+        """False when no price is published for the line (a new model): ``estimate`` is then
+        0, and ``plan`` says the price is unknown rather than guess it."""
+        ...
+
     def submit(
         self, request: ImageRequest, idempotency_key: str, webhook_url: str | None = None
     ) -> SubmitOutcome: ...

@@ -81,6 +81,12 @@ class SyncImageAPI:
     def extra_problems(self, request: ImageRequest) -> list[tuple[str, str]]:
         return []
 
+    def model_problems(self, request: ImageRequest) -> list[tuple[str, str]]:
+        """The models this provider sells here, and the sizes each takes."""
+        if request.model != "gpt-image-1.5":
+            return [("model", f"{self.name} is set up for gpt-image-1.5 only")]
+        return []
+
     # -- the adapter interface ----------------------------------------------------------------
 
     def validate(self, request: ImageRequest) -> list[tuple[str, str]]:
@@ -89,8 +95,7 @@ class SyncImageAPI:
             for field in self.unsupported
             if getattr(request, field) is not None
         ]
-        if request.model != "gpt-image-1.5":
-            problems.append(("model", f"{self.name} is set up for gpt-image-1.5 only"))
+        problems += self.model_problems(request)
         if request.background == "transparent" and request.output_format == "jpeg":
             problems.append(("background", "a transparent background needs png or webp"))
         problems += overridden(request, self.modelled)
@@ -111,6 +116,10 @@ class SyncImageAPI:
             return False
         url = f"{self.base_url}{self.key_path}"
         return key_check(self.client, self.name, url, self.headers(), frozenset({401}))
+
+    def price_known(self, request: ImageRequest) -> bool:
+        """Whether ``estimate`` is a published price (else it is 0 and ``plan`` says so)."""
+        return True
 
     def submit(
         self, request: ImageRequest, idempotency_key: str, webhook_url: str | None = None

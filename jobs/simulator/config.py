@@ -132,6 +132,9 @@ class BatchConfig:
     fails validation with ``token_limit_exceeded``. None: no limit."""
     create_drop: float = 0
     """Probability that ``POST /v1/batches`` creates the batch, then hangs up without answering."""
+    create_drops: int = 0
+    """The first this many creates make their batch, then hang up without answering (a lost
+    answer on cue, for tests; ``create_drop`` draws at random)."""
     error_5xx: float = 0
     """Probability that one request of a batch fails with a 500 (a line in the error file)."""
 
@@ -141,6 +144,7 @@ class BatchConfig:
         _require(self.window_s > 0, "batch.window_s must be > 0")
         _require(self.concurrency >= 1, "batch.concurrency must be >= 1")
         _require(self.enqueued_limit is None or self.enqueued_limit >= 1, "batch.enqueued_limit")
+        _require(self.create_drops >= 0, "batch.create_drops must be >= 0")
         for name in ("create_drop", "error_5xx"):
             _require(0 <= getattr(self, name) <= 1, f"batch.{name} must be between 0 and 1")
 

@@ -142,6 +142,8 @@ class Batches:
             self.batches: dict[str, Batch] = {}
             self.results: dict[str, tuple[str, str]] = {}
             """Output and error file id → (batch id, ``output`` or ``error``)."""
+            self.creates = 0
+            """``POST /v1/batches`` answered so far (``BatchConfig.create_drops``)."""
 
     def route(self, method: str, path: str) -> tuple[str, Handler] | None:
         parts = path.strip("/").split("/")
@@ -271,9 +273,15 @@ class Batches:
             self.batches[batch.id] = batch
             self.results[batch.output_file_id] = (batch.id, "output")
             self.results[batch.error_file_id] = (batch.id, "error")
-        if draw(self.state, self.state.config.batch.create_drop):
+        if self._dropped() or draw(self.state, self.state.config.batch.create_drop):
             return Response(200, drop=True)
         return json_response(200, self.view(batch, now))
+
+    def _dropped(self) -> bool:
+        """Whether this create is one of the first ``create_drops``, whose answer is lost."""
+        with self.state.lock:
+            self.creates += 1
+            return self.creates <= self.state.config.batch.create_drops
 
     def _new_batch(
         self, key: str, body: dict[str, Any], errors: list[dict[str, Any]], now: float

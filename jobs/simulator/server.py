@@ -97,9 +97,12 @@ class Simulator:
 
     def url_for(self, provider: str) -> str:
         """The base URL to configure for ``provider`` (``simulator`` is APIFrame): on the main
-        port, or with ``dedicated_ports`` on the provider's own port (same paths)."""
+        port, or with ``dedicated_ports`` on the provider's own port (same paths);
+        ``openai-batch`` is OpenAI's (the Batch API lives beside the Images API)."""
         if provider == "simulator":
             provider = "apiframe"
+        if provider == "openai-batch":
+            provider = "openai"
         if provider not in PROVIDERS:
             raise ValueError(f"unknown provider {provider!r}; one of {', '.join(PROVIDERS)}")
         base = self.base_url

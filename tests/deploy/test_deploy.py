@@ -37,6 +37,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from jobs.registry import REGISTRY
 from jobs.settings import PROVIDER_NAMES, Settings
 from tests.harness import ROOT
 
@@ -278,12 +279,13 @@ def provider_timeouts() -> dict[str, float]:
     included as soon as it has settings (``visibility_timeout_s`` ends the same way but is
     the broker's redelivery delay, not a call).
     """
+    fields = {REGISTRY[name].field: name for name in PROVIDER_NAMES}
     timeouts = {
         field: float(info.default)
         for field, info in Settings.model_fields.items()
-        if field.endswith("_timeout_s") and field.removesuffix("_timeout_s") in PROVIDER_NAMES
+        if field.endswith("_timeout_s") and field.removesuffix("_timeout_s") in fields
     }
-    assert set(timeouts) == {f"{name}_timeout_s" for name in PROVIDER_NAMES}
+    assert set(timeouts) == {f"{field}_timeout_s" for field in fields}
     return timeouts
 
 
@@ -821,9 +823,14 @@ def test_scaledobject_scales_the_workers_on_their_queues() -> None:
 
 def test_scaledobject_ceiling_follows_the_providers_caps() -> None:
     """More workers than the caps can keep busy only add parked lines and 429s: the ceiling
-    is ceil(sum of the default in-flight caps / threads per worker)."""
+    is ceil(sum of the default in-flight caps / threads per worker). A group provider's lines
+    wait at the provider in a few jobs, not in a worker's thread: its cap does not count."""
     fields = Settings.model_fields
-    caps = {name: int(fields[f"{name}_max_in_flight"].default) for name in PROVIDER_NAMES}
+    caps = {
+        name: int(fields[f"{REGISTRY[name].field}_max_in_flight"].default)
+        for name in PROVIDER_NAMES
+        if not REGISTRY[name].group
+    }
     threads = int(fields["worker_concurrency"].default)
     ceiling = math.ceil(sum(caps.values()) / threads)
     spec = find("ScaledObject", "imagebatch-worker")["spec"]

@@ -278,7 +278,9 @@ def test_the_key_is_in_no_output_log_object_or_redis_value_of_a_fleet_run(
 
 def test_settings_and_provider_configs_never_show_a_key() -> None:
     keys = {name: new_key() for name in PROVIDER_NAMES}
-    api_keys: dict[str, Any] = {f"{name}_api_key": key for name, key in keys.items()}
+    api_keys: dict[str, Any] = {
+        f"{REGISTRY[name].field}_api_key": key for name, key in keys.items()
+    }
     settings = Settings(**api_keys)
     shown = [repr(settings), str(settings), f"{settings}", settings.model_dump_json()]
     shown.append(json.dumps(settings.model_dump(mode="json")))
@@ -325,14 +327,18 @@ def test_a_provider_error_that_quotes_the_key_does_not_carry_it_into_the_error(
 ) -> None:
     # Given a provider whose error message echoes the credentials of the request
     key = new_key()
-    fields: dict[str, Any] = {f"{name}_api_key": key, f"{name}_base_url": "https://provider.test"}
+    field = REGISTRY[name].field
+    fields: dict[str, Any] = {f"{field}_api_key": key, f"{field}_base_url": "https://provider.test"}
     settings = Settings(**fields)
     config = settings.provider_config(name)
     cls = adapter_class(REGISTRY[name])
     adapter = cls(config, client=httpx.Client(transport=echoing(status)))  # type: ignore[call-arg]
-    # When a submit fails
+    # When a submit fails (a group provider's: the upload of a group's input file)
     with pytest.raises(ImagebatchError) as caught:
-        adapter.submit(ImageRequest(prompt="a kettle", quality="low"), "idem-key-1")
+        if REGISTRY[name].group:
+            adapter.api.upload("g.jsonl", [b"{}\n"], size=3)  # type: ignore[attr-defined]
+        else:
+            adapter.submit(ImageRequest(prompt="a kettle", quality="low"), "idem-key-1")
     error = caught.value
     # Then the error (which ends up in the result row, the log and the terminal) has no key
     shown = f"{error.message}\n{error}\n{error!r}\n{json.dumps(error.as_row_error())}"

@@ -3,6 +3,8 @@ cancel``, and the drain that ends a stopped batch's unbought lines at once."""
 
 from __future__ import annotations
 
+import time
+
 from worker import transitions
 from worker.lines.endings import fail, stopped_error
 from worker.lines.records import BatchStatus, LineRecord, LineStatus
@@ -44,10 +46,25 @@ def cancel(rt: Runtime, batch: str) -> bool:
         stop_reason="cancelled",
         stop_message="the batch was cancelled",
     )
+    # Its groups act now: a job running at the provider (an OpenAI batch) is cancelled, and
+    # what it finished is stored; a group not yet created ends its lines.
+    rt.state.groups.due_now(batch, time.time())
     rt.state.wake("stop")
     return True
 
 
 def in_flight(rt: Runtime, batch: str) -> list[LineRecord]:
-    """The batch's lines that were bought and are not stored yet."""
-    return [rec for rec in rt.state.lines(batch) if rec.status is not LineStatus.READY]
+    """The batch's lines that were bought and are not stored yet, but those waiting in a
+    group's job (an OpenAI batch runs on for hours: an interrupted run does not wait for it,
+    and the same command picks it up)."""
+    waiting = (LineStatus.READY, LineStatus.GROUPED)
+    return [rec for rec in rt.state.lines(batch) if rec.status not in waiting]
+
+
+def open_jobs(rt: Runtime, batch: str) -> list[str]:
+    """The provider jobs (OpenAI batches) of the batch's open groups, as ``id (status)``."""
+    return [
+        f"{g.job_id} ({g.job_status or g.status})"
+        for g in rt.state.groups.of_batch(batch)
+        if g.job_id
+    ]

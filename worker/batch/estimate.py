@@ -15,12 +15,21 @@ from jobs import providers
 from jobs.clock import duration
 from jobs.errors import ConfigError
 from jobs.providers.base import Provider
+from jobs.registry import BATCH_SHARE
 from jobs.settings import CoreSettings
 from jobs.validate import Plan
 from worker.redis.connect import RedisError, quick_client, redis_url
 from worker.redis.state import State
 
-__all__ = ["Adapters", "Known", "Learned", "duration", "estimate_seconds", "learned"]
+__all__ = [
+    "Adapters",
+    "Known",
+    "Learned",
+    "duration",
+    "estimate_seconds",
+    "group_notes",
+    "learned",
+]
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +141,8 @@ def estimate_seconds(
     known = known or Known()
     slowest = all_jobs = 0.0
     for name, part in plan.by_provider.items():
+        if settings.provider_spec(name).group:
+            continue  # its jobs end within the provider's window (``group_note``), not by slots
         config = settings.provider_config(name)
         adapter = adapters(name)
         per_request = adapter.max_images_per_request
@@ -148,3 +159,21 @@ def estimate_seconds(
         slowest = max(slowest, by_slots, jobs / submit_rate, polls / poll_rate)
     by_workers = all_jobs / (JOBS_PER_WORKER_S * known.workers)
     return max(slowest, by_workers) + OVERHEAD_S if plan.valid else 0.0
+
+
+def group_notes(settings: CoreSettings, plan: Plan) -> list[str]:
+    """What ``plan`` says of the lines a group provider takes: the price next to the
+    synchronous one, and that they finish within the provider's window, not by our pace."""
+    notes = []
+    for name, part in sorted(plan.by_provider.items()):
+        spec = settings.provider_spec(name)
+        if not spec.group:
+            continue
+        window = duration(spec.group_window_s).replace("h00m", " h")
+        sync = spec.same_account_as or name
+        full = round(part.credits / BATCH_SHARE, 6)
+        notes.append(
+            f"{name}: {part.lines} lines at half the price of {sync} (est. {part.credits:g} "
+            f"{part.unit} instead of {full:g}), finishes within {window}"
+        )
+    return notes

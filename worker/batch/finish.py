@@ -14,7 +14,7 @@ from typing import Any
 
 from jobs.clock import now_iso
 from jobs.manifest.backlog import Cursor, lines_from, original
-from jobs.output import layout, parts, report, results, reuse
+from jobs.output import groups, layout, parts, report, results, reuse
 from jobs.output.batch_info import elapsed_s, write_info
 from jobs.pricing import Money, in_usd
 from jobs.routing import is_pool
@@ -140,6 +140,8 @@ def _summary(
     stop_reason = meta.get("stop_reason") or (
         "cancelled" if meta.get("status") == BatchStatus.CANCELLED else None
     )
+    # Counted from the groups saved in the output store: exact across crashes and resumes.
+    jobs_used, jobs_refused = groups.jobs_used(rt.store(meta["out"]), meta["batch_id"])
     return {
         "batch_id": meta["batch_id"],
         "total": tally.total,
@@ -174,6 +176,8 @@ def _summary(
         "polls": int(counts.get("polls", 0)),
         "throttled": int(counts.get("throttled", 0)),
         "webhooks": int(counts.get("webhooks", 0)),
+        "openai_batches": jobs_used,
+        "openai_batches_refused": jobs_refused,
         "stop_reason": stop_reason,
         "runs": int(meta.get("runs", 1)),
         "out": meta.get("out_uri"),

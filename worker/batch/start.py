@@ -37,6 +37,7 @@ from jobs.storage import Store, open_store
 from jobs.validate import Checker, Plan, counted_lines
 from worker.batch import feeder
 from worker.batch.estimate import Adapters
+from worker.groups import adopt
 from worker.lines.records import BatchStatus
 from worker.redis import keys
 from worker.runtime import Runtime
@@ -62,6 +63,8 @@ class Started:
     """Lines an earlier run failed; they get new attempts."""
     reused: int = 0
     """Lines taken from other batches under the same output instead of bought."""
+    adopted: int = 0
+    """Lines an earlier run sent in a group whose job is found again, not bought again."""
     attached: bool = False
     """The batch was already running in Redis: nothing was re-seeded."""
     complete: bool = False
@@ -173,6 +176,13 @@ def start_batch(
                 _count_success(rt, counts, row["provider"], float(row.get("credits") or 0))
             elif row["status"] == "failed":
                 prior[idx] = max(prior.get(idx, 0), int(row.get("attempts") or 0))
+    # Lines in a group's job (an OpenAI batch) when Redis was lost go back into that group.
+    adoptions = adopt.find(
+        store, batch, lambda idx: _has_bit(skip, idx), lambda idx: prior.get(idx, 0)
+    )
+    for adoption in adoptions:
+        for idx, _ in adoption.members:
+            _set_bit(skip, idx)
     reused = 0
     if len(wanted):
         wanted.freeze()
@@ -232,10 +242,30 @@ def start_batch(
         record["finished_before"] = previous.get("finished_at") or ""
     else:
         record["run_started"] = time.time()
+    adopted = sum(len(a.members) for a in adoptions)
+    record["admitted"] = done + adopted
     state.seed(batch, record, counts, bytes(skip), prior)
+    if adoptions:
+        adopt.adopt(
+            state,
+            batch,
+            adoptions,
+            counted_lines(file_chunks(spooled.path), check),
+            lambda line: check.provider_of(line.request) if line.request else provider,
+            lambda idx: prior.get(idx, 0),
+        )
     write_info(store, batch, record, counts)
     feeder.feed(rt, batch)
-    return Started(batch, plan, carried, retrying, reused, complete=done >= plan.lines, owner=owner)
+    return Started(
+        batch,
+        plan,
+        carried,
+        retrying,
+        reused,
+        adopted,
+        complete=done >= plan.lines,
+        owner=owner,
+    )
 
 
 def _worked(info: dict[str, Any]) -> float:
@@ -319,6 +349,7 @@ def _attach(rt: Runtime, batch: str, live: dict[str, str], owner: str | None) ->
     if live.get("status") == BatchStatus.INTERRUPTED:
         rt.state.set_batch(batch, status=BatchStatus.RUNNING, owner=owner or "")
         rt.state.release_held(batch, time.time())
+        rt.state.groups.due_now(batch, time.time())
         rt.state.wake("batch")
         resumed = owner
     total = int(live.get("total", 0))
@@ -329,8 +360,16 @@ def window_size(rt: Runtime, plan: Plan) -> int:
     """``IMAGEBATCH_WINDOW``, else a few times the in-flight caps of the providers in use."""
     if rt.settings.window:
         return rt.settings.window
-    caps = sum(rt.settings.provider_config(name).max_in_flight for name in plan.providers)
-    return max(16, math.ceil(rt.settings.window_factor * max(1, caps)))
+    settings = rt.settings
+    single = [name for name in plan.providers if not settings.provider_spec(name).group]
+    caps = sum(settings.provider_config(name).max_in_flight for name in single)
+    # A group provider's lines wait in open groups, its cap (no factor: a group is sent whole).
+    grouped = sum(
+        settings.provider_config(name).max_in_flight
+        for name in plan.by_provider
+        if name not in single
+    )
+    return max(16, math.ceil(settings.window_factor * max(1, caps))) + grouped
 
 
 def _budget(rt: Runtime, plan: Plan, budget: Budget | None) -> dict[str, Any]:

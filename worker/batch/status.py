@@ -13,14 +13,53 @@ from datetime import datetime
 from typing import Any
 
 from jobs.errors import ImagebatchError
-from jobs.output import layout, results
+from jobs.output import groups, layout, results
 from jobs.pricing import Money
 from jobs.routing import is_pool, members
 from jobs.storage import Store
+from worker.lines.groups import GroupRecord
 from worker.lines.records import BatchStatus
 from worker.redis.state import State, Window
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A group's provider job (an OpenAI batch) as ``status`` and the progress show it."""
+
+    provider: str
+    group: str
+    lines: int
+    status: str
+    """The provider's word for the job (``in_progress``…), or the group's before it exists."""
+    id: str = ""
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+
+    @classmethod
+    def of(cls, rec: GroupRecord) -> JobView:
+        return cls(
+            rec.provider,
+            rec.id,
+            rec.size,
+            rec.job_status or str(rec.status),
+            rec.job_id,
+            rec.total,
+            rec.completed,
+            rec.failed,
+        )
+
+    def describe(self) -> str:
+        """``openai-batch batch_6f…: in_progress (requests: 120 completed, 2 failed of 300)``."""
+        name = self.id or f"group {self.group}"
+        text = f"{self.provider} {name}: {self.status}"
+        if self.total:
+            return text + (
+                f" (requests: {self.completed} completed, {self.failed} failed of {self.total})"
+            )
+        return text + f" ({self.lines} lines)"
 
 
 @dataclass(frozen=True)
@@ -41,6 +80,8 @@ class Snapshot:
     storage_waits: int = 0
     throttled: int = 0
     estimate: Money = field(default_factory=Money)
+    jobs: tuple[JobView, ...] = ()
+    """The provider jobs (OpenAI batches) of the batch's open groups."""
     source: str = "redis"
     """``redis`` (live) or ``store`` (what the output store recorded)."""
     recorded: str = ""
@@ -153,6 +194,7 @@ def from_redis(state: State, batch: str) -> Snapshot | None:
         recorded=meta.get("status", BatchStatus.RUNNING),
         window=window,
         providers=_providers(state, batch, meta),
+        jobs=tuple(JobView.of(rec) for rec in state.groups.of_batch(batch)),
     )
 
 
@@ -225,6 +267,7 @@ def from_store(store: Store, batch: str) -> Snapshot | None:
         money,
         started_at=_text(info.get("started_at")),
         out_uri=_text(info.get("out_uri")),
+        jobs=tuple(_open_jobs(store, batch)),
         source="store",
         recorded=recorded,
     )
@@ -247,6 +290,24 @@ def _number(value: object) -> float | None:
 
 def _text(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
+
+
+def _open_jobs(store: Store, batch: str) -> Iterator[JobView]:
+    """The provider jobs an unfinished batch left running, as the output store last saw
+    them (an interrupted embedded run's OpenAI batches run on)."""
+    for record in groups.records(store, batch):
+        if record.status != "collected" and record.job_id:
+            counts = record.counts
+            yield JobView(
+                record.provider,
+                record.group,
+                len(record.members),
+                record.status,
+                record.job_id,
+                int(counts.get("total", 0)),
+                int(counts.get("completed", 0)),
+                int(counts.get("failed", 0)),
+            )
 
 
 def listing(store: Store) -> Iterator[Snapshot]:
@@ -279,6 +340,7 @@ def describe(snap: Snapshot) -> str:
     ]
     if snap.left:
         parts.append(snap.pending())
+    parts += [job.describe() for job in snap.jobs]
     parts.append(snap.money.describe())
     eta = snap.eta_s()
     if eta is not None:

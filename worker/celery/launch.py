@@ -41,7 +41,7 @@ def launched(
                 sim = stack.enter_context(
                     Simulator(SimulatorConfig(latency_s=settings.embedded_simulator_latency_s))
                 )
-                field = f"{provider}_base_url"
+                field = f"{spec.field}_base_url"
                 settings = settings.model_copy(update={field: sim.url_for(spec.simulator_surface)})
         if is_embedded:
             if not embedded_ok:

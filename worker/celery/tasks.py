@@ -16,6 +16,7 @@ from worker import runtime
 from worker.batch import control, feeder, finish
 from worker.celery.app import app
 from worker.dispatch.runner import Runner
+from worker.groups import job as group_job
 from worker.lines.records import Step
 from worker.redis.keys import QUEUE
 
@@ -82,6 +83,15 @@ def finalize(batch: str) -> dict[str, Any] | None:
         return None
 
 
+@app.task(name="imagebatch.group")
+def group(batch: str, group_id: str, seq: int) -> dict[str, object]:
+    """One step of a group provider's group (send, create, poll, collect)."""
+    done = group_job.run(runtime.current(), batch, group_id, int(seq))
+    for ended in sorted(done.last):
+        send_finalize(ended)
+    return done.as_result()
+
+
 STEP_TASKS: dict[Step, Any] = {Step.SUBMIT: submit, Step.POLL: poll, Step.STORE: store}
 BATCH_TASKS: dict[str, Any] = {"feed": feed, "flush": flush, "drain": drain, "finalize": finalize}
 
@@ -98,3 +108,6 @@ class CeleryDispatch:
 
     def batch_task(self, name: str, batch: str) -> None:
         BATCH_TASKS[name].apply_async((batch,), queue=QUEUE)
+
+    def group(self, batch: str, group_id: str, seq: int) -> None:
+        group.apply_async((batch, group_id, seq), queue=QUEUE)

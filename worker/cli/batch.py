@@ -345,14 +345,24 @@ def plan(
         seconds = estimate.estimate_seconds(settings, result, adapters, known)
     reused = f"{result.reused} reused from {target} · " if result.reused else ""
     rates = settings.usd_rates()
+    notes = estimate.group_notes(settings, result)
+    only_groups = len(notes) == len(result.by_provider) and bool(notes)
+    took = estimate.duration(seconds)
+    if only_groups:
+        window = max(settings.provider_spec(name).group_window_s for name in result.by_provider)
+        took = f"within {estimate.duration(window).replace('h00m', ' h')}"
     click.echo(
         f"{result.lines} lines · {result.valid} valid · {result.rejected} rejected · "
         f"{result.images} images · {reused}est. {money_line(result, rates)} · "
-        f"est. {estimate.duration(seconds)}"
+        f"est. {took}"
     )
+    for note in notes:
+        click.echo(note)
     if len(result.by_provider) > 1 or result.pooled:
         for line in provider_lines(result, rates):
             click.echo(line)
+    for model, lines in sorted(result.unpriced.items()):
+        click.echo(f"price unknown: {lines} lines of {model} (no published price; not in the est.)")
     sys.exit(1 if result.rejected else 0)
 
 

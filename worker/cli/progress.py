@@ -55,6 +55,7 @@ def record(snap: Snapshot, waiting_for_storage: bool = False) -> str:
         f"{snap.failed} failed",
         f"{snap.rejected} rejected",
         snap.pending(),
+        *(job.describe() for job in snap.jobs),
         cost,
         eta_text(snap.eta_s()),
     ]
@@ -79,6 +80,7 @@ class Display:
             MofNCompleteColumn(),
             TextColumn("· {task.fields[failed]} failed · {task.fields[cost]} · {task.fields[eta]}"),
             TimeElapsedColumn(),
+            TextColumn("{task.fields[jobs]}"),
             console=console,
             disable=not self.interactive,
         )
@@ -89,7 +91,7 @@ class Display:
 
     def __enter__(self) -> Display:
         self.bar.__enter__()
-        self.task = self.bar.add_task("generating", total=None, failed=0, cost="", eta="")
+        self.task = self.bar.add_task("generating", total=None, failed=0, cost="", eta="", jobs="")
         self.last_line = time.monotonic()
         return self
 
@@ -131,6 +133,7 @@ class Display:
                 failed=snap.failed + snap.rejected,
                 cost=cost,
                 eta=eta_text(snap.eta_s()) + (" · waiting for storage" if waiting else ""),
+                jobs=" · ".join(job.describe() for job in snap.jobs),
             )
             return
         decile = 10 * snap.done // snap.total if snap.total else -1

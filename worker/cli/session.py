@@ -207,6 +207,14 @@ def header(rt: Runtime, started: Started, provider: str) -> None:
         estimate=dict(plan.estimate.by_currency),
         attached=started.attached,
     )
+    for note in estimate.group_notes(rt.settings, plan):
+        out_console.print(note, markup=False)
+    if started.adopted:
+        out_console.print(
+            f"resuming: {started.adopted} lines are in provider jobs already running (an OpenAI "
+            "batch): found again, not bought again",
+            markup=False,
+        )
     if started.attached:
         out_console.print("already running: following it", markup=False)
     elif started.carried or started.retrying:
@@ -363,6 +371,14 @@ def land(rt: Runtime, batch: str, out: str, code: int) -> NoReturn:
         pass
     left = len(control.in_flight(rt, batch))
     note = f" ({left} jobs in flight will be picked up again)" if left else ""
+    jobs = control.open_jobs(rt, batch)
+    if jobs:
+        notice(
+            f"still running at the provider, paid as they finish: {', '.join(jobs)}; "
+            "the same command picks them up and stores what they made",
+            event="jobs_running",
+            jobs=jobs,
+        )
     command = resume_command(sys.argv, batch, out)
     notice(f"stopped{note}; resume with: {command}", event="stopped", resume=command)
     sys.exit(code)

@@ -25,6 +25,7 @@ from typing import Protocol
 
 from jobs.errors import ImagebatchError
 from worker.dispatch.limits import Controllers
+from worker.groups.form import GroupDispatch
 from worker.lines.records import TABLE, BatchStatus, Step
 from worker.redis import keys
 from worker.redis.connect import LockLost, Unavailable
@@ -53,6 +54,10 @@ class Dispatch(Protocol):
 
     def batch_task(self, name: str, batch: str) -> None: ...
 
+    def group(self, batch: str, group: str, seq: int) -> None:
+        """A group provider's group step (``worker.groups``)."""
+        ...
+
 
 def groups(lines: Sequence[tuple[int, int]], size: int = GROUP) -> Iterator[list[tuple[int, int]]]:
     """Split lines into tasks of at most ``size`` (one, for calls that take long)."""
@@ -66,6 +71,7 @@ class Scheduler:
     def __init__(self, rt: Runtime, dispatch: Dispatch) -> None:
         self.rt, self.dispatch = rt, dispatch
         self.controllers = Controllers(rt.state, rt.settings)
+        self.groups = GroupDispatch(rt, dispatch)
         self.next_due: dict[str, float] = {}
         self.next_store = 0.0
         self.next_batches = 0.0
@@ -123,6 +129,8 @@ class Scheduler:
     def _pump(self, provider: str, now: float, deferred: list[str]) -> float:
         """Hand out what the provider can do now; returns how long until it can do more (and
         adds it to ``deferred`` when it left a pool's lines to a cheaper member)."""
+        if self.groups.handles(provider):  # lines go in groups: no slot, no token of their own
+            return self.groups.pump(provider, now)
         controllers = self.controllers
         defaults = controllers.defaults(provider, now)
         pumped = self.rt.state.pump(

@@ -6,6 +6,10 @@ record kept in Redis while the line is in the window, and the transition a step 
       └── 429, transient, FAILED job, expired image (new attempt) ◀─────────┴─────┘
     any step ──permanent error, deadline, budget, cancel──▶ FAILED          (REJECTED: at submit)
 
+A group provider's line (OpenAI's Batch API) goes READY ─grouped─▶ GROUPED ─its group's job
+ended─▶ FETCHED, FAILED, or READY again (a new attempt in a later group): it waits on its
+group (``worker.lines.groups``), not in a slot of its own.
+
 Where a line waits follows from its status alone (``TABLE``), and so does whether it holds one
 of its provider's slots: a slot is taken when the scheduler moves a line into ``flight`` and
 given back when a transition moves it out, in ``apply.lua`` and nowhere else.
@@ -34,6 +38,9 @@ class LineStatus(StrEnum):
     """The provider accepted a job; it is polled (or its webhook awaited) until it ends."""
     FETCHED = "fetched"
     """The images exist at the provider; they are being downloaded, checked and stored."""
+    GROUPED = "grouped"
+    """In one of its group provider's groups (``group``): sent with the group as one job,
+    it waits for that job's end. Holds no slot: the group is polled, not the line."""
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     REJECTED = "rejected"
@@ -45,6 +52,8 @@ class Step(StrEnum):
     SUBMIT = "submit"
     POLL = "poll"
     STORE = "store"
+    GROUP = "group"
+    """Done by the line's group (``worker.groups``), never dispatched for the line alone."""
 
 
 class Home(StrEnum):
@@ -54,6 +63,8 @@ class Home(StrEnum):
     FLIGHT = "flight"
     """Holding a provider slot: ``ZCARD`` is the provider's in-flight count."""
     STORE = "store"
+    GROUP = "group"
+    """In its group's members (``ib:B:gm:G``), in no shared sorted set."""
     NONE = "none"
 
 
@@ -88,6 +99,7 @@ TABLE: dict[LineStatus, StatusInfo] = {
     LineStatus.SUBMITTING: StatusInfo(Step.SUBMIT, Home.FLIGHT),
     LineStatus.SUBMITTED: StatusInfo(Step.POLL, Home.FLIGHT),
     LineStatus.FETCHED: StatusInfo(Step.STORE, Home.STORE),
+    LineStatus.GROUPED: StatusInfo(Step.GROUP, Home.GROUP),
     LineStatus.SUCCEEDED: StatusInfo(None, Home.NONE),
     LineStatus.FAILED: StatusInfo(None, Home.NONE),
     LineStatus.REJECTED: StatusInfo(None, Home.NONE),
@@ -148,6 +160,8 @@ class LineRecord:
     still go to); ``provider`` is the one that took it last."""
     route: tuple[dict[str, str], ...] = ()
     """The providers a pool line left, each ``{provider, outcome, reason}``."""
+    group: str = ""
+    """The group the line was sent in, while it is GROUPED (a group provider's line)."""
 
     @cached_property
     def request(self) -> ImageRequest:

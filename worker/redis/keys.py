@@ -13,6 +13,9 @@ Per batch (all removed by finalize, except the batch record with its summary):
     ib:B:prior        hash    I -> attempts an earlier run made (numbering continues past them)
     ib:B:blob:I:K     bytes   image K of line I, sent inline, kept until it is stored
     ib:B:lock:NAME    string  feed / flush / finalize: one at a time per batch (token lock)
+    ib:B:g:G          hash    one group of lines sent as one provider job (``GroupRecord``)
+    ib:B:gm:G         hash    the group's lines: I -> the attempt it holds them at
+    ib:B:groups       set     the batch's open groups
 
 Shared by every batch:
     ib:batches        set     batches not yet finalized
@@ -21,6 +24,8 @@ Shared by every batch:
     ib:pools          set     pool queues with READY lines ("B@a,b": batch B's, for a or b)
     ib:flight:P       zset    lines holding one of P's slots, by when they next need a step
     ib:store          zset    FETCHED lines, by when their store step is due (or its lease ends)
+    ib:groups:P       zset    group provider P's open groups ("B G"), by when their next step
+                              is due (or its lease ends)
     ib:limit:P        hash    P's limits: the cap and each request kind's rate, token bucket,
                               pause and counters (sent, 429s); the controller's state (ctl)
     ib:health:P       hash    P's breaker: failures in a row, cooling down until, probe out
@@ -134,6 +139,26 @@ def jobs(provider: str) -> str:
     return f"{PREFIX}:jobs:{provider}"
 
 
+def group(b: str, g: str) -> str:
+    return f"{PREFIX}:{b}:g:{g}"
+
+
+def group_members(b: str, g: str) -> str:
+    return f"{PREFIX}:{b}:gm:{g}"
+
+
+def batch_groups(b: str) -> str:
+    return f"{PREFIX}:{b}:groups"
+
+
+def groups(provider: str) -> str:
+    return f"{PREFIX}:groups:{provider}"
+
+
+GROUP_FORMAT = PREFIX + ":%s:g:%s"
+"""``GROUP_FORMAT % (batch, group)``: Lua scripts reach a member's group with it."""
+
+
 def worker(host: str, pid: int) -> str:
     """One worker process's heartbeat (several may share a host)."""
     return f"{PREFIX}:worker:{host}:{pid}"
@@ -152,7 +177,7 @@ def inbox_claim(name: str, sha256: str) -> str:
 
 RESERVED = frozenset(
     {"batches", "providers", "queues", "pools", "flight", "store", "limit", "latency", "jobs"}
-    | {"health"}
+    | {"health", "groups"}
     | {"scheduler", "wake", "worker", "inbox"}
 )
 """Words of the shared keys: a batch with one of these ids would collide with them."""

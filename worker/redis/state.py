@@ -22,6 +22,7 @@ from jobs.registry import REGISTRY
 from worker.lines.records import TABLE, Home, LineRecord, LineStatus, Transition, encode_changes
 from worker.redis import keys
 from worker.redis.claims import Claim
+from worker.redis.groups import GroupStore
 
 LUA = Path(__file__).with_name("lua")
 
@@ -155,6 +156,19 @@ class State:
 
     def _run(self, name: str, keys_: list[str], args: list[Any]) -> Any:
         return self._scripts[name](keys=keys_, args=args)
+
+    def run_script(self, name: str, keys_: list[str], args: list[Any]) -> Any:
+        """Run ``lua/NAME.lua`` (for the other modules of ``worker.redis``)."""
+        return self._run(name, keys_, args)
+
+    @property
+    def groups(self) -> GroupStore:
+        """A group provider's groups (``worker.redis.groups``)."""
+        return GroupStore(self)
+
+    def note_provider(self, provider: str) -> None:
+        """``provider`` has lines in the window (a line moved to it): the scheduler pumps it."""
+        self.client.sadd(keys.PROVIDERS, provider)
 
     def ping(self) -> bool:
         return bool(self.client.ping())
@@ -516,6 +530,9 @@ class State:
             immediate = frozenset(t.counts)
         now = time.time()
         old, new = rec.info.home, TABLE[t.status].home
+        # A line may move to another provider (a group's line falling back to the synchronous
+        # API): it waits in that provider's READY set from now on.
+        provider = str(t.changes.get("provider") or rec.provider)
         job_op = ""
         if index_jobs:
             job = str(t.changes.get("job_id", rec.job_id) or "")

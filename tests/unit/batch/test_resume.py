@@ -41,6 +41,9 @@ class Recorded:
     def batch_task(self, name: str, batch: str) -> None:
         self.batch_tasks.append((name, batch))
 
+    def group(self, batch: str, group: str, seq: int) -> None:
+        self.batch_tasks.append(("group", batch))
+
 
 @pytest.fixture
 def rt(redis_url: str, redis_client: redis.Redis[Any], tmp_path: Path) -> Iterator[Runtime]:
@@ -63,7 +66,7 @@ def manifest(path: Path, count: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize("status", sorted(ACTIVE))
+@pytest.mark.parametrize("status", sorted(ACTIVE - {LineStatus.GROUPED}))
 def test_a_line_left_in_any_status_is_dispatched_for_the_step_that_status_needs(
     rt: Runtime, tmp_path: Path, status: LineStatus
 ) -> None:

@@ -42,6 +42,9 @@ class Recorder:
     def batch_task(self, name: str, batch: str) -> None:
         self.tasks.append((name, batch))
 
+    def group(self, batch: str, group: str, seq: int) -> None:
+        self.tasks.append(("group", batch))
+
     def lines(self, step: Step | None = None) -> list[int]:
         return [idx for s, _, group in self.steps if step in (None, s) for idx, _ in group]
 

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from collections.abc import Iterator
 
 import httpx
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 
-from jobs.manifest.request import ImageRequest
+from jobs.manifest.request import FREE_SIZE_MODELS, ImageRequest
 from jobs.providers.openai import OpenAI
+from jobs.providers.openai_batch import OpenAIBatch
+from jobs.providers.openai_models import MODELS as MODELS_TABLE
 from jobs.providers.openai_models import max_price, price, size_problem
 from jobs.settings import ProviderConfig
 from jobs.simulator import Simulator, SimulatorConfig
+from jobs.validate import tally
 
 MODELS = ("gpt-image-1.5", "gpt-image-1", "gpt-image-1-mini", "gpt-image-2")
 FIXED = ("gpt-image-1.5", "gpt-image-1", "gpt-image-1-mini")
@@ -139,6 +144,79 @@ def test_the_openai_adapter_estimates_a_non_square_line_at_its_list_price() -> N
         assert adapter.estimate(square) == pytest.approx(0.009)
     finally:
         adapter.close()
+
+
+# --- issue 18 item 5: the OpenAI providers take every GPT image model, each at its own sizes ---
+
+
+def adapters() -> Iterator[OpenAI]:
+    for name in ("openai", "openai-batch"):
+        config = ProviderConfig(name, "http://127.0.0.1:9", None, 4, 2.0, 30.0)
+        yield (OpenAIBatch if name == "openai-batch" else OpenAI)(config)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_both_openai_providers_take_every_gpt_image_model(model: str) -> None:
+    for adapter in adapters():
+        try:
+            for size in ("auto", "1024x1024", "1536x1024", "1024x1536"):
+                line = ImageRequest(prompt="x", model=model, size=size)
+                assert adapter.validate(line) == [], (adapter.name, model, size)
+            assert adapter.validate(ImageRequest(prompt="x", model="dall-e-3")) != []
+        finally:
+            adapter.close()
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_a_free_size_reaches_the_adapter_only_for_gpt_image_2_which_checks_its_rules(
+    size: str,
+) -> None:
+    for model in MODELS:
+        try:
+            line = ImageRequest(prompt="x", model=model, size=size)
+        except ValidationError as exc:
+            # The manifest refuses it outright: a size no model takes, or a free size for a
+            # model without free sizes (the manifest's own message names the fixed sizes).
+            assert "is not one of auto, 1024x1024, 1536x1024, 1024x1536" in str(exc)
+            assert size_problem(model, size) is not None
+            continue
+        for adapter in adapters():
+            try:
+                problems = adapter.validate(line)
+            finally:
+                adapter.close()
+            assert (problems == []) == (size_problem(model, size) is None), (model, size)
+
+
+def test_the_manifest_s_free_size_models_are_the_rules_free_size_models() -> None:
+    assert {name for name, m in MODELS_TABLE.items() if m.flexible_sizes} == FREE_SIZE_MODELS
+
+
+def test_a_model_without_a_published_price_is_unknown_not_guessed() -> None:
+    for adapter in adapters():
+        try:
+            line = ImageRequest(prompt="x", model="gpt-image-2", size="2048x1152", quality="low")
+            assert not adapter.price_known(line) and adapter.estimate(line) == 0.0
+            known = ImageRequest(prompt="x", model="gpt-image-1-mini", quality="low")
+            assert adapter.price_known(known) and adapter.estimate(known) > 0
+        finally:
+            adapter.close()
+
+
+def test_plan_counts_the_lines_whose_price_is_unknown_apart() -> None:
+    lines = [
+        {"prompt": "a", "model": "gpt-image-2", "size": "2048x1152"},
+        {"prompt": "b", "model": "gpt-image-2"},
+        {"prompt": "c", "model": "gpt-image-1.5", "quality": "low"},
+    ]
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    adapter = next(adapters())
+    try:
+        plan = tally([data], lambda name: adapter, "openai")
+    finally:
+        adapter.close()
+    assert plan.valid == 3 and plan.unpriced == {"gpt-image-2": 2}
+    assert plan.estimate.by_currency == {"USD": pytest.approx(0.009)}
 
 
 # --- the simulator's own rules agree -----------------------------------------------------------

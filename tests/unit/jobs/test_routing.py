@@ -39,8 +39,8 @@ def adapters(configured: Settings) -> Any:
     return adapter_for
 
 
-def test_auto_is_every_provider_with_a_key_but_the_simulator() -> None:
-    assert members(AUTO, (*KEYED, "simulator")) == KEYED
+def test_auto_is_every_provider_with_a_key_but_the_simulator_and_batch_apis() -> None:
+    assert members(AUTO, (*KEYED, "simulator", "openai-batch")) == KEYED
 
 
 def test_a_list_keeps_the_user_s_order_and_names_one_provider_each_once() -> None:
@@ -53,6 +53,8 @@ def test_an_unknown_member_or_an_empty_auto_is_refused_naming_the_fix() -> None:
         members("openai,opnai", KEYED)
     with pytest.raises(ConfigError, match="IMAGEBATCH_<NAME>_API_KEY"):
         members(AUTO, ())
+    with pytest.raises(ConfigError, match="openai-batch sends lines in groups"):
+        members("openai,openai-batch", KEYED)
 
 
 def test_candidates_are_ranked_cheapest_first_in_usd() -> None:

@@ -63,6 +63,7 @@ EVERY_FIELD: dict[str, Any] = {
     "pool": ("oxen", "aimlapi"),
     "queue": "@aimlapi",
     "route": ({"provider": "oxen", "outcome": "unavailable", "reason": "oxen answered 503"},),
+    "group": "3f9a1c2e0b7d",
 }
 
 
