@@ -1,21 +1,53 @@
 """The archived manifest as a backlog: its lines read from any byte offset, in bounded chunks.
 
 The feeder admits the window's next lines from a cursor (byte offset, physical line number,
-counted-line index) and finalize pairs each row with the line it came from; both read the
-manifest through ``lines_from``, which numbers and skips lines exactly as
-``jobs.manifest.read_manifest`` does (the same ``physical_lines`` and ``content``).
+counted-line index), finalize pairs each row with the line it came from, and a reuse reads
+the claimed lines of the local copy; all three read through ``lines_from``, which cuts,
+numbers and skips lines exactly as ``jobs.manifest.parse.read_manifest`` does (both cut with
+``jobs.manifest.lines``). The backlog reads its bytes itself, from a ``Source``: the archived
+manifest in the output store (``Stored``) or an open local file (``Opened``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO, Protocol
 
-from jobs.manifest.parse import BOM, content, physical_lines
+from jobs.manifest.lines import BOM, PhysicalLine, Splitter, content
+from jobs.storage.base import Store
 
-ReadRange = Callable[[int, int], bytes | None]
-"""``read(start, end)``: bytes ``start`` to ``end`` (exclusive) of the manifest."""
 CHUNK = 256 * 1024
+
+
+class Source(Protocol):
+    """Where a backlog's bytes are."""
+
+    def read(self, start: int, end: int) -> bytes | None:
+        """Bytes ``start`` to ``end`` (exclusive); fewer at the end."""
+        ...
+
+
+@dataclass(frozen=True)
+class Stored:
+    """The manifest archived in the output store under ``key``."""
+
+    store: Store
+    key: str
+
+    def read(self, start: int, end: int) -> bytes | None:
+        return self.store.get_range(self.key, start, end)
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A local copy of the manifest, open for reading."""
+
+    handle: BinaryIO
+
+    def read(self, start: int, end: int) -> bytes | None:
+        self.handle.seek(start)
+        return self.handle.read(end - start)
 
 
 @dataclass(frozen=True)
@@ -42,21 +74,24 @@ class BacklogLine:
     """Byte offset of its first byte."""
 
 
-def _chunks(read: ReadRange, offset: int, size: int) -> Iterator[bytes]:
+def _physical(source: Source, cursor: Cursor, size: int) -> Iterator[PhysicalLine]:
+    """The physical lines from ``cursor`` on, reading ``size`` bytes at a time."""
+    split = Splitter(cursor.offset, cursor.line)
+    offset = cursor.offset
     while True:
-        data = read(offset, offset + size) or b""
+        data = source.read(offset, offset + size) or b""
         if data:
-            yield data
+            yield from split.feed(data)
         if len(data) < size:
-            return
+            break
         offset += len(data)
+    yield from split.end()
 
 
-def lines_from(read: ReadRange, cursor: Cursor, chunk: int = CHUNK) -> Iterator[BacklogLine]:
+def lines_from(source: Source, cursor: Cursor, chunk: int = CHUNK) -> Iterator[BacklogLine]:
     """Every counted line from ``cursor`` on, reading ``chunk`` bytes at a time."""
     idx, start = cursor.idx, cursor.offset
-    chunks = _chunks(read, cursor.offset, chunk)
-    for number, raw, end in physical_lines(chunks, cursor.offset, cursor.line):
+    for number, raw, end in _physical(source, cursor, chunk):
         data = raw if raw is None else content(number, raw)
         begins, start = start, end
         if raw is not None and data is None:
@@ -65,7 +100,7 @@ def lines_from(read: ReadRange, cursor: Cursor, chunk: int = CHUNK) -> Iterator[
         idx += 1
 
 
-def original(read: ReadRange, line: BacklogLine, chunk: int = CHUNK) -> Iterator[bytes]:
+def original(source: Source, line: BacklogLine, chunk: int = CHUNK) -> Iterator[bytes]:
     """The line as written, for failed.jsonl: its text, or for a line over the size cap (never
     held whole) its bytes streamed from the manifest, line end included."""
     if line.data is not None:
@@ -73,7 +108,7 @@ def original(read: ReadRange, line: BacklogLine, chunk: int = CHUNK) -> Iterator
         return
     offset = line.start
     while offset < line.end:
-        data = read(offset, min(line.end, offset + chunk)) or b""
+        data = source.read(offset, min(line.end, offset + chunk)) or b""
         if not data:
             return
         yield data.removeprefix(BOM) if offset == 0 else data

@@ -20,10 +20,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from jobs.errors import ManifestError
+from jobs.manifest.lines import MAX_LINE_BYTES, content, physical_lines
 from jobs.manifest.request import ImageRequest
 from jobs.text import shown
 
-MAX_LINE_BYTES = 1024 * 1024
 MAX_DEPTH = 32
 """Deepest nesting of objects and arrays a field may hold: far beyond any real metadata, far
 below the depth at which json, pydantic or the results writer give up."""
@@ -31,7 +31,6 @@ MAX_DIGITS = 4300
 """Python's own limit on converting digits to int (``sys.get_int_max_str_digits``)."""
 MAX_REASON = 400
 """Longest reason a provider check may give; its text may quote the line's values."""
-BOM = b"\xef\xbb\xbf"
 FIELDS = tuple(ImageRequest.model_fields)
 
 ProviderCheck = Callable[[ImageRequest], list[tuple[str, str]]]
@@ -53,44 +52,6 @@ class Line:
             return self.request.line_id
         raw_id = (self.raw or {}).get("id")
         return raw_id if isinstance(raw_id, str) else None
-
-
-def physical_lines(
-    chunks: Iterable[bytes], offset: int = 0, number: int = 0
-) -> Iterator[tuple[int, bytes | None, int]]:
-    """Every physical line as (line number, bytes, offset just past its newline), from
-    ``offset``/``number`` on; the bytes are ``None`` for a line over the size cap (never held)."""
-    pending = bytearray()
-    overlong = False
-    for chunk in chunks:
-        start = 0
-        while True:
-            end = chunk.find(b"\n", start)
-            if end < 0:
-                if not overlong:
-                    pending += chunk[start:]
-                    if len(pending) > MAX_LINE_BYTES:
-                        overlong, pending = True, bytearray()
-                break
-            number += 1
-            too_long = overlong or len(pending) + end - start > MAX_LINE_BYTES
-            yield number, None if too_long else bytes(pending + chunk[start:end]), offset + end + 1
-            pending, overlong = bytearray(), False
-            start = end + 1
-        offset += len(chunk)
-    if pending or overlong:
-        yield number + 1, None if overlong else bytes(pending), offset
-
-
-def content(number: int, data: bytes) -> bytes | None:
-    """A line's text as it is read (BOM and CR stripped), or None when it is not counted:
-    blank, or a ``#`` comment."""
-    if number == 1 and data.startswith(BOM):
-        data = data[len(BOM) :]
-    data = data.rstrip(b"\r")
-    if not data.strip() or data.lstrip().startswith(b"#"):
-        return None
-    return data
 
 
 def read_manifest(

@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from jobs.manifest.backlog import Cursor, Source, lines_from, original
 from jobs.output.layout import failed_key, results_key
 from jobs.pricing import Money, ProviderTotal, money_of
 from jobs.storage import Store
@@ -34,7 +35,8 @@ class Tally:
     def money(self) -> Money:
         return money_of(self.by_provider)
 
-    def add(self, row: Mapping[str, Any], unit_of: Callable[[str], str]) -> None:
+    def add(self, row: Mapping[str, Any], units: Mapping[str, str]) -> None:
+        """Count one row; ``units``: each provider's credit unit ("credits" for one not in it)."""
         self.total += 1
         status = str(row["status"])
         self.by_status[status] = self.by_status.get(status, 0) + 1
@@ -50,7 +52,7 @@ class Tally:
             return
         totals = self.by_provider.get(provider)
         if totals is None:
-            totals = self.by_provider[provider] = ProviderTotal(unit=unit_of(provider))
+            totals = self.by_provider[provider] = ProviderTotal(unit=units.get(provider, "credits"))
         totals.lines += 1
         totals.images += len(row.get("images") or ())
         totals.credits += float(row.get("credits") or 0)
@@ -60,19 +62,20 @@ def write_results(
     store: Store,
     batch: str,
     rows: Iterable[tuple[int, str]],
-    manifest_lines: Iterator[Iterable[bytes]],
-    unit_of: Callable[[str], str],
+    manifest: Source,
+    units: Mapping[str, str],
     total: int,
 ) -> Tally:
     """Stream rows (index order) into results.jsonl, and the failed and rejected lines, with
     their reason in a ``#`` comment the manifest reader skips, into failed.jsonl.
 
-    ``manifest_lines`` yields the archived manifest's counted lines in order (each its original
+    The archived ``manifest``'s counted lines are read alongside the rows (each its original
     bytes, in chunks: a line over the size cap is copied without being held), so a line in
     failed.jsonl is exactly what the user wrote, ready to fix.
     Raises ``IncompleteBatch`` when a counted line has no row.
     """
     tally = Tally()
+    lines = lines_from(manifest, Cursor())
     out_fd, out_path = tempfile.mkstemp(prefix="imagebatch-results-", suffix=".jsonl")
     bad_fd, bad_path = tempfile.mkstemp(prefix="imagebatch-failed-", suffix=".jsonl")
     try:
@@ -83,12 +86,12 @@ def write_results(
                     raise IncompleteBatch(f"line index {expected} has no result row")
                 expected += 1
                 row = json.loads(text)
-                original = next(manifest_lines, ())
-                tally.add(row, unit_of)
+                line = next(lines, None)
+                tally.add(row, units)
                 out.write(text + "\n")
                 if row["status"] != "succeeded":
                     bad.write(f"{failure_comment(row)}\n".encode())
-                    _copy_line(original, bad)
+                    _copy_line(original(manifest, line) if line else (), bad)
             if expected != total:
                 raise IncompleteBatch(f"{total - expected} lines have no result row")
         store.put_file(results_key(batch), out_path, "application/x-ndjson")

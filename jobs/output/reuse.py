@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 from jobs.clock import now_iso
 from jobs.errors import StorageError
 from jobs.manifest import parse
-from jobs.manifest.backlog import Cursor, lines_from
+from jobs.manifest.backlog import Cursor, Opened, lines_from
 from jobs.manifest.request import ImageRequest
 from jobs.output import layout, parts
 from jobs.output.rows import ImageRef, ResultRow, ReusedFrom
@@ -216,12 +216,7 @@ def claimed(
     """The claimed lines of the (local) manifest, in order: index, line number, request and
     the claimed source."""
     with open(manifest, "rb") as handle:
-
-        def read(start: int, end: int) -> bytes:
-            handle.seek(start)
-            return handle.read(end - start)
-
-        for entry in lines_from(read, Cursor()):
+        for entry in lines_from(Opened(handle), Cursor()):
             source = claims.source(entry.idx)
             if source is None or entry.data is None:
                 continue

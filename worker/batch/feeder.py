@@ -13,14 +13,14 @@ import logging
 import time
 from collections.abc import Mapping
 
+from jobs.checker import Checker
 from jobs.errors import ImagebatchError
 from jobs.manifest import parse
-from jobs.manifest.backlog import Cursor, lines_from
+from jobs.manifest.backlog import Cursor, Stored, lines_from
 from jobs.manifest.parse import Line
 from jobs.output import layout
 from jobs.output.rows import ResultRow
 from jobs.routing import PoolRules, queue_name
-from jobs.validate import Checker
 from worker.lines.endings import make_row, stopped_error
 from worker.lines.records import BatchStatus, LineRecord
 from worker.redis import keys
@@ -69,15 +69,14 @@ def _feed(rt: Runtime, batch: str) -> int:
         room = settings.chunk_lines
     if cursor.idx >= total or room <= 0:
         return 0
-    store = rt.store(meta["out"])
-    key = layout.manifest_key(batch)
+    manifest = Stored(rt.store(meta["out"]), layout.manifest_key(batch))
     skip = SkipMap(rt, batch, total)
     check = checker(rt, meta)
     admitted: list[LineRecord] = []
     ended: list[tuple[int, str, str]] = []
     candidates: list[tuple[int, int, Line]] = []
     last = cursor
-    for entry in lines_from(lambda start, end: store.get_range(key, start, end), cursor):
+    for entry in lines_from(manifest, cursor):
         if len(candidates) + len(ended) >= room or entry.idx >= total:
             break
         last = Cursor(entry.idx + 1, entry.end, entry.number)

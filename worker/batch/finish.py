@@ -13,7 +13,7 @@ from collections import defaultdict
 from typing import Any
 
 from jobs.clock import now_iso
-from jobs.manifest.backlog import Cursor, lines_from, original
+from jobs.manifest.backlog import Stored
 from jobs.output import groups, layout, parts, report, results, reuse
 from jobs.output.batch_info import elapsed_s, write_info
 from jobs.pricing import Money, in_usd
@@ -80,23 +80,17 @@ def finalize(rt: Runtime, batch: str) -> dict[str, Any] | None:
         flush(rt, batch)
         counts = state.counters(batch)
         store = rt.store(meta["out"])
-        manifest = layout.manifest_key(batch)
-
-        def read(start: int, end: int) -> bytes | None:
-            return store.get_range(manifest, start, end)
-
-        def originals() -> Any:
-            for line in lines_from(read, Cursor()):
-                yield original(read, line)
-
-        def unit_of(provider: str) -> str:
-            try:
-                return rt.settings.provider_spec(provider).credit_unit
-            except KeyError:
-                return "credits"
-
+        settings = rt.settings
+        units = {
+            name: settings.provider_spec(name).credit_unit for name in settings.provider_names()
+        }
         tally = results.write_results(
-            store, batch, parts.rows_in_order(store, batch), originals(), unit_of, total
+            store,
+            batch,
+            parts.rows_in_order(store, batch),
+            Stored(store, layout.manifest_key(batch)),
+            units,
+            total,
         )
         summary = _summary(rt, meta, counts, tally)
         results.write_json(store, layout.summary_key(batch), summary)

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from jobs.manifest.parse import MAX_LINE_BYTES, Line, physical_lines, read_manifest
+from jobs.manifest.lines import MAX_LINE_BYTES, physical_lines
+from jobs.manifest.parse import Line, read_manifest
 from jobs.manifest.request import ImageRequest
 
 
