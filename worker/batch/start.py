@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from jobs.checker import Checker
 from jobs.clock import now_iso
 from jobs.errors import ConfigError
 from jobs.manifest.parse import Line
@@ -34,7 +35,7 @@ from jobs.registry import REGISTRY
 from jobs.routing import PoolRules
 from jobs.settings import CoreSettings
 from jobs.storage import Store, open_store
-from jobs.validate import Checker, Plan, counted_lines
+from jobs.validate import Plan, counted_lines
 from worker.batch import feeder
 from worker.batch.estimate import Adapters
 from worker.groups import adopt
