@@ -44,7 +44,7 @@ from worker.cli.options import (
     usd_per_image_opt,
     user_errors,
 )
-from worker.cli.output import notice, out_console
+from worker.cli.output import notice, out_console, print_rejection
 from worker.cli.progress import Display
 from worker.cli.session import (
     begin,
@@ -53,7 +53,6 @@ from worker.cli.session import (
     header,
     new_owner,
     prepared,
-    print_rejection,
     print_summary,
 )
 from worker.lines.records import BatchStatus

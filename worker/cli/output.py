@@ -11,9 +11,13 @@ progress records and each line's outcome are one JSON object per line (``event``
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
+
+from jobs.manifest.parse import Line
+from jobs.text import shown
 
 out_console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -52,3 +56,22 @@ def event(text: str, *, event: str, **fields: Any) -> None:
     record in a JSON log, so the log alone tells the batch's story; nothing in text mode."""
     if _mode["json"]:
         log.info("%s", text, extra={"event": event, **fields})
+
+
+def print_rejection(source: str) -> Callable[[Line], None]:
+    """What the batch's start calls with each line it read: a rejection, printed as it is found
+    (``SOURCE:LINE: rejected: why``, or its JSON record), the others nothing."""
+
+    def show(line: Line) -> None:
+        if line.rejection is not None:
+            reason = shown(line.rejection.message, 300)
+            notice(
+                f"{shown(source)}:{line.number}: rejected: {reason}",
+                event="rejected",
+                level=logging.WARNING,
+                line=line.number,
+                line_id=line.id,
+                reason=reason,
+            )
+
+    return show

@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,20 +18,18 @@ from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
 from jobs.errors import ConfigError, ImagebatchError
-from jobs.manifest.parse import Line
 from jobs.manifest.sources import read_chunks
 from jobs.manifest.spool import Spooled, file_chunks, spool
 from jobs.registry import REGISTRY
 from jobs.routing import PoolRules, is_pool
 from jobs.settings import CoreSettings
 from jobs.storage import check_writable, open_store
-from jobs.text import shown
 from jobs.validate import tally
 from worker.batch import control, estimate, finish, status
 from worker.batch.start import Budget, Started, check_batch_id, default_batch, start_batch
 from worker.celery import tasks
 from worker.cli.money import money_line
-from worker.cli.output import event, notice, out_console
+from worker.cli.output import event, notice, out_console, print_rejection
 from worker.cli.progress import Display
 from worker.observability import logs
 from worker.redis.connect import Unavailable
@@ -71,22 +69,6 @@ class Interrupted(Exception):
     def __init__(self, code: int) -> None:
         super().__init__(code)
         self.code = code
-
-
-def print_rejection(source: str) -> Callable[[Line], None]:
-    def show(line: Line) -> None:
-        if line.rejection is not None:
-            reason = shown(line.rejection.message, 300)
-            notice(
-                f"{shown(source)}:{line.number}: rejected: {reason}",
-                event="rejected",
-                level=logging.WARNING,
-                line=line.number,
-                line_id=line.id,
-                reason=reason,
-            )
-
-    return show
 
 
 def budget_of(max_credits: float | None, max_usd: float | None) -> Budget | None:
