@@ -29,8 +29,19 @@ if os.environ.get("BENCH_CODE"):
 else:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-HUB = ("worker.redis.state", "worker.dispatch.runner", "worker.state", "worker.runner")
-"""Modules a walk may come back to by design: the state store and the runner."""
+HUB = (
+    "worker.redis.state",
+    "worker.redis.line_state",
+    "worker.redis.scheduling",
+    "worker.redis.pools",
+    "worker.redis.views",
+    "worker.redis.scripts",
+    "worker.dispatch.runner",
+    "worker.state",
+    "worker.runner",
+)
+"""Modules a walk may come back to by design: the state store (``State`` and the modules it is
+built from) and the runner."""
 
 
 def ours(module: str) -> bool:

@@ -17,7 +17,8 @@ from dataclasses import replace
 from jobs.pricing import in_usd
 from jobs.registry import REGISTRY
 from worker.lines.records import TABLE, BatchStatus, LineRecord, LineStatus, Transition
-from worker.redis.state import Applied, Breaker
+from worker.redis.line_state import Applied
+from worker.redis.pools import Breaker
 from worker.runtime import Runtime
 
 log = logging.getLogger("imagebatch.lines")

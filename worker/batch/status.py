@@ -19,7 +19,8 @@ from jobs.routing import is_pool, members
 from jobs.storage import Store
 from worker.lines.groups import GroupRecord
 from worker.lines.records import BatchStatus
-from worker.redis.state import State, Window
+from worker.redis.state import State
+from worker.redis.views import Window
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field, replace
 from jobs.settings import CoreSettings, ProviderConfig
 from worker.dispatch import adaptive
 from worker.dispatch.adaptive import Interval, Kind, Limits
-from worker.redis.state import Binding, State
+from worker.redis.scheduling import Binding
+from worker.redis.state import State
 
 log = logging.getLogger(__name__)
 

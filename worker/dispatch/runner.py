@@ -27,7 +27,7 @@ from worker.lines.endings import fail
 from worker.lines.records import TABLE, Home, LineRecord, LineStatus, Step, Transition
 from worker.lines.steps import Context
 from worker.redis.connect import RedisError
-from worker.redis.state import home_key
+from worker.redis.line_state import home_key
 from worker.runtime import Lease, Runtime
 
 log = logging.getLogger("imagebatch.lines")

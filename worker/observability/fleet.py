@@ -36,7 +36,8 @@ from prometheus_client.registry import Collector
 from jobs.settings import CoreSettings
 from worker.redis.connect import RedisError, quick_client, redis_form, redis_url
 from worker.redis.keys import QUEUE
-from worker.redis.state import BatchView, ProviderView, State
+from worker.redis.state import State
+from worker.redis.views import BatchView, ProviderView
 
 log = logging.getLogger(__name__)
 SCRAPE_TIMEOUT_S = 2.0

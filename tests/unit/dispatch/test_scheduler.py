@@ -22,7 +22,8 @@ from worker.dispatch.limits import UPDATE_EVERY_S, Controllers
 from worker.dispatch.scheduler import GROUP, IDLE_S, Scheduler, groups
 from worker.lines.records import LineRecord, LineStatus, Step
 from worker.redis import keys
-from worker.redis.state import Binding, State
+from worker.redis.scheduling import Binding
+from worker.redis.state import State
 from worker.runtime import Runtime
 
 CAP = 64

@@ -26,7 +26,8 @@ from tests.runtime_support import (
 )
 from worker.lines.records import LineRecord, LineStatus, Transition
 from worker.redis import keys
-from worker.redis.state import Binding, Pumped, State
+from worker.redis.scheduling import Binding, Pumped
+from worker.redis.state import State
 
 MODEL = "gpt-image-1.5"
 LEASE = 30.0

@@ -14,7 +14,9 @@ from jobs.routing import queue_name
 from tests.runtime_support import BATCH, put_line, record, text_client
 from worker.lines.records import LineRecord, LineStatus
 from worker.redis import keys
-from worker.redis.state import Breaker, Pumped, State
+from worker.redis.pools import Breaker
+from worker.redis.scheduling import Pumped
+from worker.redis.state import State
 
 POOL = ("cheap", "dear", "dearest")
 LEASE = 30.0
