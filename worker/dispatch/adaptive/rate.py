@@ -1,9 +1,5 @@
-"""How fast to send each kind of request to a provider, and how many jobs to keep in flight.
-
-Pure functions over frozen states: the dispatcher passes the clock (``now``) and the counts of
-the last interval (about a second), stores ``to_dict()`` in Redis and paces a token bucket at
-``state.rate``. Each request kind (submits, polls) has its own :class:`RateState`, so a poll
-429 never slows submits; the in-flight cap has a :class:`CapState`.
+"""How fast to send one kind of request (submits, polls) to a provider: ``update_rate``, once
+per interval (about a second), on the kind's ``RateState``.
 
 **The rate.** A 429 is either *ours* (we are above the account's real limit) or *noise* (the
 provider refuses some requests whatever our rate: shared capacity short). TCP's AIMD takes
@@ -51,31 +47,23 @@ The rate stays within ``[floor, ceiling]``, floor ``max(FLOOR_FRACTION·ceiling,
 Google SRE's client-side throttling, ``max(0, (requests - K·accepts)/(requests + 1))``, was not
 used: it lets ``K - 1`` refused requests through per accepted one, far above the 1 % of 429s
 wanted once the limit is known, and it cannot tell noise from a limit.
-
-**The in-flight cap** needs no statistics: a concurrency 429 is unambiguous (the provider
-counted our jobs), so it sets the cap at once, to the limit the message names or else to what
-was in flight. The cap then grows by one only after holding work back for ``CAP_REGROW_S``
-without a concurrency 429 (Envoy's adaptive concurrency probes its limit the same way, a step at
-a time; its latency gradient has no use here, the provider says when we are over). Not
-configured, the cap starts at ``START_FRACTION`` of the ceiling and doubles every
-``CAP_SLOW_START_S`` that it binds, until the first concurrency 429.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
-from enum import StrEnum
+from dataclasses import replace
 
-# --- constants ---------------------------------------------------------------------------------
+from worker.dispatch.adaptive.states import (
+    NOISE_HALF_LIFE_S,
+    NOISE_MAX,
+    START_FRACTION,
+    Z_NOISE_MAX,
+    Interval,
+    Phase,
+    RateState,
+)
 
-START_FRACTION = 0.25
-"""Not configured: the first rate (and cap) as a share of the default ceiling."""
-FLOOR_FRACTION = 0.05
-FLOOR_RATE = 0.1
-"""The rate never goes below ``max(FLOOR_FRACTION·ceiling, FLOOR_RATE)`` (nor above the
-ceiling): an account below that gets 429s, answered by pauses, but the rate is never zero."""
 WINDOW_REQUESTS = 100.0
 WINDOW_S = 20.0
 """The 429 share is over about the last ``WINDOW_REQUESTS`` requests, or the last ``WINDOW_S``
@@ -108,13 +96,6 @@ KNOWN_BELOW = 0.05
 before, where the halfway fall suffices; further below, 429s are more likely noise."""
 Z_WORSE = 2.0
 """A share this many standard errors above the one compared with: ours, cut again."""
-NOISE_MAX = 0.2
-Z_NOISE_MAX = 2.0
-"""A share of 429s above ``NOISE_MAX`` (by ``Z_NOISE_MAX`` standard deviations) is not noise
-to ride out: it is taken for ours."""
-NOISE_HALF_LIFE_S = 300.0
-NOISE_PRIOR = 20.0
-"""``q = noise_throttled / (noise_sent + NOISE_PRIOR)``; both counts halve every half-life."""
 FAST_STEP = 0.05
 """Increase per second as a share of the ceiling, away from a known limit: floor to ceiling in
 about 20 s."""
@@ -137,147 +118,6 @@ BLOCKED_PAUSE_S = 5.0
 """Blocked: ``BLOCKED_RUN`` requests refused in a row, or at least ``BLOCKED_SENT`` in an
 interval with ``BLOCKED_SHARE`` of them refused. The pause lasts the largest Retry-After
 (``BLOCKED_PAUSE_S`` without one)."""
-CAP_SLOW_START_S = 2.0
-CAP_REGROW_S = 30.0
-"""Not configured, the cap doubles after binding ``CAP_SLOW_START_S``; after a concurrency 429
-it grows by one after ``CAP_REGROW_S`` of binding, and as long since its last change."""
-
-
-class Phase(StrEnum):
-    """Where a controller is in its cycle."""
-
-    SLOW_START = "slow_start"
-    """The ceiling is only a guess: double until the first 429."""
-    STEADY = "steady"
-    """Additive increase while the rate binds; a cut on evidence of our own 429s."""
-    VERIFY = "verify"
-    """Just cut: do the 429s fall at the lower rate (ours) or not?"""
-    CONFIRM = "confirm"
-    """They did not fall: back at the old rate, are they the same (noise) or more (ours)?"""
-
-
-class Kind(StrEnum):
-    """The request kinds the dispatcher paces separately."""
-
-    SUBMIT = "submit"
-    POLL = "poll"
-
-
-# --- the request rate ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Interval:
-    """What happened to one request kind since the last update."""
-
-    now: float
-    sent: int
-    """Requests of this kind sent."""
-    throttled: int
-    """Of them, answered 429 (rate kind)."""
-    binding: bool
-    """This rate held work back (requests waited for tokens)."""
-    retry_after: float | None = None
-    """The largest Retry-After among the 429s, in seconds."""
-    hint: float | None = None
-    """A rate (requests per second) the provider announced in its X-RateLimit headers."""
-
-
-@dataclass(frozen=True)
-class RateState:
-    """One request kind's controller; ``rate`` is what to pace at, ``pause_until`` when to
-    resume after a block (0: no pause)."""
-
-    ceiling: float
-    rate: float
-    phase: Phase
-    updated_at: float
-    pause_until: float = 0.0
-    since: float = 0.0
-    """When the current phase began (VERIFY, CONFIRM: the change of rate)."""
-    target: float = 0.0
-    """SLOW_START: where doubling stops (the ceiling, or the rate before a block)."""
-    before_rate: float = 0.0
-    """VERIFY, CONFIRM: the rate before the cut, kept if the 429s prove to be noise."""
-    candidate: float = 0.0
-    """VERIFY: what got through at the cut, the limit estimate if the 429s prove ours."""
-    limit: float | None = None
-    """The account's rate limit as our own 429s showed it (None: not met yet). A rate that
-    passes it by ``NEAR`` without trouble moves it up."""
-    raises: int = 0
-    """How many times the rate passed ``limit`` since the last cut: the probe step doubles
-    each time."""
-    hint: float | None = None
-    """The rate the provider announced: a second ceiling."""
-    window_sent: float = 0.0
-    window_throttled: float = 0.0
-    """Recent requests and 429s (decayed counts)."""
-    base_sent: float = 0.0
-    base_throttled: float = 0.0
-    """VERIFY: the window that triggered the cut; CONFIRM: the measurement at the lower rate."""
-    verify_sent: float = 0.0
-    verify_throttled: float = 0.0
-    """VERIFY, CONFIRM: the measurement at the current rate."""
-    noise_sent: float = 0.0
-    noise_throttled: float = 0.0
-    """Requests and 429s measured where the 429s were shown not to be ours."""
-    refused_run: int = 0
-    """Requests refused in a row (an interval with any request accepted ends the run)."""
-
-    @property
-    def top(self) -> float:
-        """The highest rate allowed: the ceiling, or the provider's hint if lower."""
-        return self.ceiling if self.hint is None else max(self.floor, min(self.ceiling, self.hint))
-
-    @property
-    def floor(self) -> float:
-        return min(self.ceiling, max(FLOOR_FRACTION * self.ceiling, FLOOR_RATE))
-
-    @property
-    def noise(self) -> float:
-        """``q``: the share of 429s that are not ours (towards 0 on little evidence)."""
-        return min(NOISE_MAX, self.noise_throttled / (self.noise_sent + NOISE_PRIOR))
-
-    @property
-    def share(self) -> float:
-        """The share of 429s among recent requests."""
-        return self.window_throttled / self.window_sent if self.window_sent > 0 else 0.0
-
-    def to_dict(self) -> dict[str, float | str | None]:
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, object], *, ceiling: float | None = None) -> RateState:
-        """A stored state; ``ceiling`` applies new settings (the rate is clamped to them)."""
-        state = cls(
-            ceiling=_float(data, "ceiling"),
-            rate=_float(data, "rate"),
-            phase=Phase(_text(data, "phase")),
-            updated_at=_float(data, "updated_at"),
-            pause_until=_float(data, "pause_until", 0.0),
-            since=_float(data, "since", 0.0),
-            target=_float(data, "target", 0.0),
-            before_rate=_float(data, "before_rate", 0.0),
-            candidate=_float(data, "candidate", 0.0),
-            limit=_optional(data, "limit"),
-            raises=int(_float(data, "raises", 0.0)),
-            hint=_optional(data, "hint"),
-            window_sent=_float(data, "window_sent", 0.0),
-            window_throttled=_float(data, "window_throttled", 0.0),
-            base_sent=_float(data, "base_sent", 0.0),
-            base_throttled=_float(data, "base_throttled", 0.0),
-            verify_sent=_float(data, "verify_sent", 0.0),
-            verify_throttled=_float(data, "verify_throttled", 0.0),
-            noise_sent=_float(data, "noise_sent", 0.0),
-            noise_throttled=_float(data, "noise_throttled", 0.0),
-            refused_run=int(_float(data, "refused_run", 0.0)),
-        )
-        if ceiling is not None and ceiling != state.ceiling:
-            if ceiling <= 0:
-                raise ValueError(f"ceiling must be positive, not {ceiling}")
-            state = replace(state, ceiling=ceiling)
-            state = replace(state, rate=min(state.top, max(state.floor, state.rate)))
-        return state
 
 
 def start_rate(ceiling: float, *, configured: bool, now: float) -> RateState:
@@ -492,176 +332,3 @@ def _blocked(state: RateState, now: float, retry_after: float | None) -> RateSta
         verify_throttled=0.0,
         refused_run=0,
     )
-
-
-# --- the in-flight cap -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CapState:
-    """How many jobs may be in flight at the provider at once (each submit takes a slot)."""
-
-    ceiling: int
-    cap: int
-    phase: Phase
-    """SLOW_START (doubling) or STEADY."""
-    changed_at: float
-    """The last concurrency 429 or raise."""
-    bound_since: float | None = None
-    """Since when the cap has held work back without a break (None: it does not now)."""
-
-    def to_dict(self) -> dict[str, float | str | None]:
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, object], *, ceiling: int | None = None) -> CapState:
-        """A stored state; ``ceiling`` applies new settings (the cap is clamped to them)."""
-        state = cls(
-            ceiling=int(_float(data, "ceiling")),
-            cap=int(_float(data, "cap")),
-            phase=Phase(_text(data, "phase")),
-            changed_at=_float(data, "changed_at"),
-            bound_since=_optional(data, "bound_since"),
-        )
-        if ceiling is not None and ceiling != state.ceiling:
-            if ceiling < 1:
-                raise ValueError(f"ceiling must be at least 1, not {ceiling}")
-            state = replace(state, ceiling=ceiling, cap=max(1, min(ceiling, state.cap)))
-        return state
-
-
-def start_cap(ceiling: int, *, configured: bool, now: float) -> CapState:
-    """A configured cap is the account's; a default one is a guess, approached by doubling."""
-    if ceiling < 1:
-        raise ValueError(f"ceiling must be at least 1, not {ceiling}")
-    if configured:
-        return CapState(ceiling=ceiling, cap=ceiling, phase=Phase.STEADY, changed_at=now)
-    cap = max(1, math.ceil(START_FRACTION * ceiling))
-    phase = Phase.STEADY if cap >= ceiling else Phase.SLOW_START
-    return CapState(ceiling=ceiling, cap=cap, phase=phase, changed_at=now)
-
-
-def on_concurrency_429(
-    state: CapState, *, in_flight: int, named_limit: int | None, now: float
-) -> CapState:
-    """The provider runs all it allows of ours: the cap becomes the limit it names, else the
-    number we had in flight when refused (our other jobs). A named limit above what we had in
-    flight means the account is shared, or our count lags: the smaller wins. Never raises the
-    cap, never below 1."""
-    lower = min(state.cap, in_flight)
-    if named_limit is not None and named_limit > 0:
-        lower = min(lower, named_limit)
-    return replace(state, cap=max(1, lower), phase=Phase.STEADY, changed_at=now, bound_since=None)
-
-
-def update_cap(state: CapState, *, now: float, binding: bool) -> CapState:
-    """Grow the cap while it holds work back: doubling in slow start, else by one after a quiet
-    while (so a probe past the account's limit costs one concurrency 429)."""
-    if not binding:
-        return state if state.bound_since is None else replace(state, bound_since=None)
-    since = now if state.bound_since is None else state.bound_since
-    state = replace(state, bound_since=since)
-    if state.cap >= state.ceiling:
-        return state
-    if state.phase is Phase.SLOW_START:
-        if now - since < CAP_SLOW_START_S:
-            return state
-        cap = min(state.ceiling, state.cap * 2)
-        phase = Phase.STEADY if cap >= state.ceiling else Phase.SLOW_START
-        return replace(state, cap=cap, phase=phase, changed_at=now, bound_since=now)
-    if now - since < CAP_REGROW_S or now - state.changed_at < CAP_REGROW_S:
-        return state
-    return replace(state, cap=state.cap + 1, changed_at=now, bound_since=now)
-
-
-# --- a provider's controllers together --------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Limits:
-    """One provider's controllers: a rate per request kind, and the in-flight cap. A kind's
-    state changes only through its own intervals."""
-
-    submits: RateState
-    polls: RateState
-    cap: CapState
-
-    def rate(self, kind: Kind) -> RateState:
-        return self.submits if kind is Kind.SUBMIT else self.polls
-
-    def to_dict(self) -> dict[str, dict[str, float | str | None]]:
-        return {
-            str(Kind.SUBMIT): self.submits.to_dict(),
-            str(Kind.POLL): self.polls.to_dict(),
-            "cap": self.cap.to_dict(),
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Mapping[str, object]]) -> Limits:
-        return cls(
-            submits=RateState.from_dict(data[Kind.SUBMIT]),
-            polls=RateState.from_dict(data[Kind.POLL]),
-            cap=CapState.from_dict(data["cap"]),
-        )
-
-
-def start_limits(
-    *,
-    submits_per_second: float,
-    polls_per_second: float,
-    max_in_flight: int,
-    configured: bool,
-    now: float,
-) -> Limits:
-    return Limits(
-        submits=start_rate(submits_per_second, configured=configured, now=now),
-        polls=start_rate(polls_per_second, configured=configured, now=now),
-        cap=start_cap(max_in_flight, configured=configured, now=now),
-    )
-
-
-def update_limits(limits: Limits, kind: Kind, interval: Interval) -> Limits:
-    """``update_rate`` on the one kind the interval counted."""
-    if kind is Kind.SUBMIT:
-        return replace(limits, submits=update_rate(limits.submits, interval))
-    return replace(limits, polls=update_rate(limits.polls, interval))
-
-
-# --- (de)serialisation -------------------------------------------------------------------------
-
-
-def _plain(value: object) -> float | str | None:
-    """A field as JSON has it: numbers as floats, the phase as its value."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return str(value)
-    if isinstance(value, bool | int | float):
-        return float(value)
-    raise TypeError(f"not a plain value: {value!r}")
-
-
-def _text(data: Mapping[str, object], key: str) -> str:
-    value = data[key]
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _float(data: Mapping[str, object], key: str, default: float | None = None) -> float:
-    """A number as JSON or a Redis hash stores it (float, int, str or bytes)."""
-    value = data.get(key)
-    if value is None or value in ("", b""):
-        if default is None:
-            raise KeyError(key)
-        return default
-    if isinstance(value, bytes):
-        value = value.decode()
-    if isinstance(value, int | float | str):
-        return float(value)
-    raise TypeError(f"{key}: not a number: {value!r}")
-
-
-def _optional(data: Mapping[str, object], key: str) -> float | None:
-    value = data.get(key)
-    if value is None or value in ("", b"", "None", b"None"):
-        return None
-    return _float(data, key)

@@ -1,0 +1,95 @@
+"""How fast to send each kind of request to a provider, and how many jobs to keep in flight.
+
+Pure functions over frozen states: the dispatcher passes the clock (``now``) and the counts of
+the last interval (about a second), stores ``to_dict()`` in Redis and paces a token bucket at
+``state.rate``. Each request kind (submits, polls) has its own :class:`RateState`, so a poll
+429 never slows submits; the in-flight cap has a :class:`CapState`.
+
+The controllers, a module each: ``rate`` (one per request kind: AIMD that tells our own 429s
+from the provider's noise), ``cap`` (the in-flight cap: set by a concurrency 429, regrown a
+step at a time), over the frozen states of ``states``. ``Limits`` here is one provider's three
+together, as ``worker.dispatch.limits`` keeps them (``docs/architecture.md``, "Limits").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from worker.dispatch.adaptive.cap import (
+    CAP_REGROW_S,
+    CAP_SLOW_START_S,
+    on_concurrency_429,
+    start_cap,
+    update_cap,
+)
+from worker.dispatch.adaptive.rate import start_rate, update_rate
+from worker.dispatch.adaptive.states import CapState, Interval, Kind, Phase, RateState
+
+__all__ = [
+    "CAP_REGROW_S",
+    "CAP_SLOW_START_S",
+    "CapState",
+    "Interval",
+    "Kind",
+    "Limits",
+    "Phase",
+    "RateState",
+    "on_concurrency_429",
+    "start_cap",
+    "start_limits",
+    "start_rate",
+    "update_cap",
+    "update_limits",
+    "update_rate",
+]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """One provider's controllers: a rate per request kind, and the in-flight cap. A kind's
+    state changes only through its own intervals."""
+
+    submits: RateState
+    polls: RateState
+    cap: CapState
+
+    def rate(self, kind: Kind) -> RateState:
+        return self.submits if kind is Kind.SUBMIT else self.polls
+
+    def to_dict(self) -> dict[str, dict[str, float | str | None]]:
+        return {
+            str(Kind.SUBMIT): self.submits.to_dict(),
+            str(Kind.POLL): self.polls.to_dict(),
+            "cap": self.cap.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Mapping[str, object]]) -> Limits:
+        return cls(
+            submits=RateState.from_dict(data[Kind.SUBMIT]),
+            polls=RateState.from_dict(data[Kind.POLL]),
+            cap=CapState.from_dict(data["cap"]),
+        )
+
+
+def start_limits(
+    *,
+    submits_per_second: float,
+    polls_per_second: float,
+    max_in_flight: int,
+    configured: bool,
+    now: float,
+) -> Limits:
+    return Limits(
+        submits=start_rate(submits_per_second, configured=configured, now=now),
+        polls=start_rate(polls_per_second, configured=configured, now=now),
+        cap=start_cap(max_in_flight, configured=configured, now=now),
+    )
+
+
+def update_limits(limits: Limits, kind: Kind, interval: Interval) -> Limits:
+    """``update_rate`` on the one kind the interval counted."""
+    if kind is Kind.SUBMIT:
+        return replace(limits, submits=update_rate(limits.submits, interval))
+    return replace(limits, polls=update_rate(limits.polls, interval))

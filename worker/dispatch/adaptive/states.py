@@ -1,0 +1,231 @@
+"""What the controllers hold: frozen states, each stored in Redis as ``to_dict()`` and read back
+with ``from_dict`` (new settings applied), and what one interval of requests showed
+(``Interval``). The knobs the states themselves use are here: where a start begins
+(``START_FRACTION``), the rate's floor and how noise is counted."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from enum import StrEnum
+
+START_FRACTION = 0.25
+"""Not configured: the first rate (and cap) as a share of the default ceiling."""
+FLOOR_FRACTION = 0.05
+FLOOR_RATE = 0.1
+"""The rate never goes below ``max(FLOOR_FRACTION·ceiling, FLOOR_RATE)`` (nor above the
+ceiling): an account below that gets 429s, answered by pauses, but the rate is never zero."""
+NOISE_MAX = 0.2
+Z_NOISE_MAX = 2.0
+"""A share of 429s above ``NOISE_MAX`` (by ``Z_NOISE_MAX`` standard deviations) is not noise
+to ride out: it is taken for ours."""
+NOISE_HALF_LIFE_S = 300.0
+NOISE_PRIOR = 20.0
+"""``q = noise_throttled / (noise_sent + NOISE_PRIOR)``; both counts halve every half-life."""
+
+
+class Phase(StrEnum):
+    """Where a controller is in its cycle."""
+
+    SLOW_START = "slow_start"
+    """The ceiling is only a guess: double until the first 429."""
+    STEADY = "steady"
+    """Additive increase while the rate binds; a cut on evidence of our own 429s."""
+    VERIFY = "verify"
+    """Just cut: do the 429s fall at the lower rate (ours) or not?"""
+    CONFIRM = "confirm"
+    """They did not fall: back at the old rate, are they the same (noise) or more (ours)?"""
+
+
+class Kind(StrEnum):
+    """The request kinds the dispatcher paces separately."""
+
+    SUBMIT = "submit"
+    POLL = "poll"
+
+
+@dataclass(frozen=True)
+class Interval:
+    """What happened to one request kind since the last update."""
+
+    now: float
+    sent: int
+    """Requests of this kind sent."""
+    throttled: int
+    """Of them, answered 429 (rate kind)."""
+    binding: bool
+    """This rate held work back (requests waited for tokens)."""
+    retry_after: float | None = None
+    """The largest Retry-After among the 429s, in seconds."""
+    hint: float | None = None
+    """A rate (requests per second) the provider announced in its X-RateLimit headers."""
+
+
+@dataclass(frozen=True)
+class RateState:
+    """One request kind's controller; ``rate`` is what to pace at, ``pause_until`` when to
+    resume after a block (0: no pause)."""
+
+    ceiling: float
+    rate: float
+    phase: Phase
+    updated_at: float
+    pause_until: float = 0.0
+    since: float = 0.0
+    """When the current phase began (VERIFY, CONFIRM: the change of rate)."""
+    target: float = 0.0
+    """SLOW_START: where doubling stops (the ceiling, or the rate before a block)."""
+    before_rate: float = 0.0
+    """VERIFY, CONFIRM: the rate before the cut, kept if the 429s prove to be noise."""
+    candidate: float = 0.0
+    """VERIFY: what got through at the cut, the limit estimate if the 429s prove ours."""
+    limit: float | None = None
+    """The account's rate limit as our own 429s showed it (None: not met yet). A rate that
+    passes it by ``NEAR`` without trouble moves it up."""
+    raises: int = 0
+    """How many times the rate passed ``limit`` since the last cut: the probe step doubles
+    each time."""
+    hint: float | None = None
+    """The rate the provider announced: a second ceiling."""
+    window_sent: float = 0.0
+    window_throttled: float = 0.0
+    """Recent requests and 429s (decayed counts)."""
+    base_sent: float = 0.0
+    base_throttled: float = 0.0
+    """VERIFY: the window that triggered the cut; CONFIRM: the measurement at the lower rate."""
+    verify_sent: float = 0.0
+    verify_throttled: float = 0.0
+    """VERIFY, CONFIRM: the measurement at the current rate."""
+    noise_sent: float = 0.0
+    noise_throttled: float = 0.0
+    """Requests and 429s measured where the 429s were shown not to be ours."""
+    refused_run: int = 0
+    """Requests refused in a row (an interval with any request accepted ends the run)."""
+
+    @property
+    def top(self) -> float:
+        """The highest rate allowed: the ceiling, or the provider's hint if lower."""
+        return self.ceiling if self.hint is None else max(self.floor, min(self.ceiling, self.hint))
+
+    @property
+    def floor(self) -> float:
+        return min(self.ceiling, max(FLOOR_FRACTION * self.ceiling, FLOOR_RATE))
+
+    @property
+    def noise(self) -> float:
+        """``q``: the share of 429s that are not ours (towards 0 on little evidence)."""
+        return min(NOISE_MAX, self.noise_throttled / (self.noise_sent + NOISE_PRIOR))
+
+    @property
+    def share(self) -> float:
+        """The share of 429s among recent requests."""
+        return self.window_throttled / self.window_sent if self.window_sent > 0 else 0.0
+
+    def to_dict(self) -> dict[str, float | str | None]:
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object], *, ceiling: float | None = None) -> RateState:
+        """A stored state; ``ceiling`` applies new settings (the rate is clamped to them)."""
+        state = cls(
+            ceiling=number(data, "ceiling"),
+            rate=number(data, "rate"),
+            phase=Phase(text(data, "phase")),
+            updated_at=number(data, "updated_at"),
+            pause_until=number(data, "pause_until", 0.0),
+            since=number(data, "since", 0.0),
+            target=number(data, "target", 0.0),
+            before_rate=number(data, "before_rate", 0.0),
+            candidate=number(data, "candidate", 0.0),
+            limit=optional(data, "limit"),
+            raises=int(number(data, "raises", 0.0)),
+            hint=optional(data, "hint"),
+            window_sent=number(data, "window_sent", 0.0),
+            window_throttled=number(data, "window_throttled", 0.0),
+            base_sent=number(data, "base_sent", 0.0),
+            base_throttled=number(data, "base_throttled", 0.0),
+            verify_sent=number(data, "verify_sent", 0.0),
+            verify_throttled=number(data, "verify_throttled", 0.0),
+            noise_sent=number(data, "noise_sent", 0.0),
+            noise_throttled=number(data, "noise_throttled", 0.0),
+            refused_run=int(number(data, "refused_run", 0.0)),
+        )
+        if ceiling is not None and ceiling != state.ceiling:
+            if ceiling <= 0:
+                raise ValueError(f"ceiling must be positive, not {ceiling}")
+            state = replace(state, ceiling=ceiling)
+            state = replace(state, rate=min(state.top, max(state.floor, state.rate)))
+        return state
+
+
+@dataclass(frozen=True)
+class CapState:
+    """How many jobs may be in flight at the provider at once (each submit takes a slot)."""
+
+    ceiling: int
+    cap: int
+    phase: Phase
+    """SLOW_START (doubling) or STEADY."""
+    changed_at: float
+    """The last concurrency 429 or raise."""
+    bound_since: float | None = None
+    """Since when the cap has held work back without a break (None: it does not now)."""
+
+    def to_dict(self) -> dict[str, float | str | None]:
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object], *, ceiling: int | None = None) -> CapState:
+        """A stored state; ``ceiling`` applies new settings (the cap is clamped to them)."""
+        state = cls(
+            ceiling=int(number(data, "ceiling")),
+            cap=int(number(data, "cap")),
+            phase=Phase(text(data, "phase")),
+            changed_at=number(data, "changed_at"),
+            bound_since=optional(data, "bound_since"),
+        )
+        if ceiling is not None and ceiling != state.ceiling:
+            if ceiling < 1:
+                raise ValueError(f"ceiling must be at least 1, not {ceiling}")
+            state = replace(state, ceiling=ceiling, cap=max(1, min(ceiling, state.cap)))
+        return state
+
+
+# --- (de)serialisation -------------------------------------------------------------------------
+
+
+def plain(value: object) -> float | str | None:
+    """A field as JSON has it: numbers as floats, the phase as its value."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, bool | int | float):
+        return float(value)
+    raise TypeError(f"not a plain value: {value!r}")
+
+
+def text(data: Mapping[str, object], key: str) -> str:
+    value = data[key]
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def number(data: Mapping[str, object], key: str, default: float | None = None) -> float:
+    """A number as JSON or a Redis hash stores it (float, int, str or bytes)."""
+    value = data.get(key)
+    if value is None or value in ("", b""):
+        if default is None:
+            raise KeyError(key)
+        return default
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, int | float | str):
+        return float(value)
+    raise TypeError(f"{key}: not a number: {value!r}")
+
+
+def optional(data: Mapping[str, object], key: str) -> float | None:
+    value = data.get(key)
+    if value is None or value in ("", b"", "None", b"None"):
+        return None
+    return number(data, key)
