@@ -1,5 +1,8 @@
-"""``plan``'s time estimate, from the same model the scheduler runs by: each provider's
-in-flight cap, its submit and poll rates, and its expected job latency.
+"""What ``plan`` says before anything is spent: what a start would find (``plan_batch``: every
+line checked as ``run`` checks it, the lines already bought under the output counted as
+reused), and how long the batch would take (``estimate_seconds``), from the same model the
+scheduler runs by: each provider's in-flight cap, its submit and poll rates, and its expected
+job latency.
 Where the fleet's Redis already learned them (the account's real limits after its 429s, the
 jobs' latency, the workers alive), those count; else the configured ones. Providers run side
 by side, so the slowest one sets the time, unless the workers themselves are the bound (fast
@@ -9,15 +12,22 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from jobs import providers
+from jobs.checker import Checker
 from jobs.clock import duration
 from jobs.errors import ConfigError
+from jobs.manifest.parse import Line
+from jobs.manifest.spool import Spooled, file_chunks
+from jobs.output import reuse
 from jobs.providers.base import Provider
 from jobs.registry import BATCH_SHARE
+from jobs.routing import PoolRules
 from jobs.settings import CoreSettings
-from jobs.validate import Plan
+from jobs.storage import open_store
+from jobs.validate import Plan, counted_lines
 from worker.redis.connect import RedisError, quick_client, redis_url
 from worker.redis.state import State
 
@@ -29,6 +39,7 @@ __all__ = [
     "estimate_seconds",
     "group_notes",
     "learned",
+    "plan_batch",
 ]
 
 log = logging.getLogger(__name__)
@@ -177,3 +188,35 @@ def group_notes(settings: CoreSettings, plan: Plan) -> list[str]:
             f"{part.unit} instead of {full:g}), finishes within {window}"
         )
     return notes
+
+
+def plan_batch(
+    settings: CoreSettings,
+    spooled: Spooled,
+    provider: str,
+    *,
+    out: str | None = None,
+    fresh: bool = False,
+    on_line: Callable[[Line], None] | None = None,
+    max_usd_per_image: float | None = None,
+) -> Plan:
+    """What ``start_batch`` would find, spending nothing: every line checked as ``run`` checks
+    it (its provider reachable too), and the lines already bought under ``out`` counted as
+    reused instead of priced."""
+    adapters = Adapters(settings, provider)
+    rules = PoolRules(settings.keyed(), settings.usd_rates(), max_usd_per_image)
+    check = Checker(adapters.checked, provider, rules)
+    plan = Plan()
+    wanted = reuse.Wanted()
+    for idx, line in counted_lines(file_chunks(spooled.path), check):
+        plan.add(line, adapters, check)
+        if on_line is not None:
+            on_line(line)
+        if line.request is not None and not fresh:
+            wanted.add(line.request.fingerprint(check.bought_as(line.request)), idx)
+    if out is not None and len(wanted):
+        wanted.freeze()
+        claims = reuse.find(open_store(out, settings), wanted, plan.lines)
+        for _, _, request, _ in reuse.claimed(spooled.path, claims):
+            plan.take_out(request, adapters, check)
+    return plan

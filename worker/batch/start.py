@@ -9,7 +9,8 @@ same output already bought (``jobs.output.reuse``), seeds Redis with the batch's
 admits the first window. Everything after that is the workers'.
 
 What earlier runs counted (submits, jobs, polls, the seconds they worked) is carried over from
-``.state/batch.json``, which every flush rewrites: a crashed or interrupted run's work counts.
+``.state/batch.json``, which every flush rewrites: a crashed or interrupted run's work counts
+(``worker.batch.resume`` reads what they left).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from jobs.checker import Checker
@@ -28,16 +28,15 @@ from jobs.clock import now_iso
 from jobs.errors import ConfigError
 from jobs.manifest.parse import Line
 from jobs.manifest.spool import Spooled, default_batch_id, file_chunks, legacy_batch_id
+from jobs.output import groups as durable
 from jobs.output import layout, parts, results, reuse
 from jobs.output.batch_info import write_info
 from jobs.pricing import currency
 from jobs.registry import REGISTRY
-from jobs.routing import PoolRules
-from jobs.settings import CoreSettings
-from jobs.storage import Store, open_store
+from jobs.storage import Store
 from jobs.validate import Plan, counted_lines
-from worker.batch import feeder
-from worker.batch.estimate import Adapters
+from worker.batch import feeder, resume
+from worker.batch.resume import Skip
 from worker.groups import adopt
 from worker.lines.records import BatchStatus
 from worker.redis import keys
@@ -118,17 +117,209 @@ def start_batch(
     store = rt.store(out)
     live = state.batch(batch)
     if live and live.get("status") not in (None, BatchStatus.FINISHED):
-        if live.get("manifest_sha") != spooled.sha256:
-            raise ConfigError(
-                f"batch {batch} is running with another manifest: choose another --batch-id"
-            )
-        if live.get("out") != out:
-            raise ConfigError(
-                f"batch {batch} writes to {live.get('out')}: pass --out {live.get('out')}"
-            )
-        _same_provider(batch, live.get("provider"), provider, "is running")
+        _same_live_batch(batch, live, spooled, out, provider)
         return _attach(rt, batch, live, owner)
     info = results.read_json(store, layout.info_key(batch))
+    _same_stored_batch(batch, store, info, spooled, provider)
+
+    pooling = {"keyed": ",".join(settings.keyed()), "provider": provider}
+    if max_usd_per_image is not None:
+        pooling["max_usd_per_image"] = repr(max_usd_per_image)
+    check = feeder.checker(rt, pooling)
+    plan, skip = Plan(), Skip()
+    rejected: dict[int, str] = {}
+    wanted = _validate(rt, spooled, check, plan, skip, rejected, fresh=fresh, on_line=on_line)
+    if strict and plan.rejected:
+        raise ConfigError(
+            f"--strict: {plan.rejected} of {plan.lines} lines rejected; nothing was submitted"
+        )
+    budget_fields = _budget(rt, plan, budget)
+
+    earlier = resume.read_earlier(settings, store, batch, rejected, plan.lines, skip)
+    counts = earlier.counts
+    adoptions = _groups_found(store, batch, skip, earlier)
+    claims = _claims(store, batch, wanted, plan.lines, skip)
+    del wanted  # the fingerprints (8 bytes a line) are not needed past the claims
+    reused = _take(rt, store, batch, spooled, claims, plan, check, skip, counts)
+    retrying = sum(1 for idx in earlier.prior if not skip.has(idx))
+    resume.carry_counters(info or {}, counts)
+
+    if info is None or store.sha256_of(layout.manifest_key(batch)) != spooled.sha256:
+        store.put_file(layout.manifest_key(batch), spooled.path, "application/x-ndjson")
+    store.put(layout.rejected_key(batch), parts.encode_entries(rejected), "text/plain")
+    done = int(counts["done"])
+    adopted = sum(len(a.members) for a in adoptions)
+    record = _record(rt, store, spooled, plan, info, batch=batch, out=out, source=source)
+    record.update(pooling, admitted=done + adopted, owner=owner or "", **budget_fields)
+    _times(record, info, fresh=fresh, idle=done >= plan.lines and not reused)
+    state.seed(batch, record, counts, bytes(skip.bits), earlier.prior)
+    if adoptions:
+        adopt.adopt(
+            state,
+            batch,
+            adoptions,
+            counted_lines(file_chunks(spooled.path), check),
+            lambda line: check.provider_of(line.request) if line.request else provider,
+            earlier.attempts,
+        )
+    write_info(store, batch, record, counts)
+    feeder.feed(rt, batch)
+    return Started(
+        batch,
+        plan,
+        earlier.carried,
+        retrying,
+        reused,
+        adopted,
+        complete=done >= plan.lines,
+        owner=owner,
+    )
+
+
+def _validate(
+    rt: Runtime,
+    spooled: Spooled,
+    check: Checker,
+    plan: Plan,
+    skip: Skip,
+    rejected: dict[int, str],
+    *,
+    fresh: bool,
+    on_line: Callable[[Line], None] | None,
+) -> reuse.Wanted:
+    """Stream the manifest once: every line counted and priced into ``plan``, a rejected one
+    given its row now (``rejected``, ``skip``); returns the fingerprints of the valid lines, to
+    look for under the output (none when ``fresh``)."""
+    wanted = reuse.Wanted()
+    for idx, line in counted_lines(file_chunks(spooled.path), check):
+        plan.add(line, rt.provider, check)
+        if on_line is not None:
+            on_line(line)
+        if line.request is None:
+            assert line.rejection is not None
+            rejected[idx] = feeder.manifest_rejection_row(line, line.rejection)
+            skip.set(idx)
+        elif not fresh:
+            wanted.add(line.request.fingerprint(check.bought_as(line.request)), idx)
+    return wanted
+
+
+def _groups_found(
+    store: Store, batch: str, skip: Skip, earlier: resume.Earlier
+) -> list[durable.Adoption]:
+    """Lines in a group's job (an OpenAI batch) when Redis was lost go back into that group
+    (``worker.groups.adopt``): they have no row, but they are not bought again."""
+    adoptions = adopt.find(store, batch, skip.has, earlier.attempts)
+    for adoption in adoptions:
+        for idx, _ in adoption.members:
+            skip.set(idx)
+    return adoptions
+
+
+def _claims(
+    store: Store, batch: str, wanted: reuse.Wanted, lines: int, skip: Skip
+) -> reuse.Claims | None:
+    """A stored line of another batch under the output for each wanted line without a row
+    (None: nothing wanted, ``--fresh``)."""
+    if not len(wanted):
+        return None
+    wanted.freeze()
+    return reuse.find(store, wanted, lines, exclude=batch, done=skip.has)
+
+
+def _take(
+    rt: Runtime,
+    store: Store,
+    batch: str,
+    spooled: Spooled,
+    claims: reuse.Claims | None,
+    plan: Plan,
+    check: Checker,
+    skip: Skip,
+    counts: dict[str, float],
+) -> int:
+    """Copy the claimed lines' images and rows into the batch: each is done, succeeded and
+    priced at nothing; returns how many."""
+    if claims is None:
+        return 0
+    reused = 0
+    for idx, request in reuse.take(
+        store, batch, spooled.path, claims, check.bought_as, rt.settings.chunk_lines
+    ):
+        plan.take_out(request, rt.provider, check)
+        skip.set(idx)
+        reused += 1
+        counts["done"] += 1
+        counts["succeeded"] = counts.get("succeeded", 0) + 1
+    return reused
+
+
+def _record(
+    rt: Runtime,
+    store: Store,
+    spooled: Spooled,
+    plan: Plan,
+    info: dict[str, Any] | None,
+    *,
+    batch: str,
+    out: str,
+    source: str,
+) -> dict[str, Any]:
+    """The batch's record in Redis (``ib:batch:B``) as a start writes it, the cursor at the
+    manifest's first line; earlier runs' start, time worked and run count carried over. The
+    caller adds the pool (the batch's ``provider`` with it), how many lines are ``admitted``
+    already, the owner, the budget and the times."""
+    return {
+        "batch_id": batch,
+        "status": BatchStatus.RUNNING,
+        "out": out,
+        "out_uri": store.uri(batch),
+        "source": source,
+        "manifest_sha": spooled.sha256,
+        "total": plan.lines,
+        "cursor_idx": 0,
+        "cursor_offset": 0,
+        "cursor_line": 0,
+        "window": window_size(rt, plan),
+        "chunk_lines": rt.settings.chunk_lines,
+        "started_at": (info or {}).get("started_at") or now_iso(),
+        "elapsed_before": resume.worked(info or {}),
+        "runs": int((info or {}).get("runs", 0)) + 1,
+        "estimate": json.dumps(plan.estimate.by_currency),
+    }
+
+
+def _times(record: dict[str, Any], info: dict[str, Any] | None, *, fresh: bool, idle: bool) -> None:
+    """``fresh``, and when this run started; a run with nothing left to do (a retry with
+    nothing to retry) keeps the batch's times its work's: its finish stays the last one's."""
+    if fresh:
+        record["fresh"] = 1
+    previous = (info or {}).get("summary") or {}
+    if idle and bool(previous):
+        record["finished_before"] = previous.get("finished_at") or ""
+    else:
+        record["run_started"] = time.time()
+
+
+def _same_live_batch(
+    batch: str, live: dict[str, str], spooled: Spooled, out: str, provider: str
+) -> None:
+    """A batch running in Redis is only resumed by the same manifest, output and provider."""
+    if live.get("manifest_sha") != spooled.sha256:
+        raise ConfigError(
+            f"batch {batch} is running with another manifest: choose another --batch-id"
+        )
+    if live.get("out") != out:
+        raise ConfigError(
+            f"batch {batch} writes to {live.get('out')}: pass --out {live.get('out')}"
+        )
+    _same_provider(batch, live.get("provider"), provider, "is running")
+
+
+def _same_stored_batch(
+    batch: str, store: Store, info: dict[str, Any] | None, spooled: Spooled, provider: str
+) -> None:
+    """A batch stored under the output is only resumed by the same manifest and provider."""
     if info is not None and info.get("manifest_sha") not in (None, spooled.sha256):
         raise ConfigError(
             f"batch {batch} under {store.uri(batch)} was made from another manifest: "
@@ -139,149 +330,6 @@ def start_batch(
             batch, info.get("provider"), provider, f"under {store.uri(batch)} was started"
         )
 
-    pooling = {"keyed": ",".join(settings.keyed()), "provider": provider}
-    if max_usd_per_image is not None:
-        pooling["max_usd_per_image"] = repr(max_usd_per_image)
-    check = feeder.checker(rt, pooling)
-    plan = Plan()
-    skip = bytearray()
-    rejected: dict[int, str] = {}
-    wanted = reuse.Wanted()
-    for idx, line in counted_lines(file_chunks(spooled.path), check):
-        plan.add(line, rt.provider, check)
-        if on_line is not None:
-            on_line(line)
-        if line.request is None:
-            assert line.rejection is not None
-            rejected[idx] = feeder.manifest_rejection_row(line, line.rejection)
-            _set_bit(skip, idx)
-        elif not fresh:
-            wanted.add(line.request.fingerprint(check.bought_as(line.request)), idx)
-    if strict and plan.rejected:
-        raise ConfigError(
-            f"--strict: {plan.rejected} of {plan.lines} lines rejected; nothing was submitted"
-        )
-    budget_fields = _budget(rt, plan, budget)
-
-    counts: dict[str, float] = {"rejected": len(rejected), "done": len(rejected)}
-    prior: dict[int, int] = {}
-    carried = 0
-    for part in parts.read_parts(store, batch):
-        for idx, text in part.items():
-            if idx in rejected or idx >= plan.lines:
-                continue
-            row = _status_only(text)
-            if row["status"] == "succeeded":
-                _set_bit(skip, idx)
-                carried += 1
-                _count_success(rt, counts, row["provider"], float(row.get("credits") or 0))
-            elif row["status"] == "failed":
-                prior[idx] = max(prior.get(idx, 0), int(row.get("attempts") or 0))
-    # Lines in a group's job (an OpenAI batch) when Redis was lost go back into that group.
-    adoptions = adopt.find(
-        store, batch, lambda idx: _has_bit(skip, idx), lambda idx: prior.get(idx, 0)
-    )
-    for adoption in adoptions:
-        for idx, _ in adoption.members:
-            _set_bit(skip, idx)
-    reused = 0
-    if len(wanted):
-        wanted.freeze()
-        claims = reuse.find(
-            store, wanted, plan.lines, exclude=batch, done=lambda idx: _has_bit(skip, idx)
-        )
-        del wanted
-        for idx, request in reuse.take(
-            store, batch, spooled.path, claims, check.bought_as, settings.chunk_lines
-        ):
-            plan.take_out(request, rt.provider, check)
-            _set_bit(skip, idx)
-            reused += 1
-            counts["done"] += 1
-            counts["succeeded"] = counts.get("succeeded", 0) + 1
-    retrying = sum(1 for idx in prior if not _has_bit(skip, idx))
-    # What earlier runs sent and paid for (submits, jobs, polls, ...) adds up across runs; the
-    # rows' counts were recounted from the part files above.
-    before = (info or {}).get("counters") or {}
-    for name, value in before.items():
-        if not _recounted(name) and value:
-            counts[name] = float(value)
-
-    if info is None or store.sha256_of(layout.manifest_key(batch)) != spooled.sha256:
-        store.put_file(layout.manifest_key(batch), spooled.path, "application/x-ndjson")
-    store.put(layout.rejected_key(batch), parts.encode_entries(rejected), "text/plain")
-    done = int(counts["done"])
-    previous = (info or {}).get("summary") or {}
-    idle = done >= plan.lines and not reused and bool(previous)
-    record: dict[str, Any] = {
-        "batch_id": batch,
-        "status": BatchStatus.RUNNING,
-        "out": out,
-        "out_uri": store.uri(batch),
-        "provider": provider,
-        "source": source,
-        "manifest_sha": spooled.sha256,
-        "total": plan.lines,
-        "cursor_idx": 0,
-        "cursor_offset": 0,
-        "cursor_line": 0,
-        "admitted": done,
-        "window": window_size(rt, plan),
-        "chunk_lines": settings.chunk_lines,
-        "started_at": (info or {}).get("started_at") or now_iso(),
-        "elapsed_before": _worked(info or {}),
-        "runs": int((info or {}).get("runs", 0)) + 1,
-        "estimate": json.dumps(plan.estimate.by_currency),
-        **pooling,
-        "owner": owner or "",
-        **budget_fields,
-    }
-    if fresh:
-        record["fresh"] = 1
-    if idle:
-        # Nothing left to do (a retry with nothing to retry): the batch's times stay its work's.
-        record["finished_before"] = previous.get("finished_at") or ""
-    else:
-        record["run_started"] = time.time()
-    adopted = sum(len(a.members) for a in adoptions)
-    record["admitted"] = done + adopted
-    state.seed(batch, record, counts, bytes(skip), prior)
-    if adoptions:
-        adopt.adopt(
-            state,
-            batch,
-            adoptions,
-            counted_lines(file_chunks(spooled.path), check),
-            lambda line: check.provider_of(line.request) if line.request else provider,
-            lambda idx: prior.get(idx, 0),
-        )
-    write_info(store, batch, record, counts)
-    feeder.feed(rt, batch)
-    return Started(
-        batch,
-        plan,
-        carried,
-        retrying,
-        reused,
-        adopted,
-        complete=done >= plan.lines,
-        owner=owner,
-    )
-
-
-def _worked(info: dict[str, Any]) -> float:
-    """Seconds the batch's earlier runs worked: recorded since the record holds them; for a
-    batch an earlier version finished, its first start to its finalize."""
-    if info.get("elapsed_s") is not None:
-        return float(info["elapsed_s"])
-    summary = info.get("summary") or {}
-    try:
-        started = datetime.fromisoformat(summary["started_at"])
-        finished = datetime.fromisoformat(summary["finished_at"])
-    except (KeyError, TypeError, ValueError):
-        return 0.0
-    return max(0.0, (finished - started).total_seconds())
-
 
 def _same_provider(batch: str, had: str | None, provider: str, where: str) -> None:
     """A stored line only counts as done for a run that would buy the same thing: resuming a
@@ -291,53 +339,6 @@ def _same_provider(batch: str, had: str | None, provider: str, where: str) -> No
             f"batch {batch} {where} with --provider {had}, not {provider}: pass "
             f"--provider {had} to resume it, or choose another --batch-id"
         )
-
-
-def _count_success(rt: Runtime, counts: dict[str, float], provider: str, credits: float) -> None:
-    counts["done"] += 1
-    counts["succeeded"] = counts.get("succeeded", 0) + 1
-    unit = rt.settings.provider_spec(provider).credit_unit
-    name = f"credits:{currency(provider, unit)}"
-    counts[name] = counts.get(name, 0.0) + credits
-
-
-def _recounted(counter: str) -> bool:
-    """Counters a start recounts from the stored rows (the others add up across runs)."""
-    return counter in ("done", "succeeded", "failed", "rejected", "reserved") or (
-        counter.startswith("credits:")
-    )
-
-
-def plan_batch(
-    settings: CoreSettings,
-    spooled: Spooled,
-    provider: str,
-    *,
-    out: str | None = None,
-    fresh: bool = False,
-    on_line: Callable[[Line], None] | None = None,
-    max_usd_per_image: float | None = None,
-) -> Plan:
-    """What ``start_batch`` would find, spending nothing: every line checked as ``run`` checks
-    it (its provider reachable too), and the lines already bought under ``out`` counted as
-    reused instead of priced."""
-    adapters = Adapters(settings, provider)
-    rules = PoolRules(settings.keyed(), settings.usd_rates(), max_usd_per_image)
-    check = Checker(adapters.checked, provider, rules)
-    plan = Plan()
-    wanted = reuse.Wanted()
-    for idx, line in counted_lines(file_chunks(spooled.path), check):
-        plan.add(line, adapters, check)
-        if on_line is not None:
-            on_line(line)
-        if line.request is not None and not fresh:
-            wanted.add(line.request.fingerprint(check.bought_as(line.request)), idx)
-    if out is not None and len(wanted):
-        wanted.freeze()
-        claims = reuse.find(open_store(out, settings), wanted, plan.lines)
-        for _, _, request, _ in reuse.claimed(spooled.path, claims):
-            plan.take_out(request, adapters, check)
-    return plan
 
 
 def _attach(rt: Runtime, batch: str, live: dict[str, str], owner: str | None) -> Started:
@@ -401,29 +402,5 @@ def _budget(rt: Runtime, plan: Plan, budget: Budget | None) -> dict[str, Any]:
     return {"budget": budget.amount, "budget_currency": name, "budget_unit": unit}
 
 
-def _status_only(text: str) -> dict[str, Any]:
-    """What a resume needs of a stored row; a succeeded row (most of them, in a big resume)
-    is recognised without parsing it all. The fields read come before any text a user or a
-    provider wrote into the row (and such text has its quotes escaped)."""
-    if text.partition('"status":"')[2].startswith('succeeded"'):
-        provider = text.partition('"provider":"')[2].partition('"')[0]
-        credits = text.partition('"credits":')[2].partition(",")[0]
-        return {"status": "succeeded", "provider": provider, "credits": float(credits or 0)}
-    row: dict[str, Any] = json.loads(text)
-    return row
-
-
 def _usd_last(name: str) -> tuple[bool, str]:
     return name == "USD", name
-
-
-def _has_bit(bits: bytearray, idx: int) -> bool:
-    byte = idx // 8
-    return byte < len(bits) and bool(bits[byte] & (0x80 >> (idx % 8)))
-
-
-def _set_bit(bits: bytearray, idx: int) -> None:
-    byte = idx // 8
-    if byte >= len(bits):
-        bits.extend(b"\x00" * (byte + 1 - len(bits)))
-    bits[byte] |= 0x80 >> (idx % 8)

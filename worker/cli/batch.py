@@ -23,7 +23,8 @@ from jobs.settings import CoreSettings
 from jobs.storage import absolute_out, open_store
 from jobs.text import shown
 from worker.batch import control, estimate, status
-from worker.batch.start import plan_batch, start_batch
+from worker.batch.estimate import plan_batch
+from worker.batch.start import start_batch
 from worker.celery import tasks
 from worker.celery.launch import check_provider, launched
 from worker.cli.money import money_line, provider_lines
