@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,30 +26,18 @@ from jobs.checker import Checker
 from jobs.clock import now_iso
 from jobs.errors import ConfigError
 from jobs.manifest.parse import Line
-from jobs.manifest.spool import Spooled, default_batch_id, file_chunks, legacy_batch_id
+from jobs.manifest.spool import Spooled, file_chunks
 from jobs.output import groups as durable
 from jobs.output import layout, parts, results, reuse
 from jobs.output.batch_info import write_info
-from jobs.pricing import currency
-from jobs.registry import REGISTRY
 from jobs.storage import Store
 from jobs.validate import Plan, counted_lines
-from worker.batch import feeder, resume
+from worker.batch import feeder, identity, resume
+from worker.batch.budget import Budget, budget_record
 from worker.batch.resume import Skip
 from worker.groups import adopt
 from worker.lines.records import BatchStatus
-from worker.redis import keys
 from worker.runtime import Runtime
-
-BATCH_ID = re.compile(r"[A-Za-z0-9_.-]{1,100}")
-
-
-@dataclass(frozen=True)
-class Budget:
-    """``--max-credits N`` (the manifest's one billing unit) or ``--max-usd N``."""
-
-    amount: float
-    usd: bool = False
 
 
 @dataclass
@@ -72,26 +59,6 @@ class Started:
     owner: str | None = None
     """The token of the run that owns the batch now, when it is the caller's: only that run's
     Ctrl-C interrupts it (a run that attached to a batch another process runs only follows)."""
-
-
-def check_batch_id(batch_id: str) -> str:
-    if not BATCH_ID.fullmatch(batch_id) or set(batch_id) == {"."}:
-        raise ConfigError(f"--batch-id {batch_id!r}: use 1-100 letters, digits, '-', '_', '.'")
-    if batch_id in keys.RESERVED:
-        raise ConfigError(f"--batch-id {batch_id!r} is a word imagebatch keeps: choose another")
-    return batch_id
-
-
-def default_batch(store: Store, source: str, sha256: str, provider: str, fresh: bool) -> str:
-    """The batch id a run without ``--batch-id`` resumes (``default_batch_id``); a batch an
-    earlier version started under the id without the provider is resumed under that id, when
-    it was bought from this same provider, rather than bought again."""
-    legacy = legacy_batch_id(source, sha256)
-    if not fresh:
-        info = results.read_json(store, layout.info_key(legacy)) or {}
-        if info.get("manifest_sha") == sha256 and info.get("provider") == provider:
-            return legacy
-    return default_batch_id(source, sha256, provider, fresh=fresh)
 
 
 def start_batch(
@@ -117,10 +84,10 @@ def start_batch(
     store = rt.store(out)
     live = state.batch(batch)
     if live and live.get("status") not in (None, BatchStatus.FINISHED):
-        _same_live_batch(batch, live, spooled, out, provider)
+        identity.same_live_batch(batch, live, spooled, out, provider)
         return _attach(rt, batch, live, owner)
     info = results.read_json(store, layout.info_key(batch))
-    _same_stored_batch(batch, store, info, spooled, provider)
+    identity.same_stored_batch(batch, store, info, spooled, provider)
 
     pooling = {"keyed": ",".join(settings.keyed()), "provider": provider}
     if max_usd_per_image is not None:
@@ -133,7 +100,7 @@ def start_batch(
         raise ConfigError(
             f"--strict: {plan.rejected} of {plan.lines} lines rejected; nothing was submitted"
         )
-    budget_fields = _budget(rt, plan, budget)
+    budget_fields = budget_record(rt.settings, plan, budget)
 
     earlier = resume.read_earlier(settings, store, batch, rejected, plan.lines, skip)
     counts = earlier.counts
@@ -301,46 +268,6 @@ def _times(record: dict[str, Any], info: dict[str, Any] | None, *, fresh: bool, 
         record["run_started"] = time.time()
 
 
-def _same_live_batch(
-    batch: str, live: dict[str, str], spooled: Spooled, out: str, provider: str
-) -> None:
-    """A batch running in Redis is only resumed by the same manifest, output and provider."""
-    if live.get("manifest_sha") != spooled.sha256:
-        raise ConfigError(
-            f"batch {batch} is running with another manifest: choose another --batch-id"
-        )
-    if live.get("out") != out:
-        raise ConfigError(
-            f"batch {batch} writes to {live.get('out')}: pass --out {live.get('out')}"
-        )
-    _same_provider(batch, live.get("provider"), provider, "is running")
-
-
-def _same_stored_batch(
-    batch: str, store: Store, info: dict[str, Any] | None, spooled: Spooled, provider: str
-) -> None:
-    """A batch stored under the output is only resumed by the same manifest and provider."""
-    if info is not None and info.get("manifest_sha") not in (None, spooled.sha256):
-        raise ConfigError(
-            f"batch {batch} under {store.uri(batch)} was made from another manifest: "
-            "choose another --batch-id"
-        )
-    if info is not None:
-        _same_provider(
-            batch, info.get("provider"), provider, f"under {store.uri(batch)} was started"
-        )
-
-
-def _same_provider(batch: str, had: str | None, provider: str, where: str) -> None:
-    """A stored line only counts as done for a run that would buy the same thing: resuming a
-    batch on another provider would pass one provider's images off as another's."""
-    if had and had != provider:
-        raise ConfigError(
-            f"batch {batch} {where} with --provider {had}, not {provider}: pass "
-            f"--provider {had} to resume it, or choose another --batch-id"
-        )
-
-
 def _attach(rt: Runtime, batch: str, live: dict[str, str], owner: str | None) -> Started:
     """The batch is still in Redis: an interrupted one resumes in place (its held lines and
     in-flight jobs are all still there), owned by the caller; a running one is only followed.
@@ -372,35 +299,3 @@ def window_size(rt: Runtime, plan: Plan) -> int:
         if name not in single
     )
     return max(16, math.ceil(settings.window_factor * max(1, caps))) + grouped
-
-
-def _budget(rt: Runtime, plan: Plan, budget: Budget | None) -> dict[str, Any]:
-    """The budget's currency; refused when the manifest bills in units that do not add up."""
-    if budget is None:
-        return {}
-    used = {currency(name, part.unit) for name, part in plan.by_provider.items()}
-    used |= {currency(name, REGISTRY[name].credit_unit) for name in plan.members}
-    if budget.usd:
-        missing = [
-            f"IMAGEBATCH_USD_PER_CREDIT_{name.removesuffix(' credits').upper()}"
-            for name in sorted(used)
-            if name != "USD" and rt.settings.usd_per_credit(name.removesuffix(" credits")) is None
-        ]
-        if missing:
-            raise ConfigError(
-                f"--max-usd needs the USD price of a credit: set {', '.join(missing)}"
-            )
-        return {"budget": budget.amount, "budget_currency": "USD", "budget_unit": "USD"}
-    if len(used) > 1:
-        raise ConfigError(
-            f"--max-credits: this manifest is billed in "
-            f"{' and '.join(sorted(used, key=_usd_last))}, which do not add up; use --max-usd "
-            "(with IMAGEBATCH_USD_PER_CREDIT_<NAME> set) instead"
-        )
-    name = next(iter(used), "credits")
-    unit = "USD" if name == "USD" else "credits"
-    return {"budget": budget.amount, "budget_currency": name, "budget_unit": unit}
-
-
-def _usd_last(name: str) -> tuple[bool, str]:
-    return name == "USD", name

@@ -26,7 +26,9 @@ from jobs.settings import CoreSettings
 from jobs.storage import check_writable, open_store
 from jobs.validate import tally
 from worker.batch import control, estimate, finish, status
-from worker.batch.start import Budget, Started, check_batch_id, default_batch, start_batch
+from worker.batch.budget import Budget
+from worker.batch.identity import check_batch_id, default_batch
+from worker.batch.start import Started, start_batch
 from worker.celery import tasks
 from worker.cli.money import money_line
 from worker.cli.output import event, notice, out_console, print_rejection

@@ -18,6 +18,7 @@ from jobs.output import groups as durable
 from jobs.simulator import Simulator, SimulatorConfig
 from tests.unit.groups.test_job import FAST, drive, make, rows
 from worker.batch import start
+from worker.batch.budget import Budget
 from worker.groups.form import GroupDispatch
 from worker.lines.groups import GroupStatus
 from worker.lines.records import LineStatus
@@ -122,7 +123,7 @@ def test_lines_over_the_budget_fail_before_their_group_is_sent(
     spooled = spool([source.read_bytes()])
     try:  # 0.0045 USD each: a budget of 0.01 takes two
         start.start_batch(
-            rt, spooled, batch=B, out=str(out), provider=P, budget=start.Budget(0.01, usd=True)
+            rt, spooled, batch=B, out=str(out), provider=P, budget=Budget(0.01, usd=True)
         )
     finally:
         Path(spooled.path).unlink()
