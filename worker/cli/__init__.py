@@ -1,5 +1,6 @@
-"""The ``imagebatch`` command line: the batch commands (``worker.cli.batch``) and the
-long-running services (``worker.cli.services``) under one group.
+"""The ``imagebatch`` command line: the commands that start a batch (``worker.cli.batch``), the
+ones about a batch that exists (``worker.cli.lookup``) and the long-running services
+(``worker.cli.services``) under one group.
 
 Exit status: 0 every line succeeded; 1 some lines failed or were rejected; 2 usage,
 configuration or infrastructure trouble found before spending (one line naming the setting
@@ -11,7 +12,7 @@ from __future__ import annotations
 import click
 
 from jobs.registry import REGISTRY
-from worker.cli import batch, services
+from worker.cli import batch, lookup, services
 
 
 @click.group(
@@ -22,5 +23,5 @@ def main() -> None:
     """Generate images in bulk through paid image APIs."""
 
 
-for _command in (*batch.COMMANDS, *services.COMMANDS):
+for _command in (*batch.COMMANDS, *lookup.COMMANDS, *services.COMMANDS):
     main.add_command(_command)

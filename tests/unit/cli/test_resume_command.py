@@ -9,7 +9,7 @@ import click
 import pytest
 
 from worker.cli import main
-from worker.cli.session import resume_command
+from worker.cli.follow import resume_command
 
 
 def parses(command: str) -> click.Context:
