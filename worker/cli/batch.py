@@ -9,10 +9,14 @@ and the fix; ``--debug`` shows the traceback); 130/143 interrupted (the same com
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
+from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -33,8 +37,9 @@ from worker.celery.launch import check_provider, launched
 from worker.cli.follow import follow
 from worker.cli.money import money_line, provider_lines
 from worker.cli.options import (
-    StartOptions,
+    batch_opt,
     choose_provider,
+    credits_opt,
     debug_opt,
     fail,
     fresh_opt,
@@ -43,7 +48,8 @@ from worker.cli.options import (
     provider_opt,
     set_debug,
     settings_from_env,
-    start_options,
+    strict_opt,
+    usd_opt,
     usd_per_image_opt,
     user_errors,
 )
@@ -60,6 +66,52 @@ from worker.cli.session import (
 from worker.lines.records import BatchStatus
 from worker.observability import logs
 from worker.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class StartOptions:
+    """What a command that starts a batch (``run``, ``submit``) is asked, as one value."""
+
+    manifest: str
+    provider: str | None
+    out: str | None
+    batch_id: str | None
+    strict: bool
+    max_credits: float | None
+    max_usd: float | None
+    max_usd_per_image: float | None
+    fresh: bool
+    debug: bool
+
+
+START_OPTIONS = (
+    manifest_arg,
+    provider_opt,
+    out_opt,
+    batch_opt,
+    strict_opt,
+    credits_opt,
+    usd_opt,
+    usd_per_image_opt,
+    fresh_opt,
+    debug_opt,
+)
+"""The options of ``StartOptions``, in the order ``--help`` lists them."""
+
+
+def start_options(command: Callable[[StartOptions], None]) -> Callable[..., None]:
+    """Give ``command`` the options of a start (``START_OPTIONS``), handed to it as one
+    ``StartOptions``; goes under ``@click.command()``. (Here, beside the commands it serves:
+    the wrapper calls the command, which calls into ``options``.)"""
+
+    @functools.wraps(command)
+    def asked(**values: Any) -> None:
+        command(StartOptions(**values))
+
+    decorated: Callable[..., None] = asked
+    for option in reversed(START_OPTIONS):
+        decorated = option(decorated)
+    return decorated
 
 
 @click.command()

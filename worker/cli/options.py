@@ -3,14 +3,12 @@ traceback only with ``--debug``), where settings come from, and the common optio
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import click
 from pydantic import ValidationError
@@ -125,51 +123,6 @@ fresh_opt = click.option(
 )
 usd_opt = click.option("--max-usd", type=float, help="stop submitting before this spend in USD")
 debug_opt = click.option("--debug", is_flag=True, help="show tracebacks")
-
-
-@dataclass(frozen=True)
-class StartOptions:
-    """What a command that starts a batch (``run``, ``submit``) is asked, as one value."""
-
-    manifest: str
-    provider: str | None
-    out: str | None
-    batch_id: str | None
-    strict: bool
-    max_credits: float | None
-    max_usd: float | None
-    max_usd_per_image: float | None
-    fresh: bool
-    debug: bool
-
-
-START_OPTIONS = (
-    manifest_arg,
-    provider_opt,
-    out_opt,
-    batch_opt,
-    strict_opt,
-    credits_opt,
-    usd_opt,
-    usd_per_image_opt,
-    fresh_opt,
-    debug_opt,
-)
-"""The options of ``StartOptions``, in the order ``--help`` lists them."""
-
-
-def start_options(command: Callable[[StartOptions], None]) -> Callable[..., None]:
-    """Give ``command`` the options of a start (``START_OPTIONS``), handed to it as one
-    ``StartOptions``; goes under ``@click.command()``."""
-
-    @functools.wraps(command)
-    def asked(**values: Any) -> None:
-        command(StartOptions(**values))
-
-    decorated: Callable[..., None] = asked
-    for option in reversed(START_OPTIONS):
-        decorated = option(decorated)
-    return decorated
 
 
 def set_debug(value: bool) -> None:
