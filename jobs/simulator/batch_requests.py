@@ -16,8 +16,9 @@ from jobs.simulator import prices
 from jobs.simulator.batch_timeline import UNFINISHED, Batch, BatchRequest, InputLine
 from jobs.simulator.config import BatchConfig
 from jobs.simulator.core import ErrorKind, error_response
+from jobs.simulator.dialects import DIALECTS, openai_response
 from jobs.simulator.images import parse_size, render
-from jobs.simulator.openai_style import DIALECTS, MODERATION, openai_response
+from jobs.simulator.openai_style import MODERATION
 from jobs.simulator.state import CORRUPT, NEVER_FINISH, POLICY, Job, State
 from jobs.simulator.validation import validate
 

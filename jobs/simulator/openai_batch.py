@@ -1,4 +1,5 @@
-"""OpenAI's Files and Batch APIs under ``/openai`` (providers.md §2.6): half-price image batches.
+"""OpenAI's Batch API under ``/openai`` (``docs/providers.md``, "OpenAI's Batch API"): half-price
+image batches; the files it reads and writes are ``openai_files``'.
 
 Upload a JSONL file, create a batch from it, poll it, read its output and error files. A batch
 moves ``validating → in_progress → finalizing → completed`` by the clock (``batch_timeline``),
@@ -8,15 +9,12 @@ half the synchronous price, when it finishes: the ledger proves no request was b
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from jobs.simulator import prices
-from jobs.simulator.batch_requests import decide, draw, failure_line, images, success_line
+from jobs.simulator.batch_requests import decide, draw, images
 from jobs.simulator.batch_timeline import (
     CANCELLABLE,
     TERMINAL,
@@ -35,11 +33,10 @@ from jobs.simulator.core import (
     json_response,
     number,
 )
-from jobs.simulator.multipart import parse_form
+from jobs.simulator.openai_files import PROVIDER, Files, StoredFile, api_key, invalid, no_such
 from jobs.simulator.state import State
 from jobs.simulator.validation import Check, Problem, integer, obj, one_of, text, validate
 
-PROVIDER = "openai"
 RUNS = "/v1/images/generations"
 """The one endpoint the simulator's batches run (OpenAI's also lists edits, chat and more)."""
 ENDPOINTS = (
@@ -52,10 +49,6 @@ ENDPOINTS = (
     "/v1/images/edits",
     "/v1/videos",
 )
-UPLOAD_PATH = "/openai/v1/files"
-MAX_FILE_BYTES = 200 * 1024 * 1024
-MAX_UPLOAD = MAX_FILE_BYTES + 1024 * 1024
-"""The largest upload body the server reads: a 200 MB file and its multipart framing."""
 
 
 def _metadata(path: str, value: Any) -> list[Problem]:
@@ -89,45 +82,7 @@ _CREATE: Check = obj(
 )
 
 
-def _invalid(message: str, param: str | None = None, code: str | None = None) -> Response:
-    return error_response(PROVIDER, "invalid", message, code=code, param=param)
-
-
-def _no_such(kind: str, object_id: str) -> Response:
-    return error_response(PROVIDER, "not_found", f"No such {kind} object: {object_id}", param="id")
-
-
-def _key(req: Request) -> str:
-    return req.headers.get("authorization", "").partition(" ")[2]
-
-
-@dataclass
-class StoredFile:
-    """An uploaded file (``data``), or a batch's output or error file (made when it is read)."""
-
-    id: str
-    api_key: str
-    filename: str
-    purpose: str
-    created_at: int
-    data: bytes | None = None
-    size: int | None = None
-
-    def view(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": "file",
-            "bytes": self.size,
-            "created_at": self.created_at,
-            "filename": self.filename,
-            "purpose": self.purpose,
-            "status": "processed",
-            "expires_at": None,
-            "status_details": None,
-        }
-
-
-class Batches:
+class Batches(Files):
     """``/v1/files`` and ``/v1/batches`` of one simulated OpenAI account per API key."""
 
     provider = PROVIDER
@@ -167,96 +122,20 @@ class Batches:
                 return label, lambda r: self.cancel(r, batch_id)
         return None
 
-    # -- files ------------------------------------------------------------------------------
-
-    def upload(self, req: Request) -> Response:
-        form = parse_form(req.headers.get("content-type", ""), req.body)
-        if form is None:
-            return _invalid("The body must be multipart/form-data with purpose and file.")
-        if "purpose" not in form or "file" not in form or form["file"].filename is None:
-            missing = "purpose" if "purpose" not in form else "file"
-            message = f"Missing required parameter: '{missing}'."
-            return _invalid(message, missing, "missing_required_parameter")
-        purpose, upload = form["purpose"].data.decode("utf-8", "replace"), form["file"]
-        filename = upload.filename or ""
-        if purpose != "batch":
-            return _invalid("The simulator stores files of purpose 'batch' only.", "purpose")
-        if not filename.endswith(".jsonl"):
-            return _invalid("Invalid file format for Batch API. Must be .jsonl", "file")
-        if len(upload.data) > MAX_FILE_BYTES:
-            return _invalid("File is too large.", "file")
-        file_id, size = f"file-{uuid.uuid4().hex[:24]}", len(upload.data)
-        stored = StoredFile(
-            file_id, _key(req), filename, purpose, int(time.time()), upload.data, size
-        )
-        with self.state.lock:
-            self.files[stored.id] = stored
-        return json_response(200, stored.view())
-
-    def _own_file(self, req: Request, file_id: str) -> StoredFile | None:
-        now = time.monotonic()
-        with self.state.lock:
-            stored = self.files.get(file_id)
-            if stored is None and file_id in self.results:
-                stored = self._result_file(file_id, now)
-        return stored if stored is not None and stored.api_key == _key(req) else None
-
-    def _result_file(self, file_id: str, now: float) -> StoredFile | None:
-        """A batch's output or error file, once the batch has ended with such results."""
-        batch_id, kind = self.results[file_id]
-        batch = self.batches[batch_id]
-        ok, failed = batch.results(now)
-        if not (ok if kind == "output" else failed):
-            return None
-        name, ended = f"{batch_id}_{kind}.jsonl", batch.wall(batch.ending()[1])
-        stored = StoredFile(file_id, batch.api_key, name, "batch_output", ended)
-        self.files[file_id] = stored
-        return stored
-
-    def file(self, req: Request, file_id: str) -> Response:
-        stored = self._own_file(req, file_id)
-        if stored is None:
-            return _no_such("File", file_id)
-        if stored.size is None:
-            stored.size = sum(len(chunk) for chunk in self._chunks(file_id))
-        return json_response(200, stored.view())
-
-    def content(self, req: Request, file_id: str) -> Response:
-        """The bytes; a batch's files are made line by line as they are sent (images are big)."""
-        stored = self._own_file(req, file_id)
-        if stored is None:
-            return _no_such("File", file_id)
-        if stored.data is not None:
-            return Response(200, stored.data, "application/octet-stream")
-        return Response(200, content_type="application/octet-stream", stream=self._chunks(file_id))
-
-    def _chunks(self, file_id: str) -> Iterator[bytes]:
-        now = time.monotonic()
-        with self.state.lock:
-            batch_id, kind = self.results[file_id]
-            batch = self.batches[batch_id]
-            ok, failed = batch.results(now)
-        for request in ok if kind == "output" else failed:
-            if kind == "output":
-                line = success_line(batch, request)
-            else:
-                line = failure_line(batch, request, now)
-            yield json.dumps(line, separators=(",", ":")).encode() + b"\n"
-
     # -- batches ----------------------------------------------------------------------------
 
     def create(self, req: Request) -> Response:
         try:
             body = req.json()
         except ValueError:
-            return _invalid("The request body is not valid JSON.")
+            return invalid("The request body is not valid JSON.")
         problems = validate(_CREATE, body)
         if problems:
             first = problems[0]
-            return _invalid(first.message, first.field, first.code)
+            return invalid(first.message, first.field, first.code)
         if body["endpoint"] != RUNS:
-            return _invalid(f"The simulator runs batches of {RUNS} only.", "endpoint")
-        key, now = _key(req), time.monotonic()
+            return invalid(f"The simulator runs batches of {RUNS} only.", "endpoint")
+        key, now = api_key(req), time.monotonic()
         with self.state.lock:
             source = self.files.get(body["input_file_id"])
         if source is None or source.api_key != key:
@@ -264,7 +143,7 @@ class Batches:
             return error_response(PROVIDER, "not_found", message, param="input_file_id")
         if source.data is None:
             message = "The input file must be uploaded with purpose 'batch'."
-            return _invalid(message, "input_file_id")
+            return invalid(message, "input_file_id")
         lines, errors = check_input(source.data, RUNS)
         with self.state.lock:
             batch = self._new_batch(key, body, errors, now)
@@ -340,12 +219,12 @@ class Batches:
     def _own_batch(self, req: Request, batch_id: str) -> Batch | None:
         with self.state.lock:
             batch = self.batches.get(batch_id)
-        return batch if batch is not None and batch.api_key == _key(req) else None
+        return batch if batch is not None and batch.api_key == api_key(req) else None
 
     def get(self, req: Request, batch_id: str) -> Response:
         batch = self._own_batch(req, batch_id)
         if batch is None:
-            return _no_such("Batch", batch_id)
+            return no_such("Batch", batch_id)
         self.settle()
         return json_response(200, self.view(batch, time.monotonic()))
 
@@ -353,9 +232,9 @@ class Batches:
         """Newest first; ``after`` is the last id of the previous page."""
         limit, after = req.query.get("limit", "20"), req.query.get("after")
         if not limit.isdigit() or not 1 <= int(limit) <= 100:
-            return _invalid("limit must be an integer between 1 and 100.", "limit")
+            return invalid("limit must be an integer between 1 and 100.", "limit")
         self.settle()
-        now, key = time.monotonic(), _key(req)
+        now, key = time.monotonic(), api_key(req)
         with self.state.lock:
             mine = [b for b in reversed(self.batches.values()) if b.api_key == key]
         ids = [b.id for b in mine]
@@ -375,7 +254,7 @@ class Batches:
     def cancel(self, req: Request, batch_id: str) -> Response:
         batch = self._own_batch(req, batch_id)
         if batch is None:
-            return _no_such("Batch", batch_id)
+            return no_such("Batch", batch_id)
         now = time.monotonic()
         with self.state.lock:
             status = batch.status(now)

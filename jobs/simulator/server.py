@@ -1,23 +1,18 @@
-"""The HTTP server: routing, outages, rate limits, fault draws, auth, and the ``/_sim`` API.
+"""The simulator: routing, outages, rate limits, fault draws, auth, and the ``/_sim`` API.
 
-Everything runs on stdlib ``ThreadingHTTPServer`` daemon threads, so a test or the CLI can
-start a simulator in-process on a free port and the real adapters talk HTTP to it. With
-``dedicated_ports`` each provider also has a listener of its own, which an outage can close.
+Everything runs on stdlib ``ThreadingHTTPServer`` daemon threads (``listener``), so a test or
+the CLI can start a simulator in-process on a free port and the real adapters talk HTTP to it.
+With ``dedicated_ports`` each provider also has a listener of its own, which an outage can
+close.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
-import uuid
-from contextlib import suppress
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Self
-from urllib.parse import parse_qsl, urlsplit
 
 from jobs.simulator.apiframe import ApiFrame
 from jobs.simulator.config import SimulatorConfig
@@ -31,14 +26,15 @@ from jobs.simulator.core import (
     go_duration,
     json_response,
 )
+from jobs.simulator.dialects import DIALECTS
 from jobs.simulator.images import ImageCache, serve_cdn
-from jobs.simulator.openai_batch import MAX_UPLOAD, UPLOAD_PATH, Batches, Combined
-from jobs.simulator.openai_style import DIALECTS, SyncSurface
+from jobs.simulator.listener import Listener, http_url
+from jobs.simulator.openai_batch import Batches, Combined
+from jobs.simulator.openai_style import SyncSurface
 from jobs.simulator.state import Spend, State
 from jobs.simulator.webhooks import Webhooks
 
 logger = logging.getLogger(__name__)
-MAX_BODY = 20 * 1024 * 1024
 
 
 _FIXED_AT_START = frozenset({"host", "port", "dedicated_ports"})
@@ -46,10 +42,6 @@ _FIXED_AT_START = frozenset({"host", "port", "dedicated_ports"})
 
 def _not_found() -> Response:
     return json_response(404, {"error": "Not found"})
-
-
-def _http_url(host: str, port: int) -> str:
-    return f"http://{host if host not in ('', '0.0.0.0') else '127.0.0.1'}:{port}"
 
 
 def _ratelimit_headers(spend: Spend) -> dict[str, str]:
@@ -78,8 +70,8 @@ class Simulator:
         self._batches = Batches(self._state)
         openai = Combined(sync["openai"], self._batches)
         self._surfaces: dict[str, Surface] = {"apiframe": apiframe, **sync, "openai": openai}
-        self._main: _Listener | None = None
-        self._dedicated: dict[str, _Listener] = {}
+        self._main: Listener | None = None
+        self._dedicated: dict[str, Listener] = {}
         self._ports: dict[str, int] = {}
         """Each provider's dedicated port, kept while an outage has its listener closed."""
         self._listeners_lock = threading.Lock()
@@ -93,7 +85,7 @@ class Simulator:
         """``http://127.0.0.1:PORT``; raises ``RuntimeError`` before ``start()``."""
         if self._main is None:
             raise RuntimeError("the simulator is not running; call start() first")
-        return _http_url(self.config.host, self._main.port)
+        return http_url(self.config.host, self._main.port)
 
     def url_for(self, provider: str) -> str:
         """The base URL to configure for ``provider`` (``simulator`` is APIFrame): on the main
@@ -107,7 +99,7 @@ class Simulator:
             raise ValueError(f"unknown provider {provider!r}; one of {', '.join(PROVIDERS)}")
         base = self.base_url
         if self.config.dedicated_ports:
-            base = _http_url(self.config.host, self._ports[provider])
+            base = http_url(self.config.host, self._ports[provider])
         return base if provider == "apiframe" else f"{base}/{provider}"
 
     def start(self) -> Self:
@@ -116,7 +108,7 @@ class Simulator:
         if self._main is not None:
             raise RuntimeError("the simulator is already running")
         self._state.stopping.clear()
-        self._main = _Listener.open(self, self.config.port)
+        self._main = Listener.open(self, self.config.port)
         with self._listeners_lock:
             self._sync_listeners()
         self._webhooks.start()
@@ -196,7 +188,7 @@ class Simulator:
             wanted = config.overrides(provider).outage != "refuse"
             listener = self._dedicated.pop(provider, None)
             if listener is None and (wanted or provider not in self._ports):
-                listener = _Listener.open(self, self._ports.get(provider, 0), provider)
+                listener = Listener.open(self, self._ports.get(provider, 0), provider)
                 self._ports[provider] = listener.port
             if listener is not None and not wanted:
                 listener.close()
@@ -304,162 +296,3 @@ class Simulator:
             except ValueError as exc:
                 return json_response(400, {"error": str(exc)})
         return _not_found()
-
-
-@dataclass
-class _Listener:
-    """One bound port and the thread serving it: the main one, or a provider's own."""
-
-    server: _Server
-    thread: threading.Thread
-
-    @classmethod
-    def open(cls, simulator: Simulator, port: int, provider: str | None = None) -> _Listener:
-        server = _Server((simulator.config.host, port), simulator, provider)
-        thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name=f"imagebatch-simulator:{server.server_address[1]}",
-            daemon=True,
-        )
-        thread.start()
-        return cls(server, thread)
-
-    @property
-    def port(self) -> int:
-        port: int = self.server.server_address[1]
-        return port
-
-    def close(self) -> None:
-        """Stop accepting (new connections are refused) and cut the open ones."""
-        self.server.shutdown()
-        self.server.close_connections()
-        self.server.server_close()
-        self.thread.join(timeout=5)
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
-
-    def __init__(
-        self, address: tuple[str, int], simulator: Simulator, provider: str | None = None
-    ) -> None:
-        super().__init__(address, _Handler)
-        self.simulator = simulator
-        self.provider = provider
-        """The one provider this listener serves (a dedicated port), None for all."""
-        self.connections: set[socket.socket] = set()
-        self.connections_lock = threading.Lock()
-
-    def close_connections(self) -> None:
-        with self.connections_lock:
-            for conn in self.connections:
-                with suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        logger.debug("simulator connection error from %s", client_address, exc_info=True)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = 120
-    disable_nagle_algorithm = True
-    server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        with self.server.connections_lock:
-            self.server.connections.add(self.connection)
-
-    def finish(self) -> None:
-        with self.server.connections_lock:
-            self.server.connections.discard(self.connection)
-        with suppress(OSError):
-            super().finish()
-
-    def do_GET(self) -> None:
-        self._handle()
-
-    def do_POST(self) -> None:
-        self._handle()
-
-    def do_PUT(self) -> None:
-        self._handle()
-
-    def do_DELETE(self) -> None:
-        self._handle()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("simulator: " + format, *args)
-
-    def _handle(self) -> None:
-        request_id = f"req_{uuid.uuid4().hex}"
-        length = int(self.headers.get("Content-Length") or 0)
-        url = urlsplit(self.path)
-        refusal = None
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            refusal = json_response(411, {"error": "Content-Length is required"})
-        elif length > (MAX_UPLOAD if url.path == UPLOAD_PATH else MAX_BODY):
-            refusal = json_response(413, {"error": "Request body too large"})
-        if refusal is not None:
-            self.close_connection = True
-            self._send(refusal, request_id)
-            return
-        fallback = _http_url(self.server.simulator.config.host, self.server.server_address[1])
-        host = self.headers.get("Host") or fallback.removeprefix("http://")
-        req = Request(
-            method=self.command,
-            path=url.path,
-            headers={k.lower(): v for k, v in self.headers.items()},
-            body=self.rfile.read(length) if length else b"",
-            query=dict(parse_qsl(url.query)),
-            base_url=f"http://{host}",
-        )
-        self._send(self.server.simulator.handle(req, self.server.provider), request_id)
-
-    def _send(self, response: Response, request_id: str) -> None:
-        body, cut = response.body, response.truncate_to
-        if response.drop:
-            self._hang_up()
-            return
-        if response.stream is not None:
-            self._send_chunked(response, request_id)
-            return
-        self.send_response(response.status)
-        self.send_header("Content-Type", response.content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("x-request-id", request_id)
-        for name, value in response.headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body if cut is None else body[:cut])
-        if cut is not None:
-            self.wfile.flush()
-            self._hang_up()
-
-    def _send_chunked(self, response: Response, request_id: str) -> None:
-        """Write the body as it is produced; a client that leaves mid-way just ends it."""
-        self.send_response(response.status)
-        self.send_header("Content-Type", response.content_type)
-        self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("x-request-id", request_id)
-        for name, value in response.headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        try:
-            for chunk in response.stream or ():
-                if chunk:
-                    self.wfile.write(b"%x\r\n" % len(chunk))
-                    self.wfile.write(chunk)
-                    self.wfile.write(b"\r\n")
-            self.wfile.write(b"0\r\n\r\n")
-        except OSError:
-            self.close_connection = True
-
-    def _hang_up(self) -> None:
-        self.close_connection = True
-        with suppress(OSError):
-            self.connection.shutdown(socket.SHUT_RDWR)

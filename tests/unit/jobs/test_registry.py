@@ -22,7 +22,7 @@ from jobs.providers.base import Finished, Submitted
 from jobs.registry import REGISTRY, SPECS, ProviderSpec
 from jobs.settings import PROVIDER_NAMES, Settings
 from jobs.simulator import Simulator, SimulatorConfig
-from jobs.simulator.openai_style import DIALECTS
+from jobs.simulator.dialects import DIALECTS
 from tests.harness import SCHEMAS
 from worker.cli import main
 from worker.observability import logs
