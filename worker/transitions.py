@@ -42,10 +42,7 @@ def apply(
     and act on it. ``seconds`` is how long the step took; ``stats`` collects the statistics
     counts for the caller to write once (else they are written now)."""
     state = rt.state
-    if t.row is not None and t.row.credits:
-        unit = REGISTRY[rec.provider].credit_unit
-        usd = in_usd(t.row.credits, unit, rt.settings.usd_per_credit(rec.provider))
-        t = replace(t, row=t.row.model_copy(update={"usd": usd}))
+    t = _priced(rt, rec, t)
     drop: list[str] = []
     if TABLE[t.status].terminal or t.status is LineStatus.READY:
         drop = [spec["blob"] for spec in rec.artifacts if "blob" in spec]
@@ -69,6 +66,23 @@ def apply(
         for name, amount in t.counts.items():
             if name not in IMMEDIATE_COUNTS:
                 stats[name] = stats.get(name, 0.0) + amount
+    _log(rec, t)
+    rt.observe(rec, t, seconds)
+    _act(rt, rec, t, meta)
+    return applied
+
+
+def _priced(rt: Runtime, rec: LineRecord, t: Transition) -> Transition:
+    """The transition with its row's cost in USD too (when the credit's price is known)."""
+    if t.row is None or not t.row.credits:
+        return t
+    unit = REGISTRY[rec.provider].credit_unit
+    usd = in_usd(t.row.credits, unit, rt.settings.usd_per_credit(rec.provider))
+    return replace(t, row=t.row.model_copy(update={"usd": usd}))
+
+
+def _log(rec: LineRecord, t: Transition) -> None:
+    """One log record per applied transition, with the line's batch, id, job, provider, step."""
     outcome = t.outcome or t.status.value
     log.log(
         logging.WARNING if t.status is LineStatus.FAILED else logging.INFO,
@@ -85,7 +99,12 @@ def apply(
             "outcome": outcome,
         },
     )
-    rt.observe(rec, t, seconds)
+
+
+def _act(rt: Runtime, rec: LineRecord, t: Transition, meta: Mapping[str, str]) -> None:
+    """What the transition says beyond its line: a 429 for the provider's limits, a submit's
+    answer for its breaker, a provider leaving the pool, the batch stopping."""
+    state = rt.state
     if t.limit is not None:
         cap = None
         if t.limit.kind == "concurrency":
@@ -112,7 +131,6 @@ def apply(
             rec.batch, status=BatchStatus.STOPPING, stop_reason=reason, stop_message=message
         )
         state.wake("stop")
-    return applied
 
 
 def _verdict(rt: Runtime, provider: str, answered: bool) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from jobs.checker import Checker
 from jobs.errors import ImagebatchError
@@ -70,30 +71,11 @@ def _feed(rt: Runtime, batch: str) -> int:
     if cursor.idx >= total or room <= 0:
         return 0
     manifest = Stored(rt.store(meta["out"]), layout.manifest_key(batch))
-    skip = SkipMap(rt, batch, total)
     check = checker(rt, meta)
+    read = _read(rt, batch, manifest, cursor, check, room, total)
+    prior = state.prior_attempts(batch, [idx for idx, _, _ in read.candidates])
     admitted: list[LineRecord] = []
-    ended: list[tuple[int, str, str]] = []
-    candidates: list[tuple[int, int, Line]] = []
-    last = cursor
-    for entry in lines_from(manifest, cursor):
-        if len(candidates) + len(ended) >= room or entry.idx >= total:
-            break
-        last = Cursor(entry.idx + 1, entry.end, entry.number)
-        if skip.has(entry.idx):
-            continue
-        if entry.data is None:
-            continue  # over the size cap: rejected at submit, and in the skip bitmap
-        line = parse.parse_line(entry.number, entry.data, check)
-        if line.request is None:
-            # Valid when submitted, not now (a provider's schema changed): it ends here.
-            error = line.rejection or ImagebatchError("the line no longer validates")
-            row = manifest_rejection_row(line, error)
-            ended.append((entry.idx, "rejected", row))
-            continue
-        candidates.append((entry.idx, entry.number, line))
-    prior = state.prior_attempts(batch, [idx for idx, _, _ in candidates])
-    for idx, number, line in candidates:
+    for idx, number, line in read.candidates:
         assert line.request is not None
         attempt = prior.get(idx, 0) + 1
         pool = check.pool_of(line.request)
@@ -112,16 +94,57 @@ def _feed(rt: Runtime, batch: str) -> int:
         if running:
             admitted.append(rec)
         else:
-            ended.append(
-                (idx, "failed", make_row(rec, "failed", stopped_error(meta)).model_dump_json())
-            )
-    if last == cursor:
+            row = make_row(rec, "failed", stopped_error(meta)).model_dump_json()
+            read.ended.append((idx, "failed", row))
+    if read.last == cursor:
         return 0
-    cursor_now = (last.idx, last.offset, last.line)
-    if not state.admit(batch, cursor.idx, cursor_now, admitted, ended, time.time()):
+    cursor_now = (read.last.idx, read.last.offset, read.last.line)
+    if not state.admit(batch, cursor.idx, cursor_now, admitted, read.ended, time.time()):
         log.info("batch %s: another feed moved the cursor first", batch)
         return 0
-    return len(admitted) + len(ended)
+    return len(admitted) + len(read.ended)
+
+
+@dataclass
+class _Read:
+    """The backlog's next lines as the feeder read them: those to admit (index, line number,
+    parsed line), those that end at once (index, status, row), and the cursor after them."""
+
+    last: Cursor
+    candidates: list[tuple[int, int, Line]] = field(default_factory=list)
+    ended: list[tuple[int, str, str]] = field(default_factory=list)
+
+
+def _read(
+    rt: Runtime,
+    batch: str,
+    manifest: Stored,
+    cursor: Cursor,
+    check: Checker,
+    room: int,
+    total: int,
+) -> _Read:
+    """Up to ``room`` lines from ``cursor``: lines with a row already are skipped unparsed; a
+    line that no longer validates ends here, rejected."""
+    skip = SkipMap(rt, batch, total)
+    read = _Read(cursor)
+    for entry in lines_from(manifest, cursor):
+        if len(read.candidates) + len(read.ended) >= room or entry.idx >= total:
+            break
+        read.last = Cursor(entry.idx + 1, entry.end, entry.number)
+        if skip.has(entry.idx):
+            continue
+        if entry.data is None:
+            continue  # over the size cap: rejected at submit, and in the skip bitmap
+        line = parse.parse_line(entry.number, entry.data, check)
+        if line.request is None:
+            # Valid when submitted, not now (a provider's schema changed): it ends here.
+            error = line.rejection or ImagebatchError("the line no longer validates")
+            row = manifest_rejection_row(line, error)
+            read.ended.append((entry.idx, "rejected", row))
+            continue
+        read.candidates.append((entry.idx, entry.number, line))
+    return read
 
 
 class SkipMap:

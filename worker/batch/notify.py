@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -107,56 +108,21 @@ def send(
         return False
     batch = summary.get("batch_id", "?")
     receiver = where(url)
-    if urlsplit(url).scheme not in ("http", "https"):
-        log.error("IMAGEBATCH_NOTIFY_URL must start with http:// or https:// (not %s)", receiver)
+    if not _usable(settings, url, batch, receiver):
         return False
-    if settings.notify_secret is None:
-        log.warning(
-            "batch %s: notifying %s unsigned: set IMAGEBATCH_NOTIFY_SECRET so the receiver "
-            "can verify X-Imagebatch-Signature",
-            batch,
-            receiver,
-        )
     body, headers = encode(settings, summary)
     ends = time.monotonic() + deadline_s
     try:
         with httpx.Client(follow_redirects=False, transport=transport) as client:
+            post = _Post(client, url, body, headers, batch, receiver)
             for attempt in range(1, attempts + 1):
                 left = ends - time.monotonic()
                 if left <= 0:
                     break
                 timeout = httpx.Timeout(min(ATTEMPT_TIMEOUT_S, left), connect=min(5.0, left))
-                retry_after: float | None = None
-                try:
-                    response = client.post(url, content=body, headers=headers, timeout=timeout)
-                except httpx.TransportError as exc:
-                    log.warning(
-                        "batch %s: notify %s failed (try %d): %s",
-                        batch,
-                        receiver,
-                        attempt,
-                        type(exc).__name__,
-                    )
-                else:
-                    if response.is_success:
-                        log.info("batch %s: notified %s", batch, receiver)
-                        return True
-                    if response.status_code not in RETRIED:
-                        log.warning(
-                            "batch %s: notify %s answered %d: not retried",
-                            batch,
-                            receiver,
-                            response.status_code,
-                        )
-                        return False
-                    log.warning(
-                        "batch %s: notify %s answered %d (try %d)",
-                        batch,
-                        receiver,
-                        response.status_code,
-                        attempt,
-                    )
-                    retry_after = http.retry_after(response)
+                delivered, retry_after = post.once(attempt, timeout)
+                if delivered is not None:
+                    return delivered
                 if attempt == attempts:
                     break
                 wait = policy.retry_wait(
@@ -174,6 +140,70 @@ def send(
         receiver,
     )
     return False
+
+
+def _usable(settings: CoreSettings, url: str, batch: Any, receiver: str) -> bool:
+    """An http(s) URL (said once if not); an unsigned notification is sent, with a warning."""
+    if urlsplit(url).scheme not in ("http", "https"):
+        log.error("IMAGEBATCH_NOTIFY_URL must start with http:// or https:// (not %s)", receiver)
+        return False
+    if settings.notify_secret is None:
+        log.warning(
+            "batch %s: notifying %s unsigned: set IMAGEBATCH_NOTIFY_SECRET so the receiver "
+            "can verify X-Imagebatch-Signature",
+            batch,
+            receiver,
+        )
+    return True
+
+
+@dataclass(frozen=True)
+class _Post:
+    """The notification's POST, as each try sends it."""
+
+    client: httpx.Client
+    url: str
+    body: bytes
+    headers: dict[str, str]
+    batch: Any
+    receiver: str
+
+    def once(self, attempt: int, timeout: httpx.Timeout) -> tuple[bool | None, float | None]:
+        """One try: (True, _) delivered, (False, _) refused and not retried, (None, the
+        answer's Retry-After or None) to try again."""
+        batch, receiver = self.batch, self.receiver
+        try:
+            response = self.client.post(
+                self.url, content=self.body, headers=self.headers, timeout=timeout
+            )
+        except httpx.TransportError as exc:
+            log.warning(
+                "batch %s: notify %s failed (try %d): %s",
+                batch,
+                receiver,
+                attempt,
+                type(exc).__name__,
+            )
+            return None, None
+        if response.is_success:
+            log.info("batch %s: notified %s", batch, receiver)
+            return True, None
+        if response.status_code not in RETRIED:
+            log.warning(
+                "batch %s: notify %s answered %d: not retried",
+                batch,
+                receiver,
+                response.status_code,
+            )
+            return False, None
+        log.warning(
+            "batch %s: notify %s answered %d (try %d)",
+            batch,
+            receiver,
+            response.status_code,
+            attempt,
+        )
+        return None, http.retry_after(response)
 
 
 def send_later(settings: CoreSettings, summary: dict[str, Any]) -> threading.Thread:

@@ -35,6 +35,39 @@ class Applied:
     """The batch's last line just ended: finalize it."""
 
 
+def _job_op(rec: LineRecord, t: Transition, old: Home, new: Home) -> str:
+    """The job index's change (webhooks find a line by its job id): ``set:JOB`` when the line
+    is submitted, ``del:JOB`` when it leaves flight, else nothing."""
+    job = str(t.changes.get("job_id", rec.job_id) or "")
+    if new is Home.FLIGHT and job and t.status is LineStatus.SUBMITTED:
+        return f"set:{job}"
+    if old is Home.FLIGHT and new is not Home.FLIGHT and rec.job_id:
+        return f"del:{rec.job_id}"
+    return ""
+
+
+def _latency_sample(rec: LineRecord, t: Transition) -> tuple[float | None, str]:
+    """The job latency the transition teaches (``"SECONDS [QUEUE_SHARE]"``), if any: once a
+    latency is learned, a sample of the jobs keeps it current."""
+    learned = rec.expected_s > 0 and rec.idx % 4 != 0
+    latency = None if learned else t.latency_s
+    sample = "" if latency is None else repr(latency)
+    if latency is not None and t.queue_share is not None:
+        sample += f" {t.queue_share!r}"
+    return latency, sample
+
+
+def _counts(rec: LineRecord, t: Transition, immediate: frozenset[str]) -> dict[str, float]:
+    """The counts added with the transition: those in ``immediate``, and the row's credits
+    under its currency."""
+    counts = {k: v for k, v in t.counts.items() if v and k in immediate}
+    if t.row is not None and t.row.credits:
+        unit = REGISTRY[rec.provider].credit_unit
+        name = f"credits:{currency(rec.provider, unit)}"
+        counts[name] = counts.get(name, 0.0) + t.row.credits
+    return counts
+
+
 class LineState(Scripted):
     """A line's record in Redis (a part of ``State``)."""
 
@@ -62,32 +95,12 @@ class LineState(Scripted):
         """Apply ``t`` to ``rec`` if ``rec.seq`` and ``rec.status`` are still current. Of
         ``t.counts``, only the names in ``immediate`` are added here (all, when None); the
         caller adds the rest."""
-        if immediate is None:
-            immediate = frozenset(t.counts)
         now = time.time()
         old, new = rec.info.home, TABLE[t.status].home
-        # A line may move to another provider (a group's line falling back to the synchronous
-        # API): it waits in that provider's READY set from now on.
-        provider = str(t.changes.get("provider") or rec.provider)
-        job_op = ""
-        if index_jobs:
-            job = str(t.changes.get("job_id", rec.job_id) or "")
-            if new is Home.FLIGHT and job and t.status is LineStatus.SUBMITTED:
-                job_op = f"set:{job}"
-            elif old is Home.FLIGHT and new is not Home.FLIGHT and rec.job_id:
-                job_op = f"del:{rec.job_id}"
-        # Once a latency is learned, a sample of the jobs keeps it current.
-        learned = rec.expected_s > 0 and rec.idx % 4 != 0
-        latency = None if learned else t.latency_s
-        sample = "" if latency is None else repr(latency)
-        if latency is not None and t.queue_share is not None:
-            sample += f" {t.queue_share!r}"
+        job_op = _job_op(rec, t, old, new) if index_jobs else ""
+        latency, sample = _latency_sample(rec, t)
         fields = encode_changes(t.changes)
-        counts = {k: v for k, v in t.counts.items() if v and k in immediate}
-        if t.row is not None and t.row.credits:
-            unit = REGISTRY[rec.provider].credit_unit
-            name = f"credits:{currency(rec.provider, unit)}"
-            counts[name] = counts.get(name, 0.0) + t.row.credits
+        counts = _counts(rec, t, frozenset(t.counts) if immediate is None else immediate)
         drop = list(drop_keys)
         args: list[Any] = [
             rec.seq,
@@ -111,6 +124,8 @@ class LineState(Scripted):
         args.append(len(drop))
         args += drop
         args.append(total)
+        # A line may move to another provider (a group's line falling back to the synchronous
+        # API): it waits in that provider's READY set from now on.
         provider = str(t.changes.get("provider", rec.provider))
         queue = str(t.changes.get("queue", rec.queue))
         target = [

@@ -47,7 +47,7 @@ from jobs.storage import absolute_out, check_writable
 from jobs.text import shown
 from jobs.validate import tally
 from worker import runtime
-from worker.batch.start import start_batch
+from worker.batch.start import Started, start_batch
 from worker.celery import beat
 from worker.celery.app import app
 from worker.celery.beat import crontab
@@ -155,41 +155,20 @@ def _claimed(
     if claim is None:
         return _left(item, "its claim changed hands; trying again next pass")
     if not isinstance(claim, Claim):
-        if claim.get("state") != "submitted":
-            return Outcome(item.name, Action.BUSY, claim.get("batch_id") or batch)
-        if not inbox.unrecorded(item):
-            return None
-        inbox.record_submitted(item, {k: v for k, v in claim.items() if k != "owner"})
-        return Outcome(item.name, Action.RECORDED, str(claim.get("batch_id", batch)))
+        return _theirs(inbox, item, claim, batch)
     try:
         with claim.kept_alive():
             if not inbox.unrecorded(item):  # another scheduler finished it while we read
                 claim.release()
                 return None
-            reason = _refusal(rt, spooled, target.provider)
-            if reason is None:
-                try:
-                    check_writable(rt.store(target.out), target.out, batch)
-                except ConfigError as exc:  # the output store's fault, not the manifest's
-                    raise StorageError(exc.message) from None
-                try:
-                    started = start_batch(
-                        rt,
-                        spooled,
-                        batch=batch,
-                        out=target.out,
-                        provider=target.provider,
-                        source=item.source,
-                    )
-                except ConfigError as exc:
-                    reason = exc.message
-            if reason is not None:
-                inbox.record_refused(item, reason)
+            started = _start(rt, spooled, target, item, batch)
+            if isinstance(started, str):
+                inbox.record_refused(item, started)
                 claim.release()
                 log.warning(
-                    "inbox %s: refused %s: %s", inbox.uri, shown(item.name), shown(reason, 300)
+                    "inbox %s: refused %s: %s", inbox.uri, shown(item.name), shown(started, 300)
                 )
-                return Outcome(item.name, Action.REFUSED, reason=reason)
+                return Outcome(item.name, Action.REFUSED, reason=started)
             record = {
                 "state": "submitted",
                 "batch_id": batch,
@@ -221,6 +200,35 @@ def _claimed(
     except (OSError, StorageError) as exc:  # the claim remembers it; the next pass records it
         log.warning("inbox %s: %s submitted but not recorded: %s", inbox.uri, item.name, exc)
     return Outcome(item.name, Action.SUBMITTED, batch)
+
+
+def _theirs(inbox: Inbox, item: Found, claim: dict[str, Any], batch: str) -> Outcome | None:
+    """Another scheduler holds the manifest's claim: busy with it, or done (then its record
+    is written here if that scheduler could not)."""
+    if claim.get("state") != "submitted":
+        return Outcome(item.name, Action.BUSY, claim.get("batch_id") or batch)
+    if not inbox.unrecorded(item):
+        return None
+    inbox.record_submitted(item, {k: v for k, v in claim.items() if k != "owner"})
+    return Outcome(item.name, Action.RECORDED, str(claim.get("batch_id", batch)))
+
+
+def _start(rt: Runtime, spooled: Spooled, target: Target, item: Found, batch: str) -> Started | str:
+    """The batch started, or why the manifest is refused (an output store that cannot be
+    written is not the manifest's fault: ``StorageError``, and the manifest waits)."""
+    reason = _refusal(rt, spooled, target.provider)
+    if reason is not None:
+        return reason
+    try:
+        check_writable(rt.store(target.out), target.out, batch)
+    except ConfigError as exc:  # the output store's fault, not the manifest's
+        raise StorageError(exc.message) from None
+    try:
+        return start_batch(
+            rt, spooled, batch=batch, out=target.out, provider=target.provider, source=item.source
+        )
+    except ConfigError as exc:
+        return exc.message
 
 
 def _refusal(rt: Runtime, spooled: Spooled, provider: str) -> str | None:
