@@ -9,14 +9,10 @@ and the fix; ``--debug`` shows the traceback); 130/143 interrupted (the same com
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
-from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -28,7 +24,7 @@ from jobs.settings import CoreSettings
 from jobs.storage import absolute_out, open_store
 from jobs.text import shown
 from jobs.validate import Plan
-from worker.batch import estimate, status
+from worker.batch import estimate, snapshot, status
 from worker.batch.budget import Budget
 from worker.batch.estimate import plan_batch
 from worker.batch.start import Started, start_batch
@@ -37,9 +33,7 @@ from worker.celery.launch import check_provider, launched
 from worker.cli.follow import follow
 from worker.cli.money import money_line, provider_lines
 from worker.cli.options import (
-    batch_opt,
     choose_provider,
-    credits_opt,
     debug_opt,
     fail,
     fresh_opt,
@@ -48,8 +42,6 @@ from worker.cli.options import (
     provider_opt,
     set_debug,
     settings_from_env,
-    strict_opt,
-    usd_opt,
     usd_per_image_opt,
     user_errors,
 )
@@ -63,55 +55,10 @@ from worker.cli.session import (
     prepared,
     print_summary,
 )
+from worker.cli.start_options import StartOptions, start_options
 from worker.lines.records import BatchStatus
 from worker.observability import logs
 from worker.runtime import Runtime
-
-
-@dataclass(frozen=True)
-class StartOptions:
-    """What a command that starts a batch (``run``, ``submit``) is asked, as one value."""
-
-    manifest: str
-    provider: str | None
-    out: str | None
-    batch_id: str | None
-    strict: bool
-    max_credits: float | None
-    max_usd: float | None
-    max_usd_per_image: float | None
-    fresh: bool
-    debug: bool
-
-
-START_OPTIONS = (
-    manifest_arg,
-    provider_opt,
-    out_opt,
-    batch_opt,
-    strict_opt,
-    credits_opt,
-    usd_opt,
-    usd_per_image_opt,
-    fresh_opt,
-    debug_opt,
-)
-"""The options of ``StartOptions``, in the order ``--help`` lists them."""
-
-
-def start_options(command: Callable[[StartOptions], None]) -> Callable[..., None]:
-    """Give ``command`` the options of a start (``START_OPTIONS``), handed to it as one
-    ``StartOptions``; goes under ``@click.command()``. (Here, beside the commands it serves:
-    the wrapper calls the command, which calls into ``options``.)"""
-
-    @functools.wraps(command)
-    def asked(**values: Any) -> None:
-        command(StartOptions(**values))
-
-    decorated: Callable[..., None] = asked
-    for option in reversed(START_OPTIONS):
-        decorated = option(decorated)
-    return decorated
 
 
 @click.command()
@@ -307,7 +254,7 @@ def retry(batch_id: str, out: str | None, provider: str | None, debug: bool) -> 
             live = status.from_redis(rt.state, batch_id)
             if live is not None and not live.finished and live.status != BatchStatus.INTERRUPTED:
                 fail(
-                    f"batch {batch_id} is running ({status.describe(live)}): retry it once it "
+                    f"batch {batch_id} is running ({snapshot.describe(live)}): retry it once it "
                     f"has finished; `imagebatch status {batch_id} --watch` follows it"
                 )
             spooled = spool(store.iter_chunks(layout.manifest_key(batch_id)))

@@ -16,7 +16,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
 from jobs.errors import ConfigError, ImagebatchError
-from worker.batch import control, finish, status
+from worker.batch import control, finish, snapshot, status
 from worker.cli.output import notice, out_console
 from worker.cli.progress import Display
 from worker.redis.connect import Unavailable
@@ -58,7 +58,7 @@ class Interrupted(Exception):
         self.code = code
 
 
-def wait(rt: Runtime, batch: str, own: EmbeddedRedis | None = None) -> status.Snapshot:
+def wait(rt: Runtime, batch: str, own: EmbeddedRedis | None = None) -> snapshot.Snapshot:
     """Block until the batch is finalized, showing progress the way the output can take it.
     ``own``: the embedded Redis this run started, whose end is noticed at once."""
     display = Display(out_console, rt.settings.progress_interval_s)
@@ -91,7 +91,7 @@ def wait(rt: Runtime, batch: str, own: EmbeddedRedis | None = None) -> status.Sn
 
 def follow(
     rt: Runtime, batch: str, out: str, owner: str | None, own: EmbeddedRedis | None = None
-) -> status.Snapshot:
+) -> snapshot.Snapshot:
     """Wait for the batch as its user watches: Ctrl-C lands it when this process owns its
     run (``owner``), else only stops following it; a Redis gone for too long (or this run's
     own embedded Redis gone at all) stops the command with the one that resumes it."""

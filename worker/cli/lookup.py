@@ -17,7 +17,7 @@ from jobs.output import layout, report, results
 from jobs.settings import CoreSettings
 from jobs.storage import absolute_out, open_store
 from jobs.text import shown
-from worker.batch import control, status
+from worker.batch import control, snapshot, status
 from worker.celery.launch import launched
 from worker.cli.options import debug_opt, fail, out_opt, set_debug, settings_from_env, user_errors
 from worker.cli.output import notice, out_console
@@ -29,7 +29,7 @@ from worker.redis.state import State
 
 def _snapshot(
     batch_id: str, out: str | None, settings: CoreSettings, *, ride_out: bool = False
-) -> status.Snapshot | None:
+) -> snapshot.Snapshot | None:
     """From Redis when a broker is configured and knows the batch, else from the output store.
     A Redis that does not answer sends the question to the store, unless ``ride_out`` (a
     watch: the store is not live) or there is no --out to look in: then ``Unavailable``."""
@@ -53,7 +53,7 @@ WATCH_S = 2.0
 """How often ``status --watch`` reads the batch."""
 
 
-def _watched(batch_id: str, out: str | None, settings: CoreSettings) -> status.Snapshot:
+def _watched(batch_id: str, out: str | None, settings: CoreSettings) -> snapshot.Snapshot:
     """The batch's next snapshot for a watch, riding out a Redis that stops answering for up
     to IMAGEBATCH_REDIS_OUTAGE_S, as workers and ``run`` do (a blip is not the batch's end)."""
     lost_since: float | None = None
@@ -86,16 +86,16 @@ def _watched(batch_id: str, out: str | None, settings: CoreSettings) -> status.S
         return snap
 
 
-def _watch(batch_id: str, out: str | None, settings: CoreSettings) -> status.Snapshot:
+def _watch(batch_id: str, out: str | None, settings: CoreSettings) -> snapshot.Snapshot:
     """Follow the batch until it ends: its line now, then progress as ``run`` shows it (a bar
     on a terminal; piped, a record every IMAGEBATCH_PROGRESS_INTERVAL_S and at each 10 %),
     then its line at the end."""
 
-    def ended(snap: status.Snapshot) -> bool:
+    def ended(snap: snapshot.Snapshot) -> bool:
         return snap.finished or snap.status in ("stopped", "interrupted")
 
     snap = _watched(batch_id, out, settings)
-    click.echo(status.describe(snap))
+    click.echo(snapshot.describe(snap))
     if ended(snap):
         return snap
     with Display(out_console, settings.progress_interval_s) as display:
@@ -105,7 +105,7 @@ def _watch(batch_id: str, out: str | None, settings: CoreSettings) -> status.Sna
             if ended(snap):
                 break
             display.update(snap)
-    click.echo(status.describe(snap))
+    click.echo(snapshot.describe(snap))
     return snap
 
 
@@ -125,7 +125,7 @@ def status_command(
         logs.set_batch(batch_id)
         snap = _watch(batch_id, out, settings) if watch else _found(batch_id, out, settings)
         if not watch:
-            click.echo(status.describe(snap))
+            click.echo(snapshot.describe(snap))
     if exit_status:
         sys.exit(snap.exit_code() if snap.finished else 1)
 
@@ -141,7 +141,7 @@ def ls_command(out: str | None, debug: bool) -> None:
         settings = settings_from_env()
         store = open_store(absolute_out(out or settings.out), settings)
         for snap in status.listing(store):
-            click.echo(f"{status.describe(snap)} · started {snap.started_at or '?'}")
+            click.echo(f"{snapshot.describe(snap)} · started {snap.started_at or '?'}")
 
 
 @click.command()
@@ -162,7 +162,7 @@ def cancel(batch_id: str, out: str | None, debug: bool) -> None:
                     return
         snap = _found(batch_id, out, settings)
         if snap.finished:
-            click.echo(f"{status.describe(snap)} · already finished: nothing to cancel")
+            click.echo(f"{snapshot.describe(snap)} · already finished: nothing to cancel")
             return
         if snap.running:
             where = (
@@ -180,7 +180,7 @@ def cancel(batch_id: str, out: str | None, debug: bool) -> None:
         )
 
 
-def _found(batch_id: str, out: str | None, settings: CoreSettings) -> status.Snapshot:
+def _found(batch_id: str, out: str | None, settings: CoreSettings) -> snapshot.Snapshot:
     """The batch as Redis or the output store knows it; exit 2 saying where it was looked for."""
     snap = _snapshot(batch_id, out, settings)
     if snap is None:

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from jobs.clock import duration, now_iso
-from worker.batch.status import Snapshot
+from worker.batch.snapshot import Snapshot
 from worker.cli.output import json_logs, notice
 
 

@@ -22,7 +22,7 @@ from jobs.routing import PoolRules, is_pool
 from jobs.settings import CoreSettings
 from jobs.storage import check_writable, open_store
 from jobs.validate import tally
-from worker.batch import estimate, status
+from worker.batch import estimate, snapshot
 from worker.batch.budget import Budget
 from worker.batch.identity import check_batch_id, default_batch
 from worker.batch.start import Started, start_batch
@@ -177,7 +177,7 @@ def header(rt: Runtime, started: Started, provider: str) -> None:
         )
 
 
-def print_summary(snap: status.Snapshot) -> int:
+def print_summary(snap: snapshot.Snapshot) -> int:
     summary = snap.summary or {}
     text = (
         f"done · {snap.succeeded} succeeded · {snap.failed} failed · {snap.rejected} rejected · "

@@ -14,7 +14,7 @@ import redis
 from jobs.output import layout
 from jobs.storage import LocalStore
 from tests.runtime_support import put_line, record, seed_batch, text_client
-from worker.batch import status
+from worker.batch import snapshot, status
 from worker.lines.records import LineStatus
 from worker.redis.state import State
 
@@ -46,7 +46,7 @@ def test_a_record_with_numbers_written_as_strings_is_shown_with_its_counts(
     # Then it is described with its numbers, not a TypeError
     assert snap is not None
     assert (snap.total, snap.done, snap.succeeded, snap.failed) == (300, 120, 100, 15)
-    text = status.describe(snap)
+    text = snapshot.describe(snap)
     assert text.startswith("old: interrupted · 120/300 done · 100 succeeded · 15 failed"), text
     assert "400 credits" in text, text
 
@@ -67,7 +67,7 @@ def test_one_unreadable_record_does_not_hide_the_other_batches_from_ls(tmp_path:
     write_info(store, "odd", {"batch_id": "odd", "total": [1], "counters": "x", "started_at": 5})
     write_info(store, "list", "[1, 2]")
     # When ls lists it, and each line is described
-    lines = [status.describe(snap) for snap in status.listing(store)]
+    lines = [snapshot.describe(snap) for snap in status.listing(store)]
     # Then the readable batches are listed, newest first, and the broken ones do not stop it
     ids = [line.split(":")[0] for line in lines]
     assert ids[:2] == ["good", "old"], lines
@@ -98,7 +98,7 @@ def test_a_live_snapshot_separates_waiting_submitted_and_storing_lines(
         state.close()
     # Then 5 are waiting (2 in the window, 3 in the manifest), 2 submitted, 1 storing
     assert snap is not None and snap.breakdown() == (5, 2, 1)
-    text = status.describe(snap)
+    text = snapshot.describe(snap)
     assert (
         "2/10 done · 2 succeeded · 0 failed · 0 rejected · 5 waiting · 2 submitted · 1 storing"
         in text
