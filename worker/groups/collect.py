@@ -14,7 +14,7 @@ from dataclasses import replace
 from jobs.errors import PermanentProviderError, TransientProviderError
 from jobs.output import groups as durable
 from jobs.providers.openai_batch import RequestResult
-from jobs.providers.openai_batch_api import BatchInfo
+from jobs.providers.openai_batch_objects import BatchInfo
 from worker.groups import lines
 from worker.groups.base import GroupWork
 from worker.lines import store as store_step

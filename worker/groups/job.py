@@ -29,7 +29,7 @@ from jobs.errors import (
     TransientProviderError,
 )
 from jobs.output import groups as durable
-from jobs.providers.openai_batch_api import BatchInfo, input_line
+from jobs.providers.openai_batch_objects import BatchInfo, input_line
 from worker.groups import lines
 from worker.groups.base import Outcome, StaleGroup
 from worker.groups.collect import Collector

@@ -18,7 +18,7 @@ from jobs.errors import PermanentProviderError, TransientProviderError
 from jobs.manifest.request import ImageRequest
 from jobs.output import groups
 from jobs.providers.openai_batch import OpenAIBatch
-from jobs.providers.openai_batch_api import input_line
+from jobs.providers.openai_batch_objects import input_line
 from jobs.registry import REGISTRY
 from jobs.settings import ProviderConfig, Settings
 from jobs.storage import LocalStore

@@ -14,11 +14,11 @@ from pydantic import SecretStr
 
 from jobs.errors import AmbiguousSubmit, BatchStop, PermanentProviderError, TransientProviderError
 from jobs.providers import openai_batch_api
-from jobs.providers.openai_batch_api import (
+from jobs.providers.openai_batch_api import OpenAIBatchAPI
+from jobs.providers.openai_batch_objects import (
     BatchError,
     BatchInfo,
     BatchStatus,
-    OpenAIBatchAPI,
     RequestCounts,
     input_line,
 )
