@@ -16,7 +16,15 @@ import httpx
 from jobs.errors import JobFailed, TransientProviderError
 from jobs.manifest.request import ImageRequest, overridden
 from jobs.providers.base import Artifact, Finished, Pending, PollOutcome, SubmitOutcome, Submitted
-from jobs.providers.http import KeyGate, check, json_object, key_check, make_client, send
+from jobs.providers.http import (
+    KeyGate,
+    check,
+    json_object,
+    key_check,
+    make_client,
+    send,
+    submit_json,
+)
 from jobs.registry import REGISTRY
 from jobs.settings import ProviderConfig
 from jobs.text import shown
@@ -124,17 +132,14 @@ class APIFrame:
     def submit(
         self, request: ImageRequest, idempotency_key: str, webhook_url: str | None = None
     ) -> SubmitOutcome:
-        with self.gate.first():
-            response = send(
-                self.client,
-                "POST",
-                f"{self.base_url}/v2/images/generate",
-                submit=True,
-                json=self.body(request, webhook_url),
-                headers=self.headers(**{"Idempotency-Key": idempotency_key}),
-            )
-            check(response, self.name, submit=True)
-        body = json_object(response, self.name, submit=True)
+        body = submit_json(
+            self.client,
+            self.gate,
+            self.name,
+            f"{self.base_url}/v2/images/generate",
+            json=self.body(request, webhook_url),
+            headers=self.headers(**{"Idempotency-Key": idempotency_key}),
+        )
         job_id = body.get("jobId")
         if not isinstance(job_id, str) or not job_id:
             raise TransientProviderError(f"{self.name} accepted the job but sent no jobId")

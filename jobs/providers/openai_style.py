@@ -16,7 +16,12 @@ import httpx
 from jobs.errors import AmbiguousSubmit, JobFailed, TransientProviderError
 from jobs.manifest.request import ImageRequest, overridden
 from jobs.providers.base import Artifact, Finished, PollOutcome, SubmitOutcome
-from jobs.providers.http import KeyGate, check, json_object, key_check, make_client, send
+from jobs.providers.http import (
+    KeyGate,
+    key_check,
+    make_client,
+    submit_json,
+)
 from jobs.registry import REGISTRY
 from jobs.settings import ProviderConfig
 
@@ -124,17 +129,14 @@ class SyncImageAPI:
     def submit(
         self, request: ImageRequest, idempotency_key: str, webhook_url: str | None = None
     ) -> SubmitOutcome:
-        with self.gate.first():
-            response = send(
-                self.client,
-                "POST",
-                f"{self.base_url}{self.path}",
-                submit=True,
-                json=self.body(request),
-                headers=self.headers(),
-            )
-            check(response, self.name, submit=True)
-        body = json_object(response, self.name, submit=True)
+        body = submit_json(
+            self.client,
+            self.gate,
+            self.name,
+            f"{self.base_url}{self.path}",
+            json=self.body(request),
+            headers=self.headers(),
+        )
         artifacts = self.artifacts(body)
         if len(artifacts) != request.n:
             # Billed, but not what was asked for: say so rather than store a short line.

@@ -84,7 +84,7 @@ class GroupStore:
     ) -> tuple[list[tuple[str, str, int]], float | None]:
         """Due groups, each with the new seq its task runs under; when the next is due."""
         claimed, nxt = self.state.run_script(
-            "group_claim", [keys.groups(provider)], [repr(now), lease, most, keys.GROUP_FORMAT]
+            "claim", [keys.groups(provider)], [repr(now), lease, most, keys.GROUP_FORMAT]
         )
         found = [(*member.rsplit(" ", 1), int(seq)) for member, seq in claimed]
         return [(b, g, seq) for b, g, seq in found], (float(nxt) if nxt else None)

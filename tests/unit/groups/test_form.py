@@ -1,5 +1,5 @@
 """Groups in Redis: forming one from READY lines (``group_form.lua``), claiming due groups and
-saving a task's work only while the group is its own (``group_claim``, ``group_save``), and
+saving a task's work only while the group is its own (``claim``, ``group_save``), and
 the scheduler's rule of when a group is formed (``worker.groups.form``)."""
 
 from __future__ import annotations
