@@ -1,6 +1,6 @@
 """Is a structural check as good as a full decode, and how much cheaper? Prints, from one run,
 for the simulator's small images and for realistic 2-3 MB ones: the milliseconds per image
-of Pillow's full decode and of ``jobs.imagecheck``, and whether each catches the same cut
+of Pillow's full decode and of ``jobs.fetch.imagecheck``, and whether each catches the same cut
 and garbled downloads (truncated at several points, one byte flipped in a PNG chunk).
 
     .venv/bin/python bench/image_check.py

@@ -1,6 +1,6 @@
 """Does reading a manifest stay bounded in memory as it grows? Prints ratios from one run.
 
-Reads manifests of N and 10·N lines through ``jobs.manifest.read_manifest`` (as ``plan`` and
+Reads manifests of N and 10·N lines through ``jobs.manifest.parse.read_manifest`` (as ``plan`` and
 ``submit`` do) and reports peak traced memory and time for each. Only the set of ids seen
 (for duplicate detection) should grow with the line count: the ratio of peaks should stay
 far below 10, and the time ratio near 10 (linear).

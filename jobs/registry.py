@@ -132,7 +132,7 @@ OPENAI = synchronous(
 )
 
 BATCH_SHARE = 0.5
-"""OpenAI's Batch API bills half the synchronous price (providers.md §2.6)."""
+"""OpenAI's Batch API bills half the synchronous price (docs/providers.md, "OpenAI's Batch API")."""
 
 OPENAI_BATCH = ProviderSpec(
     name="openai-batch",

@@ -171,7 +171,7 @@ class CoreSettings(BaseSettings):
     """Cron expression: when ``imagebatch schedule`` looks in the inbox."""
 
     crash_at: str | None = None
-    """Test-only: a crash point of ``worker.faults`` at which to SIGKILL the worker once."""
+    """Test-only: a crash point of ``worker.lines.faults`` at which to SIGKILL the worker once."""
     crash_marker: str | None = None
     embedded_simulator_latency_s: float = Field(default=1.5, ge=0)
     """How long the simulator that ``run --provider simulator`` starts takes per job."""

@@ -1,5 +1,5 @@
 """Running imagebatch as users do (the CLI, worker processes) and the one invariant oracle
-every end-to-end and fault test ends with (design/reliability.md I1-I4)."""
+every end-to-end and fault test ends with (docs/invariants.md, I1-I4)."""
 
 from __future__ import annotations
 

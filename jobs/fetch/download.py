@@ -87,7 +87,7 @@ def read_image(response: httpx.Response, max_bytes: int, expected_format: str | 
 
 
 def verify(data: bytes, expected_format: str | None = None) -> Fetched:
-    """Prove the bytes are a whole PNG/JPEG/WebP (``jobs.imagecheck``: CRCs, stated length,
+    """Prove the bytes are a whole PNG/JPEG/WebP (``jobs.fetch.imagecheck``: CRCs, stated length,
     end markers); anything cut or garbled is a failed download, to be fetched again."""
     try:
         shape = imagecheck.inspect(data)

@@ -5,7 +5,7 @@ Every link is relative, so the page works opened as a local file, served over HT
 output folder, or served from the S3 prefix; it loads no script, font or style from anywhere.
 Rows are streamed once into temp files and one image is decoded at a time (JPEGs already
 shrunk while decoding), so memory does not grow with the batch. Everything a manifest or a
-provider wrote is escaped; ``jobs.report_page`` makes the page around the cards.
+provider wrote is escaped; ``jobs.output.report_page`` makes the page around the cards.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The shell of ``report.html``: head and Content-Security-Policy, totals, filters, style, script.
 
-``jobs.report`` streams the cards and failure rows between the parts made here. The policy
+``jobs.output.report`` streams the cards and failure rows between the parts made here. The policy
 allows only this module's own style and script (by hash) and images from the page's origin,
 so even an escaping mistake could not load or run anything.
 """

@@ -1,7 +1,8 @@
 """OpenAI's GPT image models: the sizes each accepts and its list price per image.
 
-Pure rules from providers.md §2 (no HTTP), so a line can be refused or priced before any money
-is spent; the simulator keeps its own copy of these rules, as an independent oracle must.
+Pure rules from docs/providers.md, "OpenAI: models and prices" (no HTTP), so a line can be
+refused or priced before any money is spent; the simulator keeps its own copy of these rules,
+as an independent oracle must.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ MODELS: Mapping[str, ImageModel] = {
         ImageModel(
             "gpt-image-1-mini", square=_q(0.005, 0.011, 0.036), other=_q(0.006, 0.015, 0.052)
         ),
-        # gpt-image-2's prices were not verified (providers.md §2.6): unknown, not guessed.
+        # gpt-image-2's prices were not verified (docs/providers.md): unknown, not guessed.
         ImageModel("gpt-image-2", flexible_sizes=True),
         ImageModel("gpt-image-2-2026-04-21", flexible_sizes=True),
     )

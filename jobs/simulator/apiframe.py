@@ -1,4 +1,5 @@
-"""The APIFrame v2 surface: async image jobs (submit 202, poll, CDN, webhooks), providers.md §1.
+"""The APIFrame v2 surface: async image jobs (submit 202, poll, CDN, webhooks), as docs/providers.md
+("APIFrame") describes them.
 
 Idempotent replays, credit holds with refunds on FAILED, and the in-flight cap behave as the
 spec describes, because the adapter's at-most-once-paid promise is tested against them.

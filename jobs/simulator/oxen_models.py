@@ -19,7 +19,7 @@ GPT_IMAGE_1_5_SCHEMA: dict[str, Any] = {
         "seed 000: the parameter table (prompt, input_image, output_format, size) and the"
         " prose (adjustable quality, input fidelity, background auto/transparent/opaque);"
         " quality and input_fidelity take OpenAI's gpt-image values; model, response_format,"
-        " n and target_namespace are the endpoint's own (providers.md section 3.3)"
+        " n and target_namespace are the endpoint's own (docs/providers.md, Oxen)"
     ),
     "type": "object",
     "required": ["model", "prompt"],

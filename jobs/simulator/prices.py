@@ -1,8 +1,8 @@
 """The simulator's own price list: what each simulated provider bills, in that provider's unit.
 
-Written from providers.md, independently of the client's tables (``jobs.pricing`` and the
+Written from docs/providers.md, independently of the client's tables (``jobs.pricing`` and the
 registry), so a test comparing what the client expects with what the simulator bills can find
-a wrong client price (style §24). Prices are per image, by model, size and quality.
+a wrong client price. Prices are per image, by model, size and quality.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ STANDARD_SIZES = (SQUARE, LANDSCAPE, PORTRAIT)
 BATCH = "openai-batch"
 """The ledger's name for OpenAI's Batch API, billed apart from the synchronous calls."""
 BATCH_SHARE = 0.5
-"""A Batch API request costs exactly half the synchronous price (providers.md §2.6)."""
+"""A Batch API request costs exactly half the synchronous price (docs/providers.md,
+"OpenAI's Batch API")."""
 PLACEHOLDER_PER_IMAGE: Mapping[Unit, float] = {"USD": 1.0, "credits": 100.0}
 """What an image with no published price costs here (gpt-image-2, a size with no list price):
 a round amount no provider charges, so a test that meets it knows the price is unknown."""
@@ -55,7 +56,8 @@ def _q(low: float, medium: float, high: float) -> Qualities:
 PRICES: Mapping[str, Mapping[str, PriceList]] = {
     # apiframe.ai/docs (the newer of its two tables), per image of gpt-image-1.5, any aspect.
     "apiframe": {"gpt-image-1.5": PriceList("credits", _sizes(_q(4, 9, 24)))},
-    # OpenAI list prices in USD per image (providers.md §2.6); `auto` quality is billed as high.
+    # OpenAI list prices in USD per image (docs/providers.md, "OpenAI: models and prices");
+    # `auto` quality is billed as high.
     # gpt-image-1-mini's non-square prices: developers.openai.com/api/docs/models/gpt-image-1-mini.
     "openai": {
         "gpt-image-1.5": PriceList("USD", _sizes(_q(0.009, 0.034, 0.133), _q(0.013, 0.05, 0.2))),

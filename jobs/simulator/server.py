@@ -45,7 +45,8 @@ def _not_found() -> Response:
 
 
 def _ratelimit_headers(spend: Spend) -> dict[str, str]:
-    """OpenAI's request-limit headers (providers.md §2.4) for the bucket ``spend`` drew on."""
+    """OpenAI's request-limit headers (docs/providers.md, "OpenAI: rate-limit headers") for
+    the bucket ``spend`` drew on."""
     return {
         "x-ratelimit-limit-requests": str(round(spend.rps * 60)),
         "x-ratelimit-remaining-requests": str(spend.remaining),

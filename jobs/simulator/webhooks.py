@@ -1,4 +1,5 @@
-"""APIFrame webhooks (providers.md §1.9): signed POSTs of a job's events, sent on a timer.
+"""APIFrame webhooks (docs/providers.md, "APIFrame: webhooks"): signed POSTs of a job's events,
+sent on a timer.
 
 Deliveries wait in a heap ordered by due time, served by a few daemon threads, so a slow or
 dead receiver delays only its own deliveries. Each POST has a short timeout, follows no

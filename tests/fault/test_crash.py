@@ -1,4 +1,4 @@
-"""Fault tests (design/reliability.md scenarios 1-5, 8, 9): kill, duplicate, wipe and starve
+"""Fault tests (docs/invariants.md, the fault scenarios): kill, duplicate, wipe and starve
 a real fleet, then check that nothing was lost and nothing was bought twice.
 
 Every test runs the production code paths against real servers (redis-server, SeaweedFS,

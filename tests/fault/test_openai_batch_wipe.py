@@ -1,4 +1,4 @@
-"""Issue 18's fault test (design/reliability.md scenario 5 with OpenAI's Batch API): a few
+"""Issue 18's fault test (docs/invariants.md: Redis wiped, with OpenAI's Batch API): a few
 hundred ``openai-batch`` lines on a fleet, a worker SIGKILLed and Redis wiped while OpenAI
 batches are in progress, then the same ``submit`` again on a fresh fleet. The groups saved in
 the output store bring each in-flight line back into its own OpenAI batch: every line is

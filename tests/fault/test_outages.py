@@ -1,4 +1,4 @@
-"""Outages an overnight batch must ride out (design/reliability.md scenarios 5 and 6).
+"""Outages an overnight batch must ride out (docs/invariants.md, the fault scenarios).
 
 * Redis restarts mid-batch: a real ``redis-server`` with AOF (``--appendonly yes
   --appendfsync everysec``) is stopped for 5 s at about half way through a 200-line batch on

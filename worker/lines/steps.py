@@ -1,5 +1,5 @@
 """The three steps of a line, as functions from its record (and the outside world) to one
-``Transition``. They decide; ``worker.runner`` applies. Nothing here touches Redis directly
+``Transition``. They decide; ``worker.dispatch.runner`` applies. Nothing here touches Redis directly
 but through ``Context``, so each step is tested on its own against a simulator.
 
 Each step is safe to run twice: a submit reuses the attempt's idempotency key (a repeated

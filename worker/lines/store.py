@@ -2,7 +2,7 @@
 checksum, and end the line. A failed download uploads nothing; a 404 right after the job
 finished is CDN lag until it proves otherwise; an output-store outage is waited out.
 
-Like every step it decides and returns a ``Transition``; ``worker.runner`` applies it.
+Like every step it decides and returns a ``Transition``; ``worker.dispatch.runner`` applies it.
 """
 
 from __future__ import annotations

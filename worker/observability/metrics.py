@@ -19,7 +19,7 @@ fleet's total is the ``sum`` over its workers)::
     imagebatch_step_seconds{provider,step}             histogram: wall time of one step function
     imagebatch_job_seconds{provider}                   histogram: a provider job, accepted → done
 
-*The fleet* (gauges read from Redis at scrape time): ``worker.fleet_metrics``.
+*The fleet* (gauges read from Redis at scrape time): ``worker.observability.fleet``.
 
 No label ever holds a prompt, a line id or a secret; label values come from the code (steps,
 outcomes, error types, provider names) or are batch ids of batches still running.

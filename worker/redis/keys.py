@@ -4,7 +4,7 @@ provider, ``I`` = a line's index among the manifest's counted lines).
 Per batch (all removed by finalize, except the batch record with its summary):
     ib:B              hash    the batch record: status, out, total, cursor, window, summary…
     ib:B:n            hash    counters: done, succeeded, failed, rejected, credits:<currency>…
-    ib:B:l:I          hash    one line in the window (``worker.records.LineRecord``)
+    ib:B:l:I          hash    one line in the window (``worker.lines.records.LineRecord``)
     ib:B:ready:P      zset    the batch's READY lines for provider P, by when they may be submitted
     ib:B:ready:@a,b   zset    the batch's READY pool lines that may go to a or b (cheapest first)
     ib:B:out          hash    providers out of the batch's pool for good (402, 401/403) -> why
@@ -29,12 +29,15 @@ Shared by every batch:
     ib:limit:P        hash    P's limits: the cap and each request kind's rate, token bucket,
                               pause and counters (sent, 429s); the controller's state (ctl)
     ib:health:P       hash    P's breaker: failures in a row, cooling down until, probe out
-    ib:latency:P:M    hash    learned job latency of model M at P (a running quantile)
+    ib:latency:P:M    hash    learned job latency of model M at P (running mean and deviation,
+                              and the share of it spent queued)
     ib:jobs:P         hash    provider job id -> "B I" (webhooks find their line)
     ib:scheduler      string  the scheduler's leader lock (token lock)
     ib:wake           list    events that should wake the scheduler at once
-    ib:worker:HOST    string  a worker's heartbeat (``imagebatch health --worker``)
-    ib:inbox:SHA:NAME string  an inbox manifest's claim (``worker.inbox``): state, owner, batch
+    ib:worker:HOST:PID string a worker's heartbeat (``imagebatch health --worker``)
+    ib:inbox:SHA:NAME string  an inbox manifest's claim (``worker.services.inbox``): state,
+                              owner, batch
+    imagebatch        list    the Celery queue every task goes to, on the broker (``QUEUE``)
 """
 
 from __future__ import annotations

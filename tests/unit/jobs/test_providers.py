@@ -1,18 +1,20 @@
 """Every provider adapter against that provider's own documentation, and over real HTTP.
 
 The request-body schemas in ``tests/schemas/`` are transcribed from the provider docs the
-project started from (``shared/seeds/*.txt``) and from ``design/providers.md``, never from the
+project started from (the seeds, listed in ``docs/providers.md``) and from that page, never from the
 adapters, so a field an adapter invents, renames or mis-spells fails here:
 
 - ``aimlapi.json`` is the OpenAPI document embedded in seed 003 (docs.aimlapi.com, page
   "gpt-image-1-5", section "API Schema"), at
   ``paths./v1/images/generations.post.requestBody.content.application/json.schema``,
   copied verbatim (``json.dumps`` of that object, nothing added or removed).
-- ``apiframe.json``: design/providers.md §1.3 plus the ``gptImageParams`` table of seed 001.
-- ``openai.json``: design/providers.md §2.1.
+- ``apiframe.json``: docs/providers.md, "APIFrame: the request", plus the ``gptImageParams``
+  table of seed 001.
+- ``openai.json``: docs/providers.md, "OpenAI: generations".
 - ``omixa.json``: the field table of seed 002.
 - ``oxen.json``: the field table of seed 000, the fields its prose names (quality, input
-  fidelity, background) and ``response_format``, ``n``, ``target_namespace`` from §3.3.
+  fidelity, background) and ``response_format``, ``n``, ``target_namespace``
+  (docs/providers.md, Oxen).
 
 The HTTP half runs each adapter against the in-process simulator (one per module), which
 serves all five APIs; it is reset and its config restored after every test that uses it.
@@ -240,7 +242,7 @@ def reject(provider: str, fields: dict[str, Any], field: str, source: str) -> An
 
 REJECTS = [
     # provider, manifest fields, the field validate() must name, where the docs rule it out
-    reject("apiframe", {"prompt": "x" * 2001}, "prompt", "providers.md §1.3: 1-2000 chars"),
+    reject("apiframe", {"prompt": "x" * 2001}, "prompt", "docs/providers.md: 1-2000 chars"),
     reject("apiframe", {"output_compression": 80}, "output_compression", "seed 001 table"),
     reject("apiframe", {"input_fidelity": "auto"}, "input_fidelity", "seed 001: low, high"),
     reject("apiframe", {"moderation": "low"}, "moderation", "seed 001 table"),
@@ -426,7 +428,8 @@ def test_catalog_line_yields_images_of_the_requested_size_format_and_price(
 def test_apiframe_result_given_as_a_bare_url_string_is_downloaded_too(
     sim: Simulator, connect: Callable[..., Provider], downloads: httpx.Client
 ) -> None:
-    """providers.md §1.6: the older docs give ``result`` as one URL string, not ``{images}``."""
+    """docs/providers.md, "APIFrame: jobs and results": the older docs give ``result`` as one
+    URL string, not ``{images}``."""
     sim.update(result_shape="string")
     adapter = connect("apiframe")
     line = request(size="1536x1024", output_format="png", quality="medium")

@@ -1,5 +1,6 @@
-"""A line's typed state (``worker.records``): the Redis hash round trip, the status table every
-other module derives homes, steps and slots from, and the one rule ``Transition`` enforces."""
+"""A line's typed state (``worker.lines.records``): the Redis hash round trip, the status table
+every other module derives homes, steps and slots from, and the one rule ``Transition``
+enforces."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``worker.steps``: submit, poll and store, each a function from a line's record to one
+"""``worker.lines.steps``: submit, poll and store, each a function from a line's record to one
 ``Transition``, run against the built-in simulator over real HTTP.
 
 The context is the production one (``Runtime.context`` on the test Redis, a ``LocalStore`` in

@@ -1,6 +1,6 @@
-"""Prometheus metrics (``worker.metrics``): the observer and the fleet collector on their own,
-then a real endpoint scraped over HTTP while a real batch runs, and after, against its
-summary.json."""
+"""Prometheus metrics (``worker.observability.metrics``): the observer and the fleet collector
+on their own, then a real endpoint scraped over HTTP while a real batch runs, and after,
+against its summary.json."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""``worker.webhook``: APIFrame's job webhooks advance exactly the line still waiting for that
-job, and nothing else. Deliveries are checked through ``Receiver.handle`` (the signature, the
-body, the line's state) and over HTTP, down to the simulator's own signed deliveries."""
+"""``worker.services.webhook``: APIFrame's job webhooks advance exactly the line still waiting
+for that job, and nothing else. Deliveries are checked through ``Receiver.handle`` (the
+signature, the body, the line's state) and over HTTP, down to the simulator's own signed
+deliveries."""
 
 from __future__ import annotations
 

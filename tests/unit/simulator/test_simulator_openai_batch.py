@@ -1,5 +1,5 @@
 """The simulator's OpenAI Batch API over raw HTTP: files, lifecycle, validation, limits, faults
-and billing, as providers.md §2.6 describes them."""
+and billing, as docs/providers.md ("OpenAI's Batch API") describes them."""
 
 from __future__ import annotations
 

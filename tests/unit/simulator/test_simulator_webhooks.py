@@ -1,4 +1,5 @@
-"""APIFrame webhooks from the simulator (providers.md §1.9), caught by a receiver on 127.0.0.1.
+"""APIFrame webhooks from the simulator (docs/providers.md, "APIFrame: webhooks"), caught by a
+receiver on 127.0.0.1.
 
 Each test checks what a client verifying webhooks depends on: the signature over the raw
 body, the headers, the payload, retries after a failed delivery, duplicates and drops.
