@@ -6,8 +6,8 @@ the built-in simulator) on a one-line manifest and watches every call between im
 modules (``jobs/`` and ``worker/``; the simulator excluded: it is the provider), in every
 thread. A *hop* is a call from one module into another (each caller → callee pair counted
 once); a *return* is a hop into a module that is already a caller further up the same stack
-(the callee calls back into a module it came from: ping-pong). Calls made while a module is
-being imported are not part of the walk.
+(the callee calls back into a module it came from: ping-pong). What runs while a module is
+being imported (its body, its classes' bodies, the calls they make) is not part of the walk.
 
     .venv/bin/python bench/walk.py [-v]                     # this checkout
     BENCH_CODE=DIR .venv/bin/python -P bench/walk.py [-v]   # another checkout's code
@@ -15,6 +15,7 @@ being imported are not part of the walk.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -48,6 +49,19 @@ def ours(module: str) -> bool:
     return module.startswith(("jobs", "worker")) and not module.startswith("jobs.simulator")
 
 
+def importing(frame: FrameType) -> bool:
+    """The frame runs while a module is being imported: a module's or a class's body, or a
+    call made from one (the same for its call and its return, so the stacks stay paired)."""
+    if not frame.f_code.co_flags & inspect.CO_OPTIMIZED:
+        return True
+    back = frame.f_back
+    while back is not None:
+        if back.f_code.co_name == "<module>" and back.f_globals.get("__name__") != "__main__":
+            return True
+        back = back.f_back
+    return False
+
+
 class Watcher:
     """Follows each thread's stack of imagebatch modules through call and return events."""
 
@@ -62,7 +76,7 @@ class Watcher:
         if event not in ("call", "return"):
             return
         module = frame.f_globals.get("__name__", "")
-        if not ours(module) or frame.f_code.co_name == "<module>":
+        if not ours(module) or importing(frame):
             return
         stack = self.stacks.setdefault(threading.get_ident(), [])
         if event == "return":
