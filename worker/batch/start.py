@@ -126,7 +126,7 @@ def start_batch(
             batch,
             adoptions,
             counted_lines(file_chunks(spooled.path), check),
-            lambda line: check.provider_of(line.request) if line.request else provider,
+            check,
             earlier.attempts,
         )
     write_info(store, batch, record, counts)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
+from jobs.checker import Checker
 from jobs.manifest.parse import Line
 from jobs.output import groups as durable
 from jobs.storage import Store
@@ -53,11 +54,12 @@ def adopt(
     batch: str,
     found: list[durable.Adoption],
     lines: Iterable[tuple[int, Line]],
-    provider_of: Callable[[Line], str],
+    check: Checker,
     prior: Callable[[int], int],
 ) -> int:
     """Write the groups and their lines (read from ``lines``, the manifest's counted lines
-    with their index) into Redis; returns how many lines went back into a group."""
+    with their index, each line's provider as ``check`` routes it) into Redis; returns how
+    many lines went back into a group."""
     wanted = {idx: (a.record.group, attempt) for a in found for idx, attempt in a.members}
     records: list[LineRecord] = []
     for idx, line in lines:
@@ -70,7 +72,7 @@ def adopt(
                 idx=idx,
                 line=line.number,
                 id=line.request.line_id,
-                provider=provider_of(line),
+                provider=check.provider_of(line.request),
                 request_json=line.request.model_dump_json(exclude_none=True),
                 status=LineStatus.GROUPED,
                 attempt=attempt,
