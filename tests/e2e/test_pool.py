@@ -9,7 +9,7 @@ import re
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -33,7 +33,9 @@ def sim() -> Iterator[Simulator]:
         yield server
 
 
-def env(sim: Simulator, providers: tuple[str, ...] = tuple(KEYS), **extra: str) -> dict[str, str]:
+def env(
+    sim: Simulator, providers: tuple[str, ...] = tuple(KEYS), /, **extra: str
+) -> dict[str, str]:
     """Keys and base URLs of ``providers``; APIFrame's credit at $0.001, AI/ML API's at
     $0.0001 (a low-quality square image: AI/ML API $0.00234 < APIFrame $0.004 < OpenAI $0.009
     < Omixa = Oxen $0.011)."""
@@ -61,7 +63,7 @@ def manifest(path: Path, count: int, **fields: object) -> Path:
     return path
 
 
-def served(rows: list[object]) -> Counter[str]:
+def served(rows: Sequence[object]) -> Counter[str]:
     return Counter(getattr(row, "provider", "") for row in rows)
 
 

@@ -3,6 +3,8 @@ with a ``route`` entry; it never goes back to a provider that refused it or left
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from jobs.errors import (
@@ -24,7 +26,7 @@ POOL = ("aimlapi", "apiframe", "openai")
 SETTINGS = CoreSettings(_env_file=None, retry_base_s=0, http_retries=2)  # type: ignore[call-arg]
 
 
-def line(provider: str = "aimlapi", queue: tuple[str, ...] = POOL, **changes: object) -> LineRecord:
+def line(provider: str = "aimlapi", queue: tuple[str, ...] = POOL, **changes: Any) -> LineRecord:
     return record(0, provider=provider, pool=POOL, queue=queue_name(queue), **changes)
 
 
