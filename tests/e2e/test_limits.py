@@ -124,12 +124,13 @@ def run_batch_on(
 def test_a_poll_429_slows_polls_and_not_submits(
     tmp_path: Path, redis_url: str, redis_client: redis.Redis[Any]
 ) -> None:
-    # Given an account that limits reads to 2 a second (submits: what we are told, 20 a second)
+    # Given an account that limits reads to 2 a second (submits: 24 a second, above the 20
+    # imagebatch is told, so the arrival jitter of a loaded machine cannot provoke a submit 429)
     source = manifest(tmp_path / "reads.jsonl", 40)
     account = SimulatorConfig(
         latency_s=0.6,
-        rate_limit_rps=20,
-        rate_limit_burst=20,
+        rate_limit_rps=24,
+        rate_limit_burst=24,
         rate_limit_scope="submits",
         read_rate_limit_rps=2,
         image_mode="tiny",
