@@ -20,7 +20,7 @@ from jobs.errors import (
     StorageError,
 )
 from jobs.fetch import download
-from jobs.output import layout, report
+from jobs.output import layout, previews
 from jobs.output.rows import ImageRef
 from jobs.providers.base import Artifact, Finished
 from worker.lines.endings import fail, make_row, regenerate
@@ -73,7 +73,7 @@ def store(ctx: Context, rec: LineRecord) -> Transition:
             ctx.store.put_new(key, image.data, image.content_type, image.sha256)
             crash_point(settings, "mid_upload")
             if rec.idx < settings.report_previews:
-                report.store_preview(ctx.store, rec.batch, rec.id, k, image.data)
+                previews.store_preview(ctx.store, rec.batch, rec.id, k, image.data)
             ref = ImageRef(
                 uri=ctx.store.uri(key),
                 sha256=image.sha256,

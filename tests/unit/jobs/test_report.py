@@ -23,7 +23,8 @@ from urllib.parse import unquote, urlsplit
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from jobs.output.report import store_preview, write_report
+from jobs.output.previews import store_preview
+from jobs.output.report import write_report
 from jobs.output.rows import ImageRef, ResultRow, RowError
 from jobs.settings import Settings
 from jobs.storage import LocalStore, Store, open_store

@@ -23,7 +23,7 @@ from PIL import Image
 
 from jobs import policy
 from jobs.errors import JobFailed
-from jobs.output import report
+from jobs.output import previews
 from jobs.providers.base import Artifact, Finished
 from jobs.simulator import Simulator, SimulatorConfig
 from tests.runtime_support import BATCH, put_line, record, runtime
@@ -773,7 +773,7 @@ def test_store_makes_the_report_previews_of_the_first_lines_while_their_bytes_ar
     thumbs = out / BATCH / "report" / "thumbs"
     assert sorted(p.name for p in thumbs.iterdir()) == [f"{early.id}-0.webp", f"{early.id}-1.webp"]
     with Image.open(thumbs / f"{early.id}-0.webp") as preview:
-        assert preview.format == "WEBP" and max(preview.size) == report.THUMB_PX
+        assert preview.format == "WEBP" and max(preview.size) == previews.THUMB_PX
 
 
 def test_store_makes_no_preview_when_the_report_is_to_have_none(
