@@ -126,9 +126,10 @@ def env_for(
 
 
 def plan_seconds(source: Path, env: Mapping[str, str], provider: str = "apiframe") -> float:
-    """The time ``imagebatch plan`` estimates (its ``est. 4m12s`` as seconds)."""
+    """The time ``imagebatch plan`` estimates (its ``est. 4m12s`` as seconds) to buy every line:
+    ``--fresh``, or after the run plan would count them all as reused from ``--out``."""
     result = subprocess.run(
-        [*CLI, "plan", str(source), "--provider", provider],
+        [*CLI, "plan", str(source), "--provider", provider, "--fresh"],
         env=env,
         capture_output=True,
         text=True,

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -157,6 +157,26 @@ def finished(client: redis.Redis[Any], batch: str) -> bool:
     return bool(client.hget(keys.batch(batch), "summary"))
 
 
+def wait_finished(
+    client: redis.Redis[Any],
+    batch: str,
+    workers: Fleet,
+    timeout: float,
+    *,
+    lines: int = LINES,
+    until: Callable[[], bool] | None = None,
+) -> None:
+    """Wait for the batch's summary (or ``until``); a timeout says what Redis and the workers
+    know, which is all a fault test's failure has to go on."""
+    try:
+        wait_for(until or (lambda: finished(client, batch)), timeout, f"batch {batch} to finish")
+    except AssertionError:
+        raise AssertionError(
+            f"{done_count(client, batch)}/{lines} done\n"
+            f"{stuck_lines(client, batch)}\n{workers.log_tail()}"
+        ) from None
+
+
 def billed(ledger: dict[str, Any]) -> Counter[str]:
     """Billed (not refunded) provider jobs per prompt."""
     return Counter(
@@ -232,13 +252,7 @@ def test_sigkill_at_crash_point_loses_no_line_and_buys_nothing_twice(
                         workers.start()
                 return finished(redis_client, batch)
 
-            try:
-                wait_for(progress, 60, f"batch {batch} to finish", interval=0.3)
-            except AssertionError:
-                raise AssertionError(
-                    f"{done_count(redis_client, batch)}/{LINES} done\n"
-                    f"{stuck_lines(redis_client, batch)}\n{workers.log_tail()}"
-                ) from None
+            wait_finished(redis_client, batch, workers, 60, until=progress)
         ledger = sim.ledger()
 
     # Then the crash really happened, once, and the batch still finished cleanly
@@ -286,13 +300,7 @@ def test_messages_the_broker_loses_are_dispatched_again_when_their_lease_runs_ou
                 time.sleep(0.02)
             # When a worker that consumes the queue joins, and the broker keeps its messages
             workers.start()
-            try:
-                wait_for(lambda: finished(redis_client, batch), 60, "the batch to finish")
-            except AssertionError:
-                raise AssertionError(
-                    f"{done_count(redis_client, batch)}/12 done\n"
-                    f"{stuck_lines(redis_client, batch)}\n{workers.log_tail()}"
-                ) from None
+            wait_finished(redis_client, batch, workers, 60, lines=12)
         ledger = sim.ledger()
 
     # Then messages really were lost, and every line was still bought once and finished
@@ -442,13 +450,7 @@ def test_redis_wiped_mid_run_then_same_command_again_resubmits_no_stored_line(
         (tmp_path / "after").mkdir()
         with fleet(env, tmp_path / "after") as workers:
             submit(manifest, batch, env)
-            try:
-                wait_for(lambda: finished(redis_client, batch), 90, "the resumed batch")
-            except AssertionError:
-                raise AssertionError(
-                    f"{done_count(redis_client, batch)}/{LINES} done\n"
-                    f"{stuck_lines(redis_client, batch)}\n{workers.log_tail()}"
-                ) from None
+            wait_finished(redis_client, batch, workers, 90)
             final = run_cli("status", batch, env=env)
         ledger = sim.ledger()
 
@@ -505,13 +507,7 @@ def test_warm_shutdown_then_restart_finishes_without_rerunning_finished_work(
             assert not finished(redis_client, batch), "the shutdown must come mid-run"
             # ...and a replacement starts
             workers.start()
-            try:
-                wait_for(lambda: finished(redis_client, batch), 90, "the batch to finish")
-            except AssertionError:
-                raise AssertionError(
-                    f"{done_count(redis_client, batch)}/{LINES} done\n"
-                    f"{stuck_lines(redis_client, batch)}\n{workers.log_tail()}"
-                ) from None
+            wait_finished(redis_client, batch, workers, 90)
         ledger = sim.ledger()
 
     # Then the drained worker exited cleanly and nothing it finished was run again
@@ -610,13 +606,7 @@ def test_a_dead_workers_lines_are_taken_over_within_a_minute_with_the_default_le
             victim.send_signal(signal.SIGKILL)
             victim.wait(10)
             killed = time.monotonic()
-            try:
-                wait_for(lambda: finished(redis_client, batch), 90, "the batch to finish")
-            except AssertionError:
-                raise AssertionError(
-                    f"{done_count(redis_client, batch)}/40 done\n"
-                    f"{stuck_lines(redis_client, batch)}\n{workers.log_tail()}"
-                ) from None
+            wait_finished(redis_client, batch, workers, 90, lines=40)
             took = time.monotonic() - killed
         ledger = sim.ledger()
 

@@ -18,7 +18,7 @@ import redis
 
 from jobs.output import groups, layout
 from jobs.simulator import BatchConfig, Simulator, SimulatorConfig
-from tests.fault.test_crash import finished, fleet, stuck_lines
+from tests.fault.test_crash import fleet, wait_finished
 from tests.harness import check_invariants, read_s3, run_cli, wait_for
 from tests.servers import S3Server
 
@@ -102,12 +102,7 @@ def test_a_worker_killed_and_redis_wiped_mid_batch_lose_no_line_and_buy_no_reque
         (tmp_path / "after").mkdir()
         with fleet(env, tmp_path / "after") as workers:
             submit(manifest, batch, env)
-            try:
-                wait_for(lambda: finished(redis_client, batch), 120, "the resumed batch")
-            except AssertionError:
-                raise AssertionError(
-                    f"{stuck_lines(redis_client, batch)}\n{workers.log_tail()}"
-                ) from None
+            wait_finished(redis_client, batch, workers, 120)
         ledger = sim.ledger()
 
     # Then every line has its one row, its images stored once, and Redis kept nothing else
