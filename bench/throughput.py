@@ -271,8 +271,13 @@ def timeline(run: Run, cap: int | None) -> str:
             f"p90 {1000 * gaps[9 * len(gaps) // 10]:.0f} ms"
         )
     ramp = "never" if peak_at is None else f"{peak_at - first:.2f}s later"
+    work = (
+        f" · the jobs' own durations fill {sum(d for _, d in jobs) / cap:.2f}s of {cap} slots"
+        if cap
+        else ""
+    )
     return (
-        f"   timeline: first submit {first:.2f}s · cap reached {ramp} "
+        f"   timeline: first submit {first:.2f}s{work} · cap reached {ramp} "
         f"· occupancy while submitting {occupancy:.1%} · last job done {last_done:.2f}s · "
         f"run ended {run.wall_s - last_done:.2f}s after it{refill}"
     )
