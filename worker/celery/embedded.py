@@ -120,6 +120,12 @@ def die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
+CONSUME_WAIT_S = 0.2
+"""The longest read for the next task (kombu's ``BRPOP`` timeout, 1 s by default): a stopping
+worker closes its channel only once that read returns (and its loop looks for the stop only
+between reads), so a finished run would end a second later."""
+
+
 @contextmanager
 def in_process_worker(
     app: Celery, concurrency: int, broker_gone: Callable[[], object] = lambda: None
@@ -128,6 +134,10 @@ def in_process_worker(
     until the block ends. When its broker is gone for good (``broker_gone()`` is truthy), it
     is not waited for: it could only keep trying to reconnect."""
     bootstep.install(app)
+    app.conf.broker_transport_options = {
+        **app.conf.broker_transport_options,
+        "polling_interval": CONSUME_WAIT_S,
+    }
     app.finalize()
     worker = WorkController(
         app=app,

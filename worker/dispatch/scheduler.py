@@ -85,7 +85,8 @@ class Scheduler:
 
         Events: ``line`` (a slot freed or a line ended), ``admit`` (new READY lines),
         ``limit`` (a 429 changed a provider's limits), ``store`` (a store is due now),
-        ``batch``/``stop`` (a batch started, stopped or was cancelled)."""
+        ``batch``/``stop`` (a batch started, stopped or was cancelled); ``quit`` (this worker
+        stopping) asks for nothing."""
         now = time.time()
         pump_all = bool(events & {"line", "admit", "limit", "batch", "stop"})
         if events & {"admit", "batch"} or now - self.providers_at > 2.0:
@@ -278,5 +279,10 @@ class SchedulerThread(threading.Thread):
                 lock.release()
 
     def stop(self) -> None:
+        """The leader may be blocked reading the next event for seconds: a ``quit`` event (one
+        ``tick`` ignores) ends the read, so a worker or ``run`` stops at once, not seconds later."""
         self.stopped.set()
+        if self.leading.is_set():
+            with contextlib.suppress(*Unavailable):
+                self.rt.state.wake("quit")
         self.join(10)

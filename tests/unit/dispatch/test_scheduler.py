@@ -19,7 +19,7 @@ from jobs.output.rows import ResultRow
 from tests.runtime_support import BATCH, PROVIDER, put_line, record, runtime, seed_batch
 from worker.dispatch.adaptive import CAP_REGROW_S, Phase
 from worker.dispatch.limits import UPDATE_EVERY_S, Controllers
-from worker.dispatch.scheduler import GROUP, IDLE_S, Scheduler, groups
+from worker.dispatch.scheduler import GROUP, IDLE_S, Scheduler, SchedulerThread, groups
 from worker.lines.records import LineRecord, LineStatus, Step
 from worker.redis import keys
 from worker.redis.scheduling import Binding
@@ -540,3 +540,26 @@ def test_the_scheduler_hands_out_no_more_than_the_cap_a_task_just_cut(make: Any)
     scheduler.tick(frozenset({"limit"}))
 
     assert len(sent_.lines()) == 5 + 2
+
+
+def test_a_leading_scheduler_stops_at_once_not_when_its_wait_for_the_next_event_ends(
+    make: Any,
+) -> None:
+    # Given a scheduler thread that leads the fleet and, with nothing to do, waits in Redis
+    # for the next event (up to IDLE_S)
+    scheduler, recorder, _ = make()
+    thread = SchedulerThread(scheduler.rt, recorder)
+    thread.start()
+    try:
+        assert thread.leading.wait(5.0), "the thread never took the leader lock"
+        time.sleep(0.2)
+        # When its worker stops
+        started = time.monotonic()
+        thread.stop()
+        took = time.monotonic() - started
+    finally:
+        thread.stopped.set()
+        thread.join(5.0)
+    # Then it has stopped well before that wait would have ended by itself
+    assert not thread.is_alive()
+    assert took < IDLE_S / 2, took
