@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from jobs.errors import ConfigError
 from jobs.manifest.sources import read_chunks
@@ -31,9 +30,6 @@ from worker.cli.money import money_line
 from worker.cli.output import event, notice, out_console, print_rejection
 from worker.observability import logs
 from worker.runtime import Runtime
-
-if TYPE_CHECKING:
-    pass
 
 
 def budget_of(max_credits: float | None, max_usd: float | None) -> Budget | None:
