@@ -267,7 +267,7 @@ def test_plan_says_a_model_s_price_is_unknown_rather_than_guess(
     plan = run_cli("plan", str(source), "--provider", "openai-batch", env=batch_env(sim))
 
     assert plan.returncode == 0, plan.stderr
-    assert "price unknown: 1 lines of gpt-image-2" in plan.stdout, plan.stdout
+    assert "price unknown: 1 line of gpt-image-2" in plan.stdout, plan.stdout
     assert est_usd(plan.stdout) == pytest.approx(0.0025)
 
 

@@ -225,7 +225,8 @@ def _print_plan(settings: CoreSettings, result: Plan, target: str, seconds: floa
         for line in provider_lines(result, rates):
             click.echo(line)
     for model, lines in sorted(result.unpriced.items()):
-        click.echo(f"price unknown: {lines} lines of {model} (no published price; not in the est.)")
+        counted = f"{lines} line" if lines == 1 else f"{lines} lines"
+        click.echo(f"price unknown: {counted} of {model} (no published price; not in the est.)")
 
 
 @click.command()
