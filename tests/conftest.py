@@ -7,6 +7,7 @@ them into pytest. A missing binary skips the tests that need it, except in CI (`
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -16,6 +17,11 @@ from tests import servers
 from tests.servers import S3Server
 
 pytest_plugins = ["tests.receivers"]
+
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    # A suite started in the background by a script (`.ci/run &`) inherits SIGINT ignored, and
+    # so would every CLI a test presses Ctrl-C on: Python then raises no KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # --- Redis -----------------------------------------------------------------------------------
 
