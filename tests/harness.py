@@ -196,7 +196,11 @@ def check_invariants(
             assert image.uri.endswith(f"images/{key}"), image.uri
             assert key not in claimed, f"{key} claimed twice"
             claimed[key] = image
-    assert set(outcome.objects) == set(claimed), "orphaned or missing image objects"
+    orphaned, missing = set(outcome.objects) - set(claimed), set(claimed) - set(outcome.objects)
+    assert not orphaned and not missing, (
+        f"orphaned image objects {sorted(orphaned)}, missing {sorted(missing)}; rows say "
+        f"{[image.uri for image in claimed.values()][:2]}"
+    )
     for key, data in outcome.objects.items():
         image = claimed[key]
         assert hashlib.sha256(data).hexdigest() == image.sha256, key

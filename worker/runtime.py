@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -76,13 +76,15 @@ class Runtime:
         host = urlsplit(self.settings.provider_config(provider).base_url).hostname
         return frozenset({host}) if host else frozenset()
 
-    def batch_meta(self, batch: str) -> dict[str, str]:
+    def batch_meta(self, batch: str, seqs: Iterable[int] = ()) -> dict[str, str]:
         """The batch record, read at most once a second per process (a cancel or stop is
-        seen within a second; every task of a busy batch does not read it again)."""
-        now = time.monotonic()
+        seen within a second; every task of a busy batch does not read it again). A record
+        read before one of the lines (``seqs``) was admitted may be an earlier run's of the same
+        batch id, with another output location: it is read again."""
+        now, admitted = time.time(), max(seqs, default=0) / 1000
         with self._lock:
             cached = self._meta.get(batch)
-        if cached is not None and now - cached[0] < 1.0:
+        if cached is not None and now - cached[0] < 1.0 and cached[0] >= admitted:
             return cached[1]
         meta = self.state.batch(batch)
         with self._lock:

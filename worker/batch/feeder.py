@@ -23,7 +23,7 @@ from jobs.output import layout
 from jobs.output.rows import ResultRow
 from jobs.routing import PoolRules, queue_name
 from worker.lines.endings import make_row, stopped_error
-from worker.lines.records import BatchStatus, LineRecord
+from worker.lines.records import BatchStatus, LineRecord, first_seq
 from worker.redis import keys
 from worker.runtime import Runtime
 
@@ -75,6 +75,7 @@ def _feed(rt: Runtime, batch: str) -> int:
     read = _read(rt, batch, manifest, cursor, check, room, total)
     prior = state.prior_attempts(batch, [idx for idx, _, _ in read.candidates])
     admitted: list[LineRecord] = []
+    seq = first_seq(time.time())
     for idx, number, line in read.candidates:
         assert line.request is not None
         attempt = prior.get(idx, 0) + 1
@@ -90,6 +91,8 @@ def _feed(rt: Runtime, batch: str) -> int:
             request_json=line.request.model_dump_json(exclude_none=True),
             attempt=attempt,
             first_attempt=attempt,
+            seq=seq,
+            settled=seq,
         )
         if running:
             admitted.append(rec)

@@ -79,7 +79,7 @@ class Runner:
         """Run each line's step; then, for the lines whose images turned out ready, the store
         (so one line's download never delays another line's poll, and its slot)."""
         report = Report()
-        meta = self.rt.batch_meta(batch)
+        meta = self.rt.batch_meta(batch, (seq for _, seq in lines))
         if not meta:
             return report
         ctx = self.rt.context(meta)
@@ -180,7 +180,7 @@ class Runner:
         )
         for batch, idx, seq in pumped.submits:
             report.handoffs += 1
-            meta = self.rt.batch_meta(batch)
+            meta = self.rt.batch_meta(batch, (seq,))
             if not meta:
                 continue  # its batch is gone: the pump's orphan check drops the line next time
             work = partial(self._first, Step.SUBMIT, self.rt.context(meta), idx, seq, report, ready)

@@ -108,6 +108,13 @@ TERMINAL = frozenset(status for status, info in TABLE.items() if info.terminal)
 ACTIVE = frozenset(TABLE) - TERMINAL
 
 
+def first_seq(now: float) -> int:
+    """A line's seq when it is admitted: the time in ms, not 1, so that a task left over from an
+    earlier run of the same batch id (its seq counted up from an earlier time) never matches a
+    line of this run and applies what it did to another run's store."""
+    return int(now * 1000)
+
+
 @dataclass(frozen=True)
 class LineRecord:
     """One line in the window, as its Redis hash holds it (``from_hash``/``to_hash``)."""

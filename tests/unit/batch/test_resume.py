@@ -19,11 +19,12 @@ from jobs.manifest.spool import spool
 from jobs.output import layout, parts
 from jobs.settings import Settings
 from jobs.storage import LocalStore
+from tests import runtime_support
 from tests.runtime_support import record_reads
 from worker import runtime
 from worker.batch import finish, start
 from worker.dispatch.scheduler import Scheduler
-from worker.lines.records import ACTIVE, TABLE, LineRecord, LineStatus, Step
+from worker.lines.records import ACTIVE, TABLE, LineRecord, LineStatus, Step, first_seq
 from worker.redis import keys
 from worker.runtime import Runtime
 
@@ -294,3 +295,25 @@ def test_a_hold_decided_before_a_resume_but_applied_after_it_does_not_keep_the_l
     # ... and the run that interrupted it no longer owns it: its token stops nothing
     assert not control.interrupt(rt, "cups", "run-1")
     assert rt.state.batch_status("cups") == "running"
+
+
+def test_a_task_of_a_new_run_of_a_batch_id_reads_that_runs_record_not_the_earlier_one(
+    redis_url: str, redis_client: redis.Redis[bytes]
+) -> None:
+    # Given a worker that read batch mugs' record (output /first) for a task of its lines
+    rt = runtime_support.runtime(redis_url)
+    try:
+        rt.state.set_batch("mugs", out="/first")
+        earlier = first_seq(time.time()) + 2
+        time.sleep(0.01)
+        assert rt.batch_meta("mugs", [earlier])["out"] == "/first"
+        # When, within the second it keeps that record, a new run of mugs (output /second)
+        # admits its lines and one of them reaches the worker
+        rt.state.set_batch("mugs", out="/second")
+        time.sleep(0.01)
+        later = first_seq(time.time()) + 1
+        # Then that task works with the new run's record; one of the earlier lines may still
+        # use the one it read
+        assert rt.batch_meta("mugs", [later])["out"] == "/second"
+    finally:
+        rt.close()

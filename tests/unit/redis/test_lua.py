@@ -24,7 +24,7 @@ from tests.runtime_support import (
     seed_batch,
     text_client,
 )
-from worker.lines.records import LineRecord, LineStatus, Transition
+from worker.lines.records import LineRecord, LineStatus, Transition, first_seq
 from worker.redis import keys
 from worker.redis.scheduling import Binding, Pumped
 from worker.redis.state import State
@@ -462,6 +462,28 @@ def test_apply_with_a_stale_seq_changes_nothing(state: State) -> None:
     result = state.apply(stale, done, model=MODEL, index_jobs=True)
 
     assert not result.applied and not result.last
+    assert snapshot(state.client) == before
+
+
+def test_a_task_left_over_from_an_earlier_run_of_the_same_batch_id_changes_nothing(
+    state: State,
+) -> None:
+    # Given a line of batch B two dispatches after its admission in an earlier run...
+    seed_batch(state)
+    earlier = record(status=LineStatus.FETCHED, seq=first_seq(time.time() - 60) + 2)
+    # ...and the same line of a new run of B (another --out), admitted a minute later, at the
+    # same step after as many dispatches
+    current = earlier.evolve(seq=first_seq(time.time()) + 2, settled=first_seq(time.time()))
+    put_line(state, current, score=123.0)
+    before = snapshot(state.client)
+
+    # When the earlier run's store task, delivered late, applies what it did (its row points
+    # at the earlier run's store)
+    late = Transition(LineStatus.FAILED, row=row(earlier, "failed"))
+    result = state.apply(earlier, late, model=MODEL, index_jobs=True)
+
+    # Then the new run's line is untouched
+    assert not result.applied
     assert snapshot(state.client) == before
 
 
