@@ -20,7 +20,7 @@ from jobs import providers
 from jobs.providers.base import Provider
 from jobs.settings import CoreSettings, Settings
 from jobs.storage import Store, open_store
-from worker.lines.records import LineRecord, Transition
+from worker.lines.records import LineRecord, Transition, admitted_by
 from worker.lines.steps import Context
 from worker.redis.connect import connect
 from worker.redis.state import State
@@ -81,7 +81,7 @@ class Runtime:
         seen within a second; every task of a busy batch does not read it again). A record
         read before one of the lines (``seqs``) was admitted may be an earlier run's of the same
         batch id, with another output location: it is read again."""
-        now, admitted = time.time(), max(seqs, default=0) / 1000
+        now, admitted = time.time(), admitted_by(max(seqs, default=0))
         with self._lock:
             cached = self._meta.get(batch)
         if cached is not None and now - cached[0] < 1.0 and cached[0] >= admitted:

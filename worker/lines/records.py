@@ -115,6 +115,12 @@ def first_seq(now: float) -> int:
     return int(now * 1000)
 
 
+def admitted_by(seq: int) -> float:
+    """The latest time a line whose seq is ``seq`` can have been admitted (``first_seq``'s
+    inverse; every dispatch since adds a millisecond at most)."""
+    return seq / 1000
+
+
 @dataclass(frozen=True)
 class LineRecord:
     """One line in the window, as its Redis hash holds it (``from_hash``/``to_hash``)."""
