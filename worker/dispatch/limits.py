@@ -92,8 +92,14 @@ class Controllers:
             return False
         counts = {k: float(v) for k, v in self.state.take_counts(provider).items() if _number(v)}
         limits = watch.limits
-        for kind in (Kind.SUBMIT, Kind.POLL):
-            sent = counts.get(f"{kind}_sent", 0.0) - watch.seen.get(f"{kind}_sent", 0.0)
+        kinds = (Kind.SUBMIT, Kind.POLL)
+        sent_by_kind = {
+            kind: counts.get(f"{kind}_sent", 0.0) - watch.seen.get(f"{kind}_sent", 0.0)
+            for kind in kinds
+        }
+        for kind in kinds:
+            sent = sent_by_kind[kind]
+            others = sum(n for other, n in sent_by_kind.items() if other is not kind)
             throttled = counts.get(f"{kind}_throttled", 0.0)
             throttled -= watch.seen.get(f"{kind}_throttled", 0.0)
             interval = Interval(
@@ -102,6 +108,7 @@ class Controllers:
                 max(0, int(throttled)),
                 binding=watch.binding.submits if kind is Kind.SUBMIT else watch.binding.polls,
                 retry_after=counts.get(f"{kind}_retry_after"),
+                others=max(0, int(others)),
             )
             limits = adaptive.update_limits(limits, kind, interval)
         cut = counts.get("cap")

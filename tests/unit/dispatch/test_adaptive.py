@@ -496,6 +496,25 @@ def test_a_poll_429_slows_polls_and_leaves_submits_unchanged() -> None:
     assert submitted.polls == limits.polls
 
 
+def test_while_one_kind_measures_after_a_cut_the_other_does_not_grow() -> None:
+    # Given submits just cut for their 429s (measuring whether they were ours)
+    limits = start_limits(
+        submits_per_second=10, polls_per_second=10, max_in_flight=16, configured=True, now=0
+    )
+    limits = update_limits(limits, Kind.SUBMIT, Interval(1, 10, 5, binding=True))
+    assert limits.submits.phase is Phase.VERIFY
+    # When polls get no 429 while their rate binds
+    cut = replace(limits, polls=replace(limits.polls, rate=5.0))
+    clean = update_limits(cut, Kind.POLL, Interval(2, 10, 0, binding=True))
+    # Then the poll rate stands still until the submits' measurement ends...
+    assert clean.polls.rate == 5.0
+    steady = replace(cut, submits=replace(cut.submits, phase=Phase.STEADY))
+    assert update_limits(steady, Kind.POLL, Interval(2, 10, 0, binding=True)).polls.rate > 5.0
+    # ...while their own 429s still cut it at once
+    throttled = update_limits(limits, Kind.POLL, Interval(1, 10, 5, binding=True))
+    assert throttled.polls.rate < limits.polls.rate
+
+
 def test_states_round_trip_through_json() -> None:
     run = simulate(
         replace(SMALL, noise=0.05),
@@ -524,3 +543,138 @@ def test_states_read_back_from_a_redis_hash() -> None:
         for key, value in state.to_dict().items()
     }
     assert RateState.from_dict({key.decode(): value for key, value in stored.items()}) == state
+
+
+# --- one limit for submits and polls -----------------------------------------------------------
+
+
+@dataclass
+class Shared:
+    """Per simulated second of a run on an account whose one limit covers every request."""
+
+    sent: list[int] = field(default_factory=list)
+    throttled: list[int] = field(default_factory=list)
+    done: list[int] = field(default_factory=list)
+    limits: list[Limits] = field(default_factory=list)
+
+    def share(self, start: int) -> float:
+        return sum(self.throttled[start:]) / max(1, sum(self.sent[start:]))
+
+    def jobs_per_second(self, start: int) -> float:
+        return sum(self.done[start:]) / len(self.done[start:])
+
+
+def simulate_shared(
+    account: Account, *, seconds: float, seed: int, cap: int, job_s: float, ceiling: float
+) -> Shared:
+    """A batch as the dispatcher runs it: submits fill free slots within the submit rate; a
+    job's poll is due when it ends, and frees its slot when accepted (a refused poll stays
+    due). Polls and submits spend the provider's one bucket, so each kind's 429s depend on
+    both kinds' rates, and the polls' demand, not their rate, usually sets how many go out."""
+    provider = Provider(account, random.Random(seed))
+    limits = start_limits(
+        submits_per_second=ceiling,
+        polls_per_second=ceiling,
+        max_in_flight=cap,
+        configured=True,
+        now=0.0,
+    )
+    kinds = (Kind.SUBMIT, Kind.POLL)
+    tokens = {kind: 1.0 for kind in kinds}
+    counts = {kind: [0, 0] for kind in kinds}
+    binding = dict.fromkeys(kinds, False)
+    flight: list[float] = []  # each job's end; it holds its slot until a poll is accepted
+    run, done = Shared(), 0
+    per_update = round(1 / STEP)
+    for i in range(round(seconds / STEP)):
+        now = i * STEP
+        for kind in kinds:
+            rate = limits.rate(kind).rate
+            tokens[kind] = min(max(1.0, 0.8 * rate), tokens[kind] + rate * STEP)
+        due = sorted(end for end in flight if end <= now)
+        wanted = {Kind.POLL: len(due), Kind.SUBMIT: cap - len(flight)}
+        for kind in kinds:
+            count = min(int(tokens[kind]), wanted[kind])
+            binding[kind] = binding[kind] or count < wanted[kind]
+            tokens[kind] -= count
+            for j in range(count):
+                answer = provider.answer(now, 0.0)
+                counts[kind][0] += 1
+                if answer == "rate":
+                    counts[kind][1] += 1
+                elif kind is Kind.POLL:
+                    flight.remove(due[j])
+                    done += 1
+                else:
+                    flight.append(now + job_s)
+        if (i + 1) % per_update == 0:
+            at = (i + 1) * STEP
+            for kind in kinds:
+                sent, throttled = counts[kind]
+                limits = update_limits(limits, kind, Interval(at, sent, throttled, binding[kind]))
+            run.sent.append(sum(sent for sent, _ in counts.values()))
+            run.throttled.append(sum(throttled for _, throttled in counts.values()))
+            run.done.append(done)
+            run.limits.append(limits)
+            counts = {kind: [0, 0] for kind in kinds}
+            binding = dict.fromkeys(kinds, False)
+            done = 0
+    return run
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_an_account_whose_one_limit_covers_submits_and_polls_converges_with_few_429s(
+    seed: int,
+) -> None:
+    # Given the test_limits account: 6 jobs at once, 8 requests a second of either kind,
+    # while imagebatch is told 64 jobs and 20 requests a second of each
+    account = Account(rate=8, burst=8, max_in_flight=None)
+    run = simulate_shared(account, seconds=300, seed=seed, cap=6, job_s=0.6, ceiling=20)
+    # Then after the first minute 429s are rare and the account's requests are mostly used
+    # (each job takes a submit and a poll: 4 jobs a second at most)
+    assert run.share(start=60) <= 0.02
+    assert run.jobs_per_second(start=60) >= 0.8 * 4
+    # ...and no 429 was taken for the provider's noise
+    final = run.limits[-1]
+    assert final.submits.noise < 0.01 and final.polls.noise < 0.01, final
+
+
+def confirmed(others_per_second: int) -> RateState:
+    """A submit controller back at its old rate (5 a second) after a cut to 3.5 showed the
+    same 10 % of 429s (4 submits and 6 polls a second there), measured again: 5 submits a
+    second, a tenth of them refused, beside ``others_per_second`` polls."""
+    state = RateState(
+        ceiling=20.0,
+        rate=5.0,
+        phase=Phase.CONFIRM,
+        updated_at=100.0,
+        since=97.0,
+        before_rate=5.0,
+        candidate=3.9,
+        base_sent=60.0,
+        base_throttled=6.0,
+        base_others=90.0,
+        base_seconds=15.0,
+    )
+    for second in range(1, 13):
+        refused = second % 2
+        interval = Interval(100.0 + second, 5, refused, True, others=others_per_second)
+        state = update_rate(state, interval)
+    return state
+
+
+def test_the_same_share_at_a_higher_load_is_taken_for_noise() -> None:
+    state = confirmed(others_per_second=6)
+    assert state.phase is Phase.STEADY
+    assert state.rate == 5.0
+    assert state.noise > 0.02
+
+
+def test_the_same_share_while_polls_fell_as_submits_rose_is_not_taken_for_noise() -> None:
+    # Under one limit for every request, 5 submits and 4 polls a second load the account
+    # as 4 and 6 did: an unchanged share there says nothing about noise
+    state = confirmed(others_per_second=4)
+    assert state.phase is Phase.STEADY
+    assert state.noise == 0.0
+    assert state.limit == 3.9
+    assert state.rate == pytest.approx(3.9 * 0.9)

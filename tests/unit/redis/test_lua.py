@@ -226,6 +226,24 @@ def test_submits_spend_their_own_tokens_four_fifths_of_a_second_s_worth_at_most(
     assert state.limits(PROVIDER)["submit_sent"] == "5"
 
 
+def test_pumps_on_two_workers_whose_times_arrive_out_of_order_refill_each_second_once(
+    state: State,
+) -> None:
+    # Given a submit rate of 5 a second, and a pump that read the time after another worker's
+    # pump but reached Redis first (a busy machine delays a call between its clock and Redis)
+    now = time.time()
+    ready_lines(state, 20, now - 10)
+    pump(state, now, submit_rate=5.0)  # the burst of 4
+    later = pump(state, now + 0.65, submit_rate=5.0)  # 3.25 tokens: 3
+    earlier = pump(state, now + 0.4, submit_rate=5.0)  # read its time first, ran second
+    after = pump(state, now + 1.05, submit_rate=5.0)  # 0.25 + 2 tokens: 2
+
+    # Then the 0.4 s between them were not refilled twice: 4 + 5 a second, not more
+    handed = [len(p.submits) for p in (later, earlier, after)]
+    assert handed == [3, 0, 2]
+    assert state.limits(PROVIDER)["submit_sent"] == "9"
+
+
 def test_polls_and_submits_have_separate_budgets(state: State) -> None:
     # Given due polls and READY lines, and a poll budget of 2.5 per second (a burst of 2)
     now = time.time()

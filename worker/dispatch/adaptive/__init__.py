@@ -88,8 +88,14 @@ def start_limits(
     )
 
 
+MEASURING = frozenset({Phase.VERIFY, Phase.CONFIRM})
+
+
 def update_limits(limits: Limits, kind: Kind, interval: Interval) -> Limits:
-    """``update_rate`` on the one kind the interval counted."""
+    """``update_rate`` on the one kind the interval counted; it does not grow while the other
+    kind measures, so one kind's cut is not judged against the other's rise."""
+    other = limits.polls if kind is Kind.SUBMIT else limits.submits
+    hold = other.phase in MEASURING
     if kind is Kind.SUBMIT:
-        return replace(limits, submits=update_rate(limits.submits, interval))
-    return replace(limits, polls=update_rate(limits.polls, interval))
+        return replace(limits, submits=update_rate(limits.submits, interval, hold=hold))
+    return replace(limits, polls=update_rate(limits.polls, interval, hold=hold))

@@ -23,7 +23,10 @@ discrimination* and a BBR-like model of the limit:
   again; the same share there means noise (the old rate stays, both measurements become
   evidence of ``q``), a higher one means ours. Noise is believed only on two steady
   measurements that agree, because a wrong noise verdict would teach the controller to
-  tolerate its own 429s. ``q`` is decayed counts (half-life ``NOISE_HALF_LIFE_S``, shrunk by a
+  tolerate its own 429s; and only when our load really rose between them, this kind's and
+  all kinds' together (``_load_changed``): a kind whose demand, not its rate, sets what it
+  sends, or one whose rise another kind's fall offset under one limit for both, learns
+  nothing from an unchanged share. ``q`` is decayed counts (half-life ``NOISE_HALF_LIFE_S``, shrunk by a
   prior of ``NOISE_PRIOR`` clean requests), so noise that stops is forgotten.
 * **Increase per interval of successes** (not after N quiet seconds): while the rate is what
   holds work back and recent 429s are no more than ``q`` explains, it grows by ``FAST_STEP`` of
@@ -94,6 +97,12 @@ excess over ``q`` fell by ``FELL_FRACTION``."""
 KNOWN_BELOW = 0.05
 """A cut from within ``KNOWN_BELOW`` under the limit estimate (or above it) is near a limit met
 before, where the halfway fall suffices; further below, 429s are more likely noise."""
+LOAD_CHANGE = 0.05
+LOAD_KEPT = 0.5
+"""A noise verdict needs our load to have risen between VERIFY and CONFIRM: this kind's
+requests a second by ``LOAD_CHANGE`` (a cut goes at least a tenth below), and all kinds'
+together by ``LOAD_KEPT`` of that (under one limit for every kind, a rise offset by another
+kind's fall changes nothing)."""
 Z_WORSE = 2.0
 """A share this many standard errors above the one compared with: ours, cut again."""
 FAST_STEP = 0.05
@@ -132,8 +141,10 @@ def start_rate(ceiling: float, *, configured: bool, now: float) -> RateState:
     return replace(state, rate=rate, phase=Phase.SLOW_START, target=ceiling)
 
 
-def update_rate(state: RateState, interval: Interval) -> RateState:
-    """The next state after one interval of this kind's requests."""
+def update_rate(state: RateState, interval: Interval, *, hold: bool = False) -> RateState:
+    """The next state after one interval of this kind's requests. ``hold``: another kind of
+    the provider is measuring (VERIFY, CONFIRM), so this one may be cut but does not grow:
+    under a limit that covers both, a rise here would spoil that measurement."""
     now = interval.now
     elapsed = max(0.0, now - state.updated_at)
     sent = max(0, interval.sent)
@@ -158,7 +169,7 @@ def update_rate(state: RateState, interval: Interval) -> RateState:
     if run >= BLOCKED_RUN or (sent >= BLOCKED_SENT and throttled >= BLOCKED_SHARE * sent):
         return _blocked(state, now, interval.retry_after)
     if state.phase in (Phase.VERIFY, Phase.CONFIRM):
-        return _measure(state, now, sent, throttled)
+        return _measure(state, now, (sent, throttled, max(0, interval.others)), elapsed, hold)
     if _significant(state.window_sent, state.window_throttled, state.noise):
         # The window dilutes a sudden overshoot; the last interval's 429s beyond what noise
         # explains do not, and what it got through is sharper still when it had enough
@@ -173,6 +184,8 @@ def update_rate(state: RateState, interval: Interval) -> RateState:
             # got through of that, not of the rate.
             share = 1 - (1 - share) * max(1.0, sent / elapsed / state.rate)
         return _cut(state, now, max(0.0, share), restore=state.rate, accepted=accepted)
+    if hold:
+        return state
     return _grow(state, interval, min(elapsed, MAX_STEP_S), sent, throttled)
 
 
@@ -203,18 +216,33 @@ def _cut(
         raises=0,
         base_sent=state.window_sent,
         base_throttled=state.window_throttled,
+        base_others=0.0,
+        base_seconds=0.0,
         verify_sent=0.0,
         verify_throttled=0.0,
+        verify_others=0.0,
+        verify_seconds=0.0,
     )
 
 
-def _measure(state: RateState, now: float, sent: int, throttled: int) -> RateState:
+def _measure(
+    state: RateState, now: float, counts: tuple[int, int, int], elapsed: float, hold: bool
+) -> RateState:
     """VERIFY measures the share at the lower rate, CONFIRM at the old one again; each compares
-    with the measurement before it (``base_*``)."""
+    with the measurement before it (``base_*``). ``counts``: the interval's requests of this
+    kind, its 429s, and the other kinds' requests; ``hold``: another kind is measuring, so
+    this one does not go back up to CONFIRM."""
     if now - state.since < VERIFY_SETTLE_S:
         return state
+    sent, throttled, others = counts
     n, k = state.verify_sent + sent, state.verify_throttled + throttled
-    state = replace(state, verify_sent=n, verify_throttled=k)
+    state = replace(
+        state,
+        verify_sent=n,
+        verify_throttled=k,
+        verify_others=state.verify_others + others,
+        verify_seconds=state.verify_seconds + elapsed,
+    )
     waited = now - state.since
     done = (n >= VERIFY_SAMPLES and waited >= VERIFY_MIN_S) or waited >= VERIFY_MAX_S
     beyond_noise = n >= VERIFY_MIN_SENT and k > n * NOISE_MAX + Z_NOISE_MAX * math.sqrt(
@@ -233,6 +261,14 @@ def _measure(state: RateState, now: float, sent: int, throttled: int) -> RateSta
         # provider's burst had hidden part of our overshoot; in CONFIRM they came back with
         # the old rate. Ours: cut to what gets through now.
         return _cut(steady, now, share, restore=state.before_rate)
+    if state.phase is Phase.CONFIRM and not _load_changed(state):
+        # The same share, but our load hardly changed between the measurements (this kind's
+        # demand, not its rate, set what it sent; or the other kinds sent less as this one
+        # sent more, under a limit that covers them all): no evidence of noise. The safer
+        # side: ours, at the lower rate.
+        return replace(
+            steady, rate=max(state.floor, state.candidate * CUT_MARGIN), limit=state.candidate
+        )
     if state.phase is Phase.CONFIRM:
         # The same share at both rates: noise, whatever our rate. Both measurements tell q,
         # and a limit estimate about this rate (from a cut taken for ours) was noise too.
@@ -256,6 +292,10 @@ def _measure(state: RateState, now: float, sent: int, throttled: int) -> RateSta
         return replace(
             ours, noise_sent=state.noise_sent + n, noise_throttled=state.noise_throttled + k
         )
+    if hold:
+        # No clear fall, but another kind measures too: going back up would spoil its
+        # measurement (and it may be what kept the share up). The safer side: ours.
+        return replace(steady, limit=state.candidate)
     # No clear fall: back to the old rate, and measure the share there, steadily this time.
     return replace(
         state,
@@ -264,9 +304,27 @@ def _measure(state: RateState, now: float, sent: int, throttled: int) -> RateSta
         rate=min(state.top, state.before_rate),
         base_sent=n,
         base_throttled=k,
+        base_others=state.verify_others,
+        base_seconds=state.verify_seconds,
         verify_sent=0.0,
         verify_throttled=0.0,
+        verify_others=0.0,
+        verify_seconds=0.0,
     )
+
+
+def _load_changed(state: RateState) -> bool:
+    """CONFIRM: did our load rise from the measurement at the lower rate (``base_*``) to this
+    one? This kind's requests a second by ``LOAD_CHANGE`` at least, and every kind's together
+    by ``LOAD_KEPT`` of that rise (only then does an unchanged share mean noise)."""
+    if state.base_seconds <= 0 or state.verify_seconds <= 0:
+        return True  # a state stored before the load was measured: judge as before
+    lower = state.base_sent / state.base_seconds
+    lower_all = lower + state.base_others / state.base_seconds
+    higher = state.verify_sent / state.verify_seconds
+    higher_all = higher + state.verify_others / state.verify_seconds
+    rise = higher - lower
+    return rise >= LOAD_CHANGE * lower and higher_all - lower_all >= LOAD_KEPT * rise
 
 
 def _z(base: float, base_n: float, share: float, n: float) -> float:

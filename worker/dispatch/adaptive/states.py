@@ -57,6 +57,9 @@ class Interval:
     """This rate held work back (requests waited for tokens)."""
     retry_after: float | None = None
     """The largest Retry-After among the 429s, in seconds."""
+    others: int = 0
+    """Requests of the provider's other kinds sent in the same interval: where one limit
+    covers every kind, they change this kind's share of 429s too."""
     hint: float | None = None
     """A rate (requests per second) the provider announced in its X-RateLimit headers."""
 
@@ -93,9 +96,16 @@ class RateState:
     base_sent: float = 0.0
     base_throttled: float = 0.0
     """VERIFY: the window that triggered the cut; CONFIRM: the measurement at the lower rate."""
+    base_others: float = 0.0
+    base_seconds: float = 0.0
+    """CONFIRM: the other kinds' requests during the measurement at the lower rate, and its
+    length (what our load was there)."""
     verify_sent: float = 0.0
     verify_throttled: float = 0.0
     """VERIFY, CONFIRM: the measurement at the current rate."""
+    verify_others: float = 0.0
+    verify_seconds: float = 0.0
+    """VERIFY, CONFIRM: the other kinds' requests during the measurement, and its length."""
     noise_sent: float = 0.0
     noise_throttled: float = 0.0
     """Requests and 429s measured where the 429s were shown not to be ours."""
@@ -144,8 +154,12 @@ class RateState:
             window_throttled=number(data, "window_throttled", 0.0),
             base_sent=number(data, "base_sent", 0.0),
             base_throttled=number(data, "base_throttled", 0.0),
+            base_others=number(data, "base_others", 0.0),
+            base_seconds=number(data, "base_seconds", 0.0),
             verify_sent=number(data, "verify_sent", 0.0),
             verify_throttled=number(data, "verify_throttled", 0.0),
+            verify_others=number(data, "verify_others", 0.0),
+            verify_seconds=number(data, "verify_seconds", 0.0),
             noise_sent=number(data, "noise_sent", 0.0),
             noise_throttled=number(data, "noise_throttled", 0.0),
             refused_run=int(number(data, "refused_run", 0.0)),

@@ -46,11 +46,16 @@ local bursts = {
   submit = math.max(1, math.min(math.floor(0.8 * rates.submit), cap)),
   poll = math.max(1, math.floor(0.8 * rates.poll)),
 }
-local tokens = {}
+-- Each bucket's clock only moves forward: pumps run on several workers, each passing the
+-- time it read before its call, so a pump may pass a time older than the last one stored.
+-- Storing that older time would refill the same interval twice (a busy machine, where the
+-- gap grows, would send above the rate).
+local tokens, clocks = {}, {}
 for kind, slot in pairs({submit = 4, poll = 6}) do
   local have, at = tonumber(s[slot]), tonumber(s[slot + 1])
   if have == nil then have, at = bursts[kind], now end
   tokens[kind] = math.min(bursts[kind], have + math.max(0, now - at) * rates[kind])
+  clocks[kind] = tostring(math.max(now, at))
 end
 local paused = {submit = now < (tonumber(s[8]) or 0), poll = now < (tonumber(s[9]) or 0)}
 local health = redis.call('HMGET', KEYS[5], 'until', 'probe')
@@ -189,8 +194,8 @@ local binding = {
 }
 
 redis.call('HSET', KEYS[1],
-  'submit_tokens', tostring(tokens.submit), 'submit_at', tostring(now),
-  'poll_tokens', tostring(tokens.poll), 'poll_at', tostring(now),
+  'submit_tokens', tostring(tokens.submit), 'submit_at', clocks.submit,
+  'poll_tokens', tostring(tokens.poll), 'poll_at', clocks.poll,
   'cap_used', cap, 'rate_used', tostring(rates.submit), 'burst_used', bursts.submit)
 if #submits > 0 then redis.call('HINCRBY', KEYS[1], 'submit_sent', #submits) end
 if #polls > 0 then redis.call('HINCRBY', KEYS[1], 'poll_sent', #polls) end
