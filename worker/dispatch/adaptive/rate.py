@@ -26,8 +26,8 @@ discrimination* and a BBR-like model of the limit:
   tolerate its own 429s; and only when our load really rose between them, this kind's and
   all kinds' together (``_load_changed``): a kind whose demand, not its rate, sets what it
   sends, or one whose rise another kind's fall offset under one limit for both, learns
-  nothing from an unchanged share. ``q`` is decayed counts (half-life ``NOISE_HALF_LIFE_S``, shrunk by a
-  prior of ``NOISE_PRIOR`` clean requests), so noise that stops is forgotten.
+  nothing from an unchanged share. ``q`` is decayed counts (half-life ``NOISE_HALF_LIFE_S``,
+  shrunk by a prior of ``NOISE_PRIOR`` clean requests), so noise that stops is forgotten.
 * **Increase per interval of successes** (not after N quiet seconds): while the rate is what
   holds work back and recent 429s are no more than ``q`` explains, it grows by ``FAST_STEP`` of
   the ceiling per second; within ``NEAR`` of the limit estimate it crosses that band in about
