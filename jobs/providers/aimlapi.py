@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from jobs.manifest.request import ImageRequest
-from jobs.providers.openai_style import SyncImageAPI, common_fields
+from jobs.providers.openai_style import SyncImageAPI, image_body
 
 MODEL_IDS = {"gpt-image-1.5": "openai/gpt-image-1-5"}
 
@@ -29,19 +29,8 @@ class AIMLAPI(SyncImageAPI):
 
     def body(self, request: ImageRequest) -> dict[str, Any]:
         return {
-            "model": MODEL_IDS.get(request.model, request.model),
-            "prompt": request.prompt,
-            "n": request.n,
+            **image_body(request, model=MODEL_IDS.get(request.model, request.model)),
             "response_format": "url",
-            **common_fields(
-                request,
-                "size",
-                "quality",
-                "background",
-                "output_format",
-                "output_compression",
-                "moderation",
-            ),
             **request.extra_params(self.modelled),
         }
 

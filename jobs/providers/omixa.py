@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from jobs.manifest.request import ImageRequest
-from jobs.providers.openai_style import SyncImageAPI, common_fields
+from jobs.providers.openai_style import IMAGE_FIELDS, SyncImageAPI, image_body
 
 
 class Omixa(SyncImageAPI):
@@ -19,20 +19,8 @@ class Omixa(SyncImageAPI):
         return []
 
     def body(self, request: ImageRequest) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": request.model,
-            "prompt": request.prompt,
-            "n": request.n,
-            **common_fields(
-                request,
-                "size",
-                "quality",
-                "background",
-                "output_format",
-                "moderation",
-                "input_fidelity",
-            ),
-        }
+        fields = [name for name in IMAGE_FIELDS if name != "output_compression"]
+        body = image_body(request, fields=[*fields, "input_fidelity"])
         if request.input_images:
             body["input_images"] = [
                 {"type": "image_url", "image_url": {"url": url}} for url in request.input_images

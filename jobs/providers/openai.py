@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from jobs.manifest.request import ImageRequest
 from jobs.providers import openai_models
-from jobs.providers.openai_style import SyncImageAPI, common_fields
+from jobs.providers.openai_style import SyncImageAPI, image_body
 from jobs.text import shown
 
 
@@ -48,18 +48,4 @@ class OpenAI(SyncImageAPI):
         return self.unit_price(request) is not None
 
     def body(self, request: ImageRequest) -> dict[str, Any]:
-        return {
-            "model": request.model,
-            "prompt": request.prompt,
-            "n": request.n,
-            **common_fields(
-                request,
-                "size",
-                "quality",
-                "background",
-                "output_format",
-                "output_compression",
-                "moderation",
-            ),
-            **request.extra_params(self.modelled),
-        }
+        return {**image_body(request), **request.extra_params(self.modelled)}

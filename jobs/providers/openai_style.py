@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import httpx
@@ -180,6 +181,30 @@ class SyncImageAPI:
         return found
 
 
+IMAGE_FIELDS = (
+    "size",
+    "quality",
+    "background",
+    "output_format",
+    "output_compression",
+    "moderation",
+)
+"""The manifest fields OpenAI's images API takes under the same names."""
+
+
 def common_fields(request: ImageRequest, *names: str) -> dict[str, Any]:
     """The named manifest fields that are set, under the same names."""
     return {name: getattr(request, name) for name in names if getattr(request, name) is not None}
+
+
+def image_body(
+    request: ImageRequest, *, model: str | None = None, fields: Sequence[str] = IMAGE_FIELDS
+) -> dict[str, Any]:
+    """The body OpenAI's images API and its resellers share: the model, the prompt, ``n`` and
+    the named fields that are set."""
+    return {
+        "model": model or request.model,
+        "prompt": request.prompt,
+        "n": request.n,
+        **common_fields(request, *fields),
+    }

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from types import TracebackType
 from typing import Any, Self
 
 from jobs.simulator.apiframe import ApiFrame
@@ -140,12 +139,7 @@ class Simulator:
     def __enter__(self) -> Self:
         return self if self._main is not None else self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def ledger(self) -> dict[str, Any]:

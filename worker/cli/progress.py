@@ -6,7 +6,6 @@ bar), with their numbers as fields."""
 from __future__ import annotations
 
 import time
-from types import TracebackType
 from typing import Any
 
 from rich.console import Console
@@ -95,13 +94,8 @@ class Display:
         self.last_line = time.monotonic()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.bar.__exit__(exc_type, exc, tb)
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
 
     def storage_state(self, snap: Snapshot) -> bool:
         """Whether lines are waiting for the output store *now*. ``storage_waits`` only ever

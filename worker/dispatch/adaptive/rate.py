@@ -207,17 +207,28 @@ def _cut(
         # while the provider's burst lasts: the lower of the two.
         got = min(got, accepted / (1 - q))
     return replace(
-        state,
+        _measuring(state, Phase.VERIFY, now, (state.window_sent, state.window_throttled, 0, 0)),
         rate=max(state.floor, got * CUT_MARGIN),
-        phase=Phase.VERIFY,
-        since=now,
         before_rate=restore,
         candidate=max(state.floor, got),
         raises=0,
-        base_sent=state.window_sent,
-        base_throttled=state.window_throttled,
-        base_others=0.0,
-        base_seconds=0.0,
+    )
+
+
+def _measuring(
+    state: RateState, phase: Phase, now: float, base: tuple[float, float, float, float]
+) -> RateState:
+    """A new measurement in ``phase``, to be compared with ``base``: requests, 429s, the other
+    kinds' requests and the seconds they were counted over."""
+    sent, throttled, others, seconds = base
+    return replace(
+        state,
+        phase=phase,
+        since=now,
+        base_sent=sent,
+        base_throttled=throttled,
+        base_others=others,
+        base_seconds=seconds,
         verify_sent=0.0,
         verify_throttled=0.0,
         verify_others=0.0,
@@ -297,19 +308,9 @@ def _measure(
         # measurement (and it may be what kept the share up). The safer side: ours.
         return replace(steady, limit=state.candidate)
     # No clear fall: back to the old rate, and measure the share there, steadily this time.
+    measured = (n, k, state.verify_others, state.verify_seconds)
     return replace(
-        state,
-        phase=Phase.CONFIRM,
-        since=now,
-        rate=min(state.top, state.before_rate),
-        base_sent=n,
-        base_throttled=k,
-        base_others=state.verify_others,
-        base_seconds=state.verify_seconds,
-        verify_sent=0.0,
-        verify_throttled=0.0,
-        verify_others=0.0,
-        verify_seconds=0.0,
+        _measuring(state, Phase.CONFIRM, now, measured), rate=min(state.top, state.before_rate)
     )
 
 
