@@ -516,6 +516,26 @@ def test_while_one_kind_measures_after_a_cut_the_other_does_not_grow() -> None:
     assert throttled.polls.rate < limits.polls.rate
 
 
+def test_a_measurement_that_began_second_waits_before_going_back_up() -> None:
+    # Given submits cut at second 1 and polls at second 2, both measuring
+    limits = start_limits(
+        submits_per_second=10, polls_per_second=10, max_in_flight=16, configured=True, now=0
+    )
+    limits = update_limits(limits, Kind.SUBMIT, Interval(1, 20, 3, binding=True))
+    limits = update_limits(limits, Kind.POLL, Interval(2, 20, 3, binding=True))
+    assert (limits.submits.phase, limits.polls.phase) == (Phase.VERIFY, Phase.VERIFY)
+    cut = limits.polls.rate
+    # When the polls' measurement shows the same 15 % of 429s while submits still measure
+    for second in range(3, 30):
+        limits = update_limits(limits, Kind.POLL, Interval(second, 20, 3, binding=True))
+    # Then polls measure on at the lower rate instead of going back up
+    assert limits.polls.phase is Phase.VERIFY and limits.polls.rate == cut
+    # ...until the submits' measurement has ended
+    done = replace(limits, submits=replace(limits.submits, phase=Phase.STEADY))
+    done = update_limits(done, Kind.POLL, Interval(30, 20, 3, binding=True))
+    assert done.polls.phase is Phase.CONFIRM and done.polls.rate > cut
+
+
 def test_states_round_trip_through_json() -> None:
     run = simulate(
         replace(SMALL, noise=0.05),
@@ -670,3 +690,25 @@ def test_the_same_share_while_polls_fell_as_submits_rose_is_not_taken_for_noise(
     assert state.noise == 0.0
     assert state.limit == 3.9
     assert state.rate == pytest.approx(3.9 * 0.9)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_noise_on_both_kinds_is_learnt_by_each_and_keeps_both_rates_up(seed: int) -> None:
+    # Given a provider far above our ceilings that refuses 8 % of every kind at random
+    rng = random.Random(seed)
+    limits = start_limits(
+        submits_per_second=20, polls_per_second=40, max_in_flight=64, configured=True, now=0.0
+    )
+    below_half = dict.fromkeys(Kind, 0)
+    # When both kinds send as fast as their rates allow for half an hour
+    for second in range(1, 1801):
+        sent = {kind: round(limits.rate(kind).rate) for kind in Kind}
+        for kind in Kind:
+            others = sum(n for other, n in sent.items() if other is not kind)
+            refused = sum(rng.random() < 0.08 for _ in range(sent[kind]))
+            interval = Interval(float(second), sent[kind], refused, True, others=others)
+            limits = update_limits(limits, kind, interval)
+            state = limits.rate(kind)
+            below_half[kind] += second > 120 and state.rate < 0.5 * state.ceiling
+    # Then neither sat at a low rate for long after the first two minutes
+    assert below_half[Kind.SUBMIT] <= 120 and below_half[Kind.POLL] <= 120, below_half

@@ -92,10 +92,22 @@ MEASURING = frozenset({Phase.VERIFY, Phase.CONFIRM})
 
 
 def update_limits(limits: Limits, kind: Kind, interval: Interval) -> Limits:
-    """``update_rate`` on the one kind the interval counted; it does not grow while the other
-    kind measures, so one kind's cut is not judged against the other's rise."""
+    """``update_rate`` on the one kind the interval counted, so that one kind's cut is never
+    judged against the other's rise: while the other measures, it does not grow, and its own
+    measurement does not go back up (unless it began first and has waited long enough)."""
+    state = limits.rate(kind)
     other = limits.polls if kind is Kind.SUBMIT else limits.submits
     hold = other.phase in MEASURING
+    updated = update_rate(state, interval, hold=hold, first=_began_first(kind, state, other))
     if kind is Kind.SUBMIT:
-        return replace(limits, submits=update_rate(limits.submits, interval, hold=hold))
-    return replace(limits, polls=update_rate(limits.polls, interval, hold=hold))
+        return replace(limits, submits=updated)
+    return replace(limits, polls=updated)
+
+
+def _began_first(kind: Kind, state: RateState, other: RateState) -> bool:
+    """Whether ``kind``'s measurement began before ``other``'s (submits first on a tie): of
+    two measurements waiting for each other, that one goes on, so neither waits for ever."""
+    if other.phase is Phase.CONFIRM:
+        return False
+    submits = kind is Kind.SUBMIT
+    return (state.since, not submits) < (other.since, submits)

@@ -141,10 +141,13 @@ def start_rate(ceiling: float, *, configured: bool, now: float) -> RateState:
     return replace(state, rate=rate, phase=Phase.SLOW_START, target=ceiling)
 
 
-def update_rate(state: RateState, interval: Interval, *, hold: bool = False) -> RateState:
-    """The next state after one interval of this kind's requests. ``hold``: another kind of
-    the provider is measuring (VERIFY, CONFIRM), so this one may be cut but does not grow:
-    under a limit that covers both, a rise here would spoil that measurement."""
+def update_rate(
+    state: RateState, interval: Interval, *, hold: bool = False, first: bool = True
+) -> RateState:
+    """The next state after one interval of this kind's requests. Under a limit that covers
+    every kind, a rise here would spoil another kind's measurement: ``hold``, another kind is
+    measuring, so this one may be cut but does not grow, and its own measurement goes back up
+    (CONFIRM) only if it began ``first`` and has waited ``VERIFY_MAX_S``."""
     now = interval.now
     elapsed = max(0.0, now - state.updated_at)
     sent = max(0, interval.sent)
@@ -169,7 +172,8 @@ def update_rate(state: RateState, interval: Interval, *, hold: bool = False) -> 
     if run >= BLOCKED_RUN or (sent >= BLOCKED_SENT and throttled >= BLOCKED_SHARE * sent):
         return _blocked(state, now, interval.retry_after)
     if state.phase in (Phase.VERIFY, Phase.CONFIRM):
-        return _measure(state, now, (sent, throttled, max(0, interval.others)), elapsed, hold)
+        held = hold and not (first and now - state.since >= VERIFY_MAX_S)
+        return _measure(state, now, (sent, throttled, max(0, interval.others)), elapsed, held)
     if _significant(state.window_sent, state.window_throttled, state.noise):
         # The window dilutes a sudden overshoot; the last interval's 429s beyond what noise
         # explains do not, and what it got through is sharper still when it had enough
@@ -237,12 +241,11 @@ def _measuring(
 
 
 def _measure(
-    state: RateState, now: float, counts: tuple[int, int, int], elapsed: float, hold: bool
+    state: RateState, now: float, counts: tuple[int, int, int], elapsed: float, held: bool
 ) -> RateState:
     """VERIFY measures the share at the lower rate, CONFIRM at the old one again; each compares
     with the measurement before it (``base_*``). ``counts``: the interval's requests of this
-    kind, its 429s, and the other kinds' requests; ``hold``: another kind is measuring, so
-    this one does not go back up to CONFIRM."""
+    kind, its 429s, and the other kinds' requests; ``held``: no CONFIRM yet (``update_rate``)."""
     if now - state.since < VERIFY_SETTLE_S:
         return state
     sent, throttled, others = counts
@@ -303,10 +306,14 @@ def _measure(
         return replace(
             ours, noise_sent=state.noise_sent + n, noise_throttled=state.noise_throttled + k
         )
-    if hold:
-        # No clear fall, but another kind measures too: going back up would spoil its
-        # measurement (and it may be what kept the share up). The safer side: ours.
+    if held and share < base:
+        # Some fall, not a clear one, and going back up would spoil another kind's
+        # measurement (which may be what kept the share up): the safer side, ours.
         return replace(steady, limit=state.candidate)
+    if held:
+        # No fall at all: noise, perhaps. Measure on at this rate until the other kind's
+        # measurement has ended (or, begun first, until VERIFY_MAX_S); CONFIRM then tells.
+        return state
     # No clear fall: back to the old rate, and measure the share there, steadily this time.
     measured = (n, k, state.verify_others, state.verify_seconds)
     return replace(

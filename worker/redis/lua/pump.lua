@@ -201,7 +201,7 @@ if #submits > 0 then redis.call('HINCRBY', KEYS[1], 'submit_sent', #submits) end
 if #polls > 0 then redis.call('HINCRBY', KEYS[1], 'poll_sent', #polls) end
 
 local function until_token(kind, pause)
-  local wait = math.max(0, (1 - tokens[kind]) / rates[kind])
+  local wait = math.max(0, (1 - tokens[kind]) / rates[kind]) + math.max(0, tonumber(clocks[kind]) - now)
   return tostring(math.max(wait, pause - now))
 end
 return {polls, submits, inflight, nf[2] or '', next_ready_text, binding,
