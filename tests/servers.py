@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, NoReturn
 
 import boto3
 import pytest
-import redis
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from worker.celery.embedded import die_with_parent
+from worker.redis.connect import answers
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -183,22 +183,12 @@ def start_redis(executable: str, timeout: float = 15.0) -> RedisServer:
         ]  # fmt: skip
         managed = ManagedProcess.start("redis", argv, workdir)
         server = RedisServer(f"redis://127.0.0.1:{port}/0", managed, workdir)
-        if _wait_until(functools.partial(_redis_answers, server.url), managed, timeout):
+        if _wait_until(functools.partial(answers, server.url), managed, timeout):
             server.startup_s = time.monotonic() - started
             return server
         last_log = managed.log_tail()
         server.stop()
     raise ServiceUnavailable(f"redis-server did not start; its log ends:\n{last_log}")
-
-
-def _redis_answers(url: str) -> bool:
-    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-    finally:
-        client.close()
 
 
 # --- SeaweedFS -------------------------------------------------------------------------------

@@ -26,13 +26,11 @@ from jobs.simulator.core import (
 )
 from jobs.simulator.images import ASPECT_SIZES
 from jobs.simulator.state import (
-    CORRUPT,
     IDEMPOTENCY_WINDOW_S,
-    NEVER_FINISH,
-    POLICY,
     POLICY_ERROR,
     TRANSIENT_ERROR,
     Job,
+    Marker,
     State,
     Webhook,
     price,
@@ -198,7 +196,7 @@ class ApiFrame:
     ) -> Job:
         prompt: str = body["prompt"]
         failure = None
-        if POLICY in prompt:
+        if Marker.POLICY in prompt:
             failure = POLICY_ERROR
         elif self.state.first_failure(PROVIDER, prompt):
             failure = TRANSIENT_ERROR
@@ -228,8 +226,8 @@ class ApiFrame:
             duration=self.state.duration(prompt, config.latency_s, config.latency_jitter_s),
             transparent=params.get("background") == "transparent",
             failure=failure,
-            never_finish=NEVER_FINISH in prompt,
-            corrupt=CORRUPT in prompt,
+            never_finish=Marker.NEVER_FINISH in prompt,
+            corrupt=Marker.CORRUPT in prompt,
             idempotency_key=idem_key,
             input=body,
             tiny=config.image_mode == "tiny",

@@ -19,7 +19,7 @@ from jobs.simulator.core import ErrorKind, error_response
 from jobs.simulator.dialects import DIALECTS, openai_response
 from jobs.simulator.images import parse_size, render
 from jobs.simulator.openai_style import MODERATION
-from jobs.simulator.state import CORRUPT, NEVER_FINISH, POLICY, Job, State
+from jobs.simulator.state import Job, Marker, State
 from jobs.simulator.validation import validate
 
 PROVIDER = "openai"
@@ -69,7 +69,7 @@ def decide(line: InputLine, state: State, config: BatchConfig) -> BatchRequest:
         request.error_body = envelope("invalid", first.message, first.code, first.field)
         return request
     params = IMAGES.parse(body)
-    if POLICY in params.prompt:
+    if Marker.POLICY in params.prompt:
         request.status_code, request.error_body = 400, envelope("policy", MODERATION)
     elif state.first_failure(prices.BATCH, params.prompt) or draw(state, config.error_5xx):
         request.status_code, request.error_body = 500, envelope("upstream", SERVER_ERROR)
@@ -77,7 +77,7 @@ def decide(line: InputLine, state: State, config: BatchConfig) -> BatchRequest:
         width, height = parse_size(params.size)
         size = f"{width}x{height}"
         request.cost = prices.charge(prices.BATCH, body["model"], params.quality, size, params.n)
-    if NEVER_FINISH in params.prompt:
+    if Marker.NEVER_FINISH in params.prompt:
         request.end = math.inf
     else:
         request.end = state.duration(params.prompt, config.request_latency_s, 0.0)
@@ -104,7 +104,7 @@ def success_line(batch: Batch, request: BatchRequest) -> dict[str, Any]:
         created_wall=batch.wall(request.end),
         duration=request.end - request.start,
         transparent=params.transparent,
-        corrupt=CORRUPT in params.prompt,
+        corrupt=Marker.CORRUPT in params.prompt,
         tiny=batch.tiny,
     )
     drawn = [base64.b64encode(render(job, k)).decode() for k in range(1, job.n + 1)]

@@ -22,12 +22,10 @@ from jobs.simulator.core import (
 from jobs.simulator.dialects import Dialect, Params
 from jobs.simulator.images import ImageCache, parse_size
 from jobs.simulator.state import (
-    CORRUPT,
-    NEVER_FINISH,
-    POLICY,
     POLICY_ERROR,
     TRANSIENT_ERROR,
     Job,
+    Marker,
     State,
     price,
 )
@@ -118,13 +116,13 @@ class SyncSurface:
             return Response(200, GARBLED_JSON)
         config = state.config.for_provider(provider)
         latency = state.duration(params.prompt, config.sync_latency_s, config.sync_latency_jitter_s)
-        if POLICY in params.prompt or state.fault("job_failed_policy"):
+        if Marker.POLICY in params.prompt or state.fault("job_failed_policy"):
             message = POLICY_ERROR if provider == "oxen" else MODERATION
             return error_response(provider, "policy", message)
         if state.first_failure(provider, params.prompt) or state.fault("job_failed_transient"):
             time.sleep(latency)
             return error_response(provider, "upstream", TRANSIENT_ERROR)
-        if NEVER_FINISH in params.prompt:
+        if Marker.NEVER_FINISH in params.prompt:
             state.stopping.wait(NEVER_FINISH_WAIT_S)
             return error_response(provider, "timeout", "Upstream request timed out")
         job = self._accept(req, body, params, latency)
@@ -174,7 +172,7 @@ class SyncSurface:
                 created_wall=time.time(),
                 duration=latency,
                 transparent=params.transparent,
-                corrupt=CORRUPT in params.prompt,
+                corrupt=Marker.CORRUPT in params.prompt,
                 input=body,
                 tiny=state.config.image_mode == "tiny",
             )

@@ -15,17 +15,24 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Literal
 
 from jobs.simulator import prices
 from jobs.simulator.config import SimulatorConfig
 from jobs.simulator.core import number
 
-POLICY = "[[policy]]"
-FAIL_ONCE = "[[fail-once]]"
-NEVER_FINISH = "[[never-finish]]"
-CORRUPT = "[[corrupt]]"
-SLOW = "[[slow]]"
+
+class Marker(StrEnum):
+    """A word in a prompt that makes the simulator misbehave for that line, on purpose."""
+
+    POLICY = "[[policy]]"
+    FAIL_ONCE = "[[fail-once]]"
+    NEVER_FINISH = "[[never-finish]]"
+    CORRUPT = "[[corrupt]]"
+    SLOW = "[[slow]]"
+
+
 SLOW_FACTOR = 5
 POLICY_ERROR = "Content policy violation: the request was flagged by the safety system"
 TRANSIENT_ERROR = "Upstream provider timeout"
@@ -193,13 +200,13 @@ class State:
     def duration(self, prompt: str, base: float, jitter: float) -> float:
         with self.lock:
             value = base + (self.rng.uniform(0, jitter) if jitter > 0 else 0.0)
-        return value * (SLOW_FACTOR if SLOW in prompt else 1)
+        return value * (SLOW_FACTOR if Marker.SLOW in prompt else 1)
 
     def first_failure(self, provider: str, prompt: str) -> bool:
         """True for the first job of a ``[[fail-once]]`` prompt at this provider."""
         with self.lock:
             key = (provider, prompt)
-            if FAIL_ONCE not in prompt or key in self.fail_once_seen:
+            if Marker.FAIL_ONCE not in prompt or key in self.fail_once_seen:
                 return False
             self.fail_once_seen.add(key)
             return True

@@ -45,6 +45,7 @@ from tests.harness import (
 )
 from tests.servers import ManagedProcess, S3Server
 from worker.redis import keys
+from worker.redis.connect import answers
 
 pytestmark = pytest.mark.fault
 
@@ -91,16 +92,7 @@ class PersistentRedis:
         self.starts += 1
         self.process = ManagedProcess.start(f"redis-{self.starts}", argv, self.workdir)
 
-        def answers() -> bool:
-            client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
-            try:
-                return bool(client.ping())
-            except redis.RedisError:
-                return False
-            finally:
-                client.close()
-
-        wait_for(answers, 20, "redis-server to answer", interval=0.05)
+        wait_for(lambda: answers(self.url), 20, "redis-server to answer", interval=0.05)
 
     def stop(self) -> None:
         if self.process is not None:

@@ -22,6 +22,8 @@ class Scripts(Protocol):
 
     def run_script(self, name: str, keys_: list[str], args: list[Any]) -> Any: ...
 
+    def begin_hash(self, key: str, seq: int, owner: str) -> dict[str, str] | None: ...
+
 
 FRAMING = 160
 """Bytes an input-file line adds to its request's JSON (custom_id, method, url, braces)."""
@@ -93,10 +95,8 @@ class GroupStore:
 
     def begin(self, batch: str, group: str, seq: int, owner: str) -> GroupRecord | None:
         """The group, if this dispatch (``seq``) is its latest and no copy of it began."""
-        raw = self.state.run_script("begin", [keys.group(batch, group)], [seq, owner])
-        if not raw:
-            return None
-        return GroupRecord.from_hash(batch, group, dict(zip(raw[::2], raw[1::2], strict=True)))
+        data = self.state.begin_hash(keys.group(batch, group), seq, owner)
+        return GroupRecord.from_hash(batch, group, data) if data else None
 
     def get(self, batch: str, group: str) -> GroupRecord | None:
         data = self.client.hgetall(keys.group(batch, group))

@@ -72,10 +72,8 @@ class LineState(Scripted):
     """A line's record in Redis (a part of ``State``)."""
 
     def begin(self, b: str, idx: int, seq: int, owner: str) -> LineRecord | None:
-        raw = self._run("begin", [keys.line(b, idx)], [seq, owner])
-        if not raw:
-            return None
-        return LineRecord.from_hash(b, idx, dict(zip(raw[::2], raw[1::2], strict=True)))
+        data = self.begin_hash(keys.line(b, idx), seq, owner)
+        return LineRecord.from_hash(b, idx, data) if data else None
 
     def read(self, b: str, idx: int) -> LineRecord | None:
         data = self.client.hgetall(keys.line(b, idx))

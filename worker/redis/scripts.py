@@ -29,6 +29,12 @@ class Scripted:
         """Run ``lua/NAME.lua`` (for the other modules of ``worker.redis``)."""
         return self._run(name, keys_, args)
 
+    def begin_hash(self, key: str, seq: int, owner: str) -> dict[str, str] | None:
+        """``begin.lua`` on a line's or a group's hash: its fields if this dispatch (``seq``)
+        is the latest and no copy of it began, else None."""
+        raw = self._run("begin", [key], [seq, owner])
+        return dict(zip(raw[::2], raw[1::2], strict=True)) if raw else None
+
 
 def text(value: Any) -> str:
     """A value as a hash field holds it (floats exactly, dicts and lists as JSON)."""

@@ -566,6 +566,17 @@ def test_states_read_back_from_a_redis_hash() -> None:
     assert RateState.from_dict({key.decode(): value for key, value in stored.items()}) == state
 
 
+def test_a_state_saved_before_a_field_existed_reads_back_with_its_default() -> None:
+    """A worker upgraded mid-batch reads the limits an older one stored, and a state without
+    its rate is refused rather than guessed."""
+    state = replace(start_rate(20, configured=False, now=5), base_others=3.0, refused_run=2)
+    older = {k: v for k, v in state.to_dict().items() if k not in ("base_others", "limit")}
+    assert RateState.from_dict(older) == replace(state, base_others=0.0)
+    assert isinstance(RateState.from_dict(older).refused_run, int)
+    with pytest.raises(KeyError, match="rate"):
+        RateState.from_dict({k: v for k, v in older.items() if k != "rate"})
+
+
 # --- one limit for submits and polls -----------------------------------------------------------
 
 

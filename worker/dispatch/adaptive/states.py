@@ -6,8 +6,9 @@ with ``from_dict`` (new settings applied), and what one interval of requests sho
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from enum import StrEnum
+from typing import Any, Self, cast
 
 START_FRACTION = 0.25
 """Not configured: the first rate (and cap) as a share of the default ceiling."""
@@ -64,8 +65,27 @@ class Interval:
     """A rate (requests per second) the provider announced in its X-RateLimit headers."""
 
 
+class Stored:
+    """A controller's state as Redis keeps it: ``to_dict`` as JSON, ``from_dict`` back, with
+    new settings (``ceiling``) applied through ``clamped``."""
+
+    ceiling: float
+
+    def to_dict(self) -> dict[str, float | str | None]:
+        return {f.name: plain(getattr(self, f.name)) for f in fields(cast(Any, self))}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object], *, ceiling: float | None = None) -> Self:
+        state = cls(**stored(cls, data))
+        return state if ceiling is None or ceiling == state.ceiling else state.clamped(ceiling)
+
+    def clamped(self, ceiling: float) -> Self:
+        """The state under a new ceiling (its rate or cap brought within it)."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class RateState:
+class RateState(Stored):
     """One request kind's controller; ``rate`` is what to pace at, ``pause_until`` when to
     resume after a block (0: no pause)."""
 
@@ -131,49 +151,15 @@ class RateState:
         """The share of 429s among recent requests."""
         return self.window_throttled / self.window_sent if self.window_sent > 0 else 0.0
 
-    def to_dict(self) -> dict[str, float | str | None]:
-        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, object], *, ceiling: float | None = None) -> RateState:
-        """A stored state; ``ceiling`` applies new settings (the rate is clamped to them)."""
-        state = cls(
-            ceiling=number(data, "ceiling"),
-            rate=number(data, "rate"),
-            phase=Phase(text(data, "phase")),
-            updated_at=number(data, "updated_at"),
-            pause_until=number(data, "pause_until", 0.0),
-            since=number(data, "since", 0.0),
-            target=number(data, "target", 0.0),
-            before_rate=number(data, "before_rate", 0.0),
-            candidate=number(data, "candidate", 0.0),
-            limit=optional(data, "limit"),
-            raises=int(number(data, "raises", 0.0)),
-            hint=optional(data, "hint"),
-            window_sent=number(data, "window_sent", 0.0),
-            window_throttled=number(data, "window_throttled", 0.0),
-            base_sent=number(data, "base_sent", 0.0),
-            base_throttled=number(data, "base_throttled", 0.0),
-            base_others=number(data, "base_others", 0.0),
-            base_seconds=number(data, "base_seconds", 0.0),
-            verify_sent=number(data, "verify_sent", 0.0),
-            verify_throttled=number(data, "verify_throttled", 0.0),
-            verify_others=number(data, "verify_others", 0.0),
-            verify_seconds=number(data, "verify_seconds", 0.0),
-            noise_sent=number(data, "noise_sent", 0.0),
-            noise_throttled=number(data, "noise_throttled", 0.0),
-            refused_run=int(number(data, "refused_run", 0.0)),
-        )
-        if ceiling is not None and ceiling != state.ceiling:
-            if ceiling <= 0:
-                raise ValueError(f"ceiling must be positive, not {ceiling}")
-            state = replace(state, ceiling=ceiling)
-            state = replace(state, rate=min(state.top, max(state.floor, state.rate)))
-        return state
+    def clamped(self, ceiling: float) -> RateState:
+        if ceiling <= 0:
+            raise ValueError(f"ceiling must be positive, not {ceiling}")
+        state = replace(self, ceiling=ceiling)
+        return replace(state, rate=min(state.top, max(state.floor, state.rate)))
 
 
 @dataclass(frozen=True)
-class CapState:
+class CapState(Stored):
     """How many jobs may be in flight at the provider at once (each submit takes a slot)."""
 
     ceiling: int
@@ -185,24 +171,10 @@ class CapState:
     bound_since: float | None = None
     """Since when the cap has held work back without a break (None: it does not now)."""
 
-    def to_dict(self) -> dict[str, float | str | None]:
-        return {f.name: plain(getattr(self, f.name)) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, object], *, ceiling: int | None = None) -> CapState:
-        """A stored state; ``ceiling`` applies new settings (the cap is clamped to them)."""
-        state = cls(
-            ceiling=int(number(data, "ceiling")),
-            cap=int(number(data, "cap")),
-            phase=Phase(text(data, "phase")),
-            changed_at=number(data, "changed_at"),
-            bound_since=optional(data, "bound_since"),
-        )
-        if ceiling is not None and ceiling != state.ceiling:
-            if ceiling < 1:
-                raise ValueError(f"ceiling must be at least 1, not {ceiling}")
-            state = replace(state, ceiling=ceiling, cap=max(1, min(ceiling, state.cap)))
-        return state
+    def clamped(self, ceiling: float) -> CapState:
+        if ceiling < 1:
+            raise ValueError(f"ceiling must be at least 1, not {ceiling}")
+        return replace(self, ceiling=int(ceiling), cap=max(1, min(int(ceiling), self.cap)))
 
 
 # --- (de)serialisation -------------------------------------------------------------------------
@@ -217,6 +189,21 @@ def plain(value: object) -> float | str | None:
     if isinstance(value, bool | int | float):
         return float(value)
     raise TypeError(f"not a plain value: {value!r}")
+
+
+def stored(cls: type, data: Mapping[str, object]) -> dict[str, Any]:
+    """A state class's fields read back by their annotations; one the stored form lacks (a
+    state saved by an older version) takes its default."""
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.type == "Phase":
+            values[f.name] = Phase(text(data, f.name))
+        elif f.type == "float | None":
+            values[f.name] = optional(data, f.name)
+        else:
+            value = number(data, f.name, None if f.default is MISSING else float(f.default))
+            values[f.name] = int(value) if f.type == "int" else value
+    return values
 
 
 def text(data: Mapping[str, object], key: str) -> str:
