@@ -124,9 +124,9 @@ def main() -> None:
     print("modules, in the order the walk first reaches them:")
     print("  " + " → ".join(watcher.first_seen))
     if verbose or off_hub:
-        print("returns not to the hub (caller → callee: function):")
-        for (caller, callee), name in sorted(off_hub.items()):
-            print(f"  {caller} → {callee}: {name}")
+        print("returns (caller → callee: function), * where not to the hub:")
+        for (caller, callee), name in sorted(returns.items()):
+            print(f"  {'*' if (caller, callee) in off_hub else ' '} {caller} → {callee}: {name}")
 
 
 if __name__ == "__main__":

@@ -15,17 +15,15 @@ import httpx
 
 from jobs.errors import JobFailed, TransientProviderError
 from jobs.manifest.request import ImageRequest, overridden
+from jobs.providers.adapter import HTTPAdapter
 from jobs.providers.base import Artifact, Finished, Pending, PollOutcome, SubmitOutcome, Submitted
 from jobs.providers.http import (
     KeyGate,
     check,
     json_object,
     key_check,
-    make_client,
     send,
-    submit_json,
 )
-from jobs.registry import REGISTRY
 from jobs.settings import ProviderConfig
 from jobs.text import shown
 
@@ -54,22 +52,17 @@ BODY_FIELDS: dict[str, str | None] = {
 each (None: imagebatch decides it). ``provider_params`` may not set them: they are priced."""
 
 
-class APIFrame:
+class APIFrame(HTTPAdapter):
     """The APIFrame adapter (also used, with the simulator's URL, for ``--provider simulator``)."""
 
     idempotent_submit: ClassVar[bool] = True
-    max_images_per_request: ClassVar[int] = 10
     credit_unit: ClassVar[str] = "credits"
     polled: ClassVar[bool] = True
     webhooks: ClassVar[bool] = True
     modelled: ClassVar[dict[str, str | None]] = BODY_FIELDS
 
     def __init__(self, config: ProviderConfig, client: httpx.Client | None = None) -> None:
-        self.name = config.name
-        self.config = config
-        self.base_url = config.base_url.rstrip("/")
-        self.client = client or make_client(config)
-        self.prices = REGISTRY[config.name].prices
+        super().__init__(config, client)
         self.gate = KeyGate()
 
     def check_key(self) -> bool:
@@ -132,10 +125,7 @@ class APIFrame:
     def submit(
         self, request: ImageRequest, idempotency_key: str, webhook_url: str | None = None
     ) -> SubmitOutcome:
-        body = submit_json(
-            self.client,
-            self.gate,
-            self.name,
+        body = self.post_paid(
             f"{self.base_url}/v2/images/generate",
             json=self.body(request, webhook_url),
             headers=self.headers(**{"Idempotency-Key": idempotency_key}),
@@ -155,9 +145,6 @@ class APIFrame:
             )
         check(response, self.name)
         return job_outcome(json_object(response, self.name), job_id, self.name)
-
-    def close(self) -> None:
-        self.client.close()
 
 
 def job_outcome(job: Mapping[str, Any], job_id: str, provider: str) -> PollOutcome:

@@ -166,24 +166,6 @@ def json_object(response: httpx.Response, provider: str, *, submit: bool = False
     raise TransientProviderError(message, type="malformed_response")
 
 
-def submit_json(
-    client: httpx.Client,
-    gate: KeyGate,
-    provider: str,
-    url: str,
-    *,
-    json: Any,
-    headers: dict[str, str],
-) -> dict[str, Any]:
-    """A paid submit: ``json`` POSTed through the provider's key gate, its status classified
-    (``check``), its body read as a JSON object (garbage after an accepted submit is
-    ambiguous: it may have been billed)."""
-    with gate.first():
-        response = send(client, "POST", url, submit=True, json=json, headers=headers)
-        check(response, provider, submit=True)
-    return json_object(response, provider, submit=True)
-
-
 KEY_CHECK_TIMEOUT = httpx.Timeout(10.0, connect=5.0)
 
 

@@ -16,12 +16,11 @@ import httpx
 
 from jobs.errors import AmbiguousSubmit, JobFailed, TransientProviderError
 from jobs.manifest.request import ImageRequest, overridden
+from jobs.providers.adapter import HTTPAdapter
 from jobs.providers.base import Artifact, Finished, PollOutcome, SubmitOutcome
 from jobs.providers.http import (
     KeyGate,
     key_check,
-    make_client,
-    submit_json,
 )
 from jobs.registry import REGISTRY
 from jobs.settings import ProviderConfig
@@ -48,14 +47,9 @@ BODY_FIELDS: dict[str, str | None] = {
 (None: imagebatch decides it, e.g. how images come back, which it must be able to read)."""
 
 
-class SyncImageAPI:
+class SyncImageAPI(HTTPAdapter):
     """Base of the synchronous adapters. Submits are not idempotent at these providers."""
 
-    idempotent_submit: ClassVar[bool] = False
-    max_images_per_request: ClassVar[int] = 10
-    credit_unit: ClassVar[str] = "USD"
-    polled: ClassVar[bool] = False
-    webhooks: ClassVar[bool] = False
     path: ClassVar[str] = "/v1/images/generations"
     unsupported: ClassVar[tuple[str, ...]] = ()
     """Manifest fields this provider has no equivalent for: a line using one is rejected."""
@@ -66,13 +60,8 @@ class SyncImageAPI:
     and the first submit finds a refused key (``KeyGate`` keeps it to one)."""
 
     def __init__(self, config: ProviderConfig, client: httpx.Client | None = None) -> None:
-        self.name = config.name
-        self.config = config
-        self.base_url = config.base_url.rstrip("/")
-        self.client = client or make_client(config)
-        spec = REGISTRY[config.name]
-        self.prices = spec.prices
-        self.credit_unit = spec.credit_unit  # type: ignore[misc]
+        super().__init__(config, client)
+        self.credit_unit = REGISTRY[config.name].credit_unit  # type: ignore[misc]
         self.gate = KeyGate(self.check_key)
 
     # -- what subclasses describe -------------------------------------------------------------
@@ -130,10 +119,7 @@ class SyncImageAPI:
     def submit(
         self, request: ImageRequest, idempotency_key: str, webhook_url: str | None = None
     ) -> SubmitOutcome:
-        body = submit_json(
-            self.client,
-            self.gate,
-            self.name,
+        body = self.post_paid(
             f"{self.base_url}{self.path}",
             json=self.body(request),
             headers=self.headers(),
@@ -149,9 +135,6 @@ class SyncImageAPI:
 
     def poll(self, job_id: str) -> PollOutcome:
         raise JobFailed(f"{self.name} has no jobs to poll", retryable=True, type="job_lost")
-
-    def close(self) -> None:
-        self.client.close()
 
     # -- reading responses --------------------------------------------------------------------
 
