@@ -6,9 +6,10 @@ the last interval (about a second), stores ``to_dict()`` in Redis and paces a to
 429 never slows submits; the in-flight cap has a :class:`CapState`.
 
 The controllers, a module each: ``rate`` (one per request kind: AIMD that tells our own 429s
-from the provider's noise, by the measurements of ``verdict``), ``cap`` (the in-flight cap: set by a concurrency 429, regrown a
-step at a time), over the frozen states of ``states``. ``Limits`` here is one provider's three
-together, as ``worker.dispatch.limits`` keeps them (``docs/architecture.md``, "Limits").
+from the provider's noise, by the measurements of ``verdict``), ``cap`` (the in-flight cap:
+set by a concurrency 429, regrown a step at a time), over the frozen states of ``states``.
+``Limits`` here is one provider's three together, as ``worker.dispatch.limits`` keeps them
+(``docs/architecture.md``, "Limits").
 """
 
 from __future__ import annotations
