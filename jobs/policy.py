@@ -47,6 +47,11 @@ END_MARGIN_S = 0.03
 """A poll planned for a job's predicted end comes this much after it."""
 SOON_S = 0.1
 """The shortest wait between two polls of a job."""
+POLL_LEAD_S = 0.1
+"""A poll due this soon is handed out now (with the others of the dispatcher's pass, which
+sees a burst of events at most every ``MIN_TICK_S``); its task waits for the moment it is due
+(the line's ``poll_at``). Sent early, it finds the job a moment before its end and costs a
+second poll and a slot idle for ``SOON_S``; sent late, the slot idles until it arrives."""
 
 
 def first_poll(expected_s: float | None, initial_s: float, webhook_s: float | None) -> float:

@@ -325,11 +325,12 @@ def test_duplicate_delivery_changes_nothing(
     from worker.celery import app as celery_app
     from worker.celery import tasks
     from worker.celery.embedded import in_process_worker
+    from worker.dispatch import runner
 
     # Given an in-process worker whose every dispatched task is sent twice
     manifest = write_manifest(tmp_path / "manifest.jsonl", 20)
     batch = "dup"
-    original = tasks.CeleryDispatch.step
+    original, handoffs = tasks.CeleryDispatch.step, runner.HANDOFFS_PER_TASK
     sent: Counter[str] = Counter()
 
     def twice(self: Any, step: Any, batch: str, lines: Any) -> None:
@@ -375,12 +376,15 @@ def test_duplicate_delivery_changes_nothing(
 
         try:
             with in_process_worker(app, 8):
-                # When every task is delivered twice
+                # When every task is delivered twice (every submit, too: none is handed straight
+                # to a slot a finished line freed, which would go out as no task of its own)
                 monkeypatch.setattr(tasks.CeleryDispatch, "step", twice)
+                monkeypatch.setattr(runner, "HANDOFFS_PER_TASK", 0)
                 doubled = run_batch(tmp_path / "doubled")
                 after_doubled = sim.ledger()
                 # ...and the same batch is run again cleanly into another store, as the reference
                 monkeypatch.setattr(tasks.CeleryDispatch, "step", original)
+                monkeypatch.setattr(runner, "HANDOFFS_PER_TASK", handoffs)
                 clean = run_batch(tmp_path / "clean")
                 after_clean = sim.ledger()
         finally:

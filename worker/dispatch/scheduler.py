@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 from jobs.errors import ImagebatchError
+from jobs.policy import POLL_LEAD_S
 from worker.dispatch.limits import Controllers
 from worker.groups.form import GroupDispatch
 from worker.lines.records import TABLE, BatchStatus, Step
@@ -39,8 +40,6 @@ BATCH_PASS_S = 0.5
 MIN_TICK_S = 0.1
 """Events closer together than this are handled in one pass (a burst of lines ending)."""
 LEADER_TTL_S = 10.0
-EARLY_S = 0.05
-"""A poll due this soon is sent now, with the others of this pass (fewer, fuller tasks)."""
 GROUP = 8
 """At most this many lines per task; fewer when few are dispatched, so they run in parallel."""
 MOST_PER_PUMP = 512
@@ -136,11 +135,12 @@ class Scheduler:
         defaults = controllers.defaults(provider, now)
         pumped = self.rt.state.pump(
             provider,
-            now + EARLY_S,
+            now,
             self.rt.settings.lease_s,
             polls=MOST_PER_PUMP,
             submits=MOST_PER_PUMP,
             defaults=defaults,
+            lead=POLL_LEAD_S,
         )
         if pumped.deferred:
             deferred.append(provider)
@@ -161,9 +161,10 @@ class Scheduler:
         # Due work held back waits for its budget's next token (or pause's end); held back by
         # the cap, for a slot to free, which wakes the leader. Work not yet due, for its time.
         candidates = [IDLE_S, controllers.until_update(provider, now)]
-        for due_at in (pumped.next_flight, pumped.next_ready):
-            if due_at is not None and due_at > now:
-                candidates.append(due_at - now)
+        if pumped.next_flight is not None and pumped.next_flight > now + POLL_LEAD_S:
+            candidates.append(pumped.next_flight - POLL_LEAD_S - now)
+        if pumped.next_ready is not None and pumped.next_ready > now:
+            candidates.append(pumped.next_ready - now)
         if pumped.binding.submits:
             candidates.append(pumped.submit_wait)
         if pumped.binding.polls:

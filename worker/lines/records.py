@@ -160,6 +160,9 @@ class LineRecord:
     """The job's progress (0-100) at the last poll that saw it running, if the provider tells."""
     progress_t: float = 0.0
     """Seconds from the job's acceptance to that poll: two such samples predict its end."""
+    poll_at: float = 0.0
+    """When the next poll is due (epoch s), as the last poll planned it: a poll handed out
+    ahead of it (``policy.POLL_LEAD_S``) waits until then."""
     fetched_at: float = 0.0
     """When the images were found ready: the storage deadline counts from here."""
     artifacts: tuple[dict[str, str], ...] = ()
@@ -222,7 +225,7 @@ _INTS = {"line", "seq", "settled", "attempt", "first_attempt", "tries", "polls",
 _INTS |= {"progress"}
 _INTS |= {"ambiguous"}
 _FLOATS = {"accepted_at", "deadline", "credits", "reserved", "expected_s", "fetched_at"}
-_FLOATS |= {"progress_t"}
+_FLOATS |= {"progress_t", "poll_at"}
 _JSON = {"artifacts", "images", "pool", "route"}
 
 

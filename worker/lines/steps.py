@@ -208,6 +208,7 @@ def _in_budget_unit(ctx: Context, rec: LineRecord, amount: float) -> float | Non
 
 
 def poll(ctx: Context, rec: LineRecord) -> Transition:
+    _until(rec.poll_at)
     settings, now = ctx.settings, time.time()
     if rec.deadline and now > rec.deadline:
         message = f"job {rec.job_id} did not finish before the line's deadline"
@@ -240,6 +241,13 @@ def poll(ctx: Context, rec: LineRecord) -> Transition:
     return _fetched(ctx, rec, outcome, {}, {"polls": 1}, latency=latency)
 
 
+def _until(at: float) -> None:
+    """A poll handed out ahead of its time (``policy.POLL_LEAD_S``) goes out when it is due."""
+    wait = at - time.time()
+    if wait > 0:
+        time.sleep(min(wait, policy.POLL_LEAD_S))
+
+
 def _pending(
     ctx: Context, rec: LineRecord, outcome: Pending, webhooks: bool, now: float
 ) -> Transition:
@@ -262,10 +270,12 @@ def _pending(
         delay = policy.next_poll(
             polls, rec.expected_s or None, settings.poll_initial_s, settings.poll_max_s
         )
+    due_in = 0.0 if policy.testing() else delay
+    changes["poll_at"] = round(now + due_in, 3)
     return Transition(
         LineStatus.SUBMITTED,
         changes,
-        due_in=0.0 if policy.testing() else delay,
+        due_in=due_in,
         counts={"polls": 1},
         outcome="pending",
         detail=f"{outcome.progress}%" if outcome.progress else "",

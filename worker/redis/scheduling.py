@@ -56,10 +56,12 @@ class Scheduling(Scripted):
         polls: int,
         submits: int,
         defaults: tuple[int, float, float],
+        lead: float = 0.0,
     ) -> Pumped:
         """Hand out up to ``polls`` due polls and ``submits`` READY lines of ``provider``, within
         its cap and each kind's token bucket (``pump.lua``). ``defaults`` (cap, submit rate,
-        poll rate) count until the controller has written its own."""
+        poll rate) count until the controller has written its own; a poll due within ``lead``
+        seconds counts as due."""
         cap, submit_rate, poll_rate = defaults
         got_polls, got_submits, in_flight, nf, nr, binding, sw, pw, deferred = self._run(
             "pump",
@@ -85,6 +87,7 @@ class Scheduling(Scripted):
                 keys.HEALTH_FORMAT,
                 keys.LIMIT_FORMAT,
                 keys.FLIGHT_FORMAT,
+                repr(lead),
             ],
         )
         return Pumped(

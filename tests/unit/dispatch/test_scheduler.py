@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from jobs.output.rows import ResultRow
+from jobs.policy import POLL_LEAD_S
 from tests.runtime_support import BATCH, PROVIDER, put_line, record, runtime, seed_batch
 from worker.dispatch.adaptive import CAP_REGROW_S, Phase
 from worker.dispatch.limits import UPDATE_EVERY_S, Controllers
@@ -368,16 +369,29 @@ def test_with_nothing_to_do_the_leader_sleeps_the_idle_time(make: Any) -> None:
     assert scheduler.tick() == pytest.approx(IDLE_S, abs=0.05)
 
 
-def test_the_leader_sleeps_until_the_next_poll_is_due(make: Any) -> None:
+def test_the_leader_sleeps_until_the_next_poll_is_nearly_due(make: Any) -> None:
     scheduler, sent, state = make()
-    due = time.time() + 0.3
+    due = time.time() + 0.5
     in_flight(state, 1, due=due)
 
     before = time.time()
     wait = scheduler.tick()
 
-    assert due - time.time() <= wait <= due - before
+    assert due - POLL_LEAD_S - time.time() <= wait <= due - POLL_LEAD_S - before
     assert sent.steps == []
+
+
+def test_a_poll_due_within_the_lead_goes_out_now_and_a_later_one_waits(make: Any) -> None:
+    """Handed out a moment ahead, the poll's task waits for its time (``steps.poll``): a pass
+    of the leader can then come up to ``POLL_LEAD_S`` late and the poll still leaves on time."""
+    scheduler, sent, state = make()
+    now = time.time()
+    in_flight(state, 1, due=now + POLL_LEAD_S / 2)
+    in_flight(state, 1, start=200, due=now + 3 * POLL_LEAD_S)
+
+    scheduler.tick()
+
+    assert sent.lines(Step.POLL) == [100]
 
 
 def test_the_leader_sleeps_until_a_waiting_line_may_be_submitted(make: Any) -> None:

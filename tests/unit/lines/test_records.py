@@ -49,6 +49,7 @@ EVERY_FIELD: dict[str, Any] = {
     "misses": 1,
     "progress": 40,
     "progress_t": 2.5,
+    "poll_at": 1765000003.25,
     "fetched_at": 1796160320.5,
     "artifacts": ({"url": "https://cdn.example/1.png"}, {"blob": "ib:cat-2026:blob:41:1"}),
     "images": (

@@ -513,13 +513,44 @@ def test_a_pending_job_stays_submitted_and_is_polled_again(
     ctx = context(rt, out)
     rec = accepted(ctx, never_finishing(sim)).evolve(tries=1)
 
+    before = time.time()
     t = steps.poll(ctx, rec)
 
     assert t.status is LineStatus.SUBMITTED and t.outcome == "pending"
-    assert t.changes == {"polls": 1, "tries": 0}
+    assert t.changes.keys() == {"polls", "tries", "poll_at"}
+    assert (t.changes["polls"], t.changes["tries"]) == (1, 0)
     initial = rt.settings.poll_initial_s
     assert 0.8 * initial <= t.due_in <= 1.2 * initial
+    # ...and the line remembers when its next poll is due, for a task handed it early
+    assert before + t.due_in - 0.01 <= t.changes["poll_at"] <= time.time() + t.due_in
     assert t.counts == {"polls": 1}
+
+
+def test_a_poll_handed_out_ahead_of_its_time_is_sent_when_it_is_due(
+    rt: Runtime, out: Path, sim: Simulator
+) -> None:
+    ctx = context(rt, out)
+    rec = accepted(ctx, never_finishing(sim))
+    due = time.time() + 0.08
+
+    steps.poll(ctx, rec.evolve(poll_at=due))
+
+    assert time.time() >= due
+    assert sim.ledger()["requests"].get("GET /v2/jobs/{id} 200", 0) == 1
+
+
+def test_a_poll_due_far_ahead_waits_no_longer_than_the_dispatcher_s_lead(
+    rt: Runtime, out: Path, sim: Simulator
+) -> None:
+    """A ``poll_at`` left from an earlier plan (or a clock that jumped) never holds a task."""
+    ctx = context(rt, out)
+    rec = accepted(ctx, never_finishing(sim))
+
+    started = time.monotonic()
+    t = steps.poll(ctx, rec.evolve(poll_at=time.time() + 600))
+
+    assert t.outcome == "pending"
+    assert time.monotonic() - started < policy.POLL_LEAD_S + 1.0
 
 
 def test_a_job_that_never_finishes_on_a_zero_latency_simulator_polls_as_pending(

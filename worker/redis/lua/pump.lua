@@ -15,6 +15,7 @@
 -- ARGV[8]  cap, ARGV[9] submit rate, ARGV[10] poll rate: used until the controller set its own
 -- ARGV[11..14] key formats of a batch's providers out (ib:%s:out), and of another provider's
 --          health, limits and flight (a pool line waits for a cheaper member that can take it)
+-- ARGV[15] lead (s): a poll due this soon is handed out now (its task waits until it is due)
 --
 -- Each kind spends its own token bucket (burst: four fifths of a second's worth, at least one;
 -- submits no more than the cap), so polls never spend the submit budget nor the reverse. A token is only
@@ -33,6 +34,7 @@
 -- P left a pool's lines to a cheaper member that could take them (0 otherwise).
 
 local now, lease = tonumber(ARGV[1]), tonumber(ARGV[2])
+local horizon = now + (tonumber(ARGV[15]) or 0)
 local provider = ARGV[5]
 local want_polls, want_submits = tonumber(ARGV[6]), tonumber(ARGV[7])
 local s = redis.call('HMGET', KEYS[1], 'cap', 'submit_rate', 'poll_rate', 'submit_tokens',
@@ -74,7 +76,7 @@ end
 local polls = {}
 local budget = paused.poll and 0 or math.min(want_polls, math.floor(tokens.poll))
 if budget > 0 then
-  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, budget)) do
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', horizon, 'LIMIT', 0, budget)) do
     local key = line_key(m)
     local seq = redis.call('HINCRBY', key, 'seq', 1)
     if seq == 1 then  -- no such line (its batch was purged): drop the orphan
@@ -186,7 +188,7 @@ for _, queue in ipairs(order) do
   end
 end
 local nf = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-local flight_due = nf[2] ~= nil and tonumber(nf[2]) <= now
+local flight_due = nf[2] ~= nil and tonumber(nf[2]) <= horizon
 local binding = {
   (ready_due and inflight < cap and tokens.submit < 1) and 1 or 0,
   (flight_due and tokens.poll < 1) and 1 or 0,
