@@ -83,11 +83,12 @@ class Scheduler:
         returns how long nothing needs doing.
 
         Events: ``line`` (a slot freed or a line ended), ``admit`` (new READY lines),
+        ``due`` (a line due before the leader meant to look again),
         ``limit`` (a 429 changed a provider's limits), ``store`` (a store is due now),
         ``batch``/``stop`` (a batch started, stopped or was cancelled); ``quit`` (this worker
         stopping) asks for nothing."""
         now = time.time()
-        pump_all = bool(events & {"line", "admit", "limit", "batch", "stop"})
+        pump_all = bool(events & {"line", "admit", "limit", "batch", "stop", "due"})
         if events & {"admit", "batch"} or now - self.providers_at > 2.0:
             self.providers = self.rt.state.providers()
             self.providers_at = now

@@ -34,6 +34,8 @@ Shared by every batch:
     ib:jobs:P         hash    provider job id -> "B I" (webhooks find their line)
     ib:scheduler      string  the scheduler's leader lock (token lock)
     ib:wake           list    events that should wake the scheduler at once
+    ib:wake:at        string  when the sleeping scheduler means to look again (a line due
+                              sooner wakes it: apply.lua's ``due``)
     ib:worker:HOST:PID string a worker's heartbeat (``imagebatch health --worker``)
     ib:inbox:SHA:NAME string  an inbox manifest's claim (``worker.services.inbox``): state,
                               owner, batch
@@ -52,6 +54,7 @@ STORE = f"{PREFIX}:store"
 POOLS = f"{PREFIX}:pools"
 SCHEDULER = f"{PREFIX}:scheduler"
 WAKE = f"{PREFIX}:wake"
+WAKE_AT = f"{PREFIX}:wake:at"
 
 LINE_FORMAT = PREFIX + ":%s:l:%s"
 """``LINE_FORMAT % (batch, idx)``; Lua scripts receive it so they can reach a member's line."""

@@ -139,6 +139,7 @@ class LineState(Scripted):
             (keys.POOLS if queue else keys.queues(provider))
             if new is Home.READY and old is not Home.READY
             else "-",
+            keys.WAKE_AT,
         ]
         applied, done, total = self._run("apply", target, args)
         return Applied(bool(applied), bool(applied) and int(total) >= 0 and done == total)

@@ -5,6 +5,7 @@ fleet has learned per provider and model; and the wake-up list the scheduler blo
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,9 +147,11 @@ class Scheduling(Scripted):
         return dict(found)
 
     def wait_for_wake(self, timeout: float) -> frozenset[str]:
-        """Block up to ``timeout`` for the scheduler's next event; the events that came."""
+        """Block up to ``timeout`` for the scheduler's next event; the events that came. Until
+        then, a line due sooner wakes it (``apply.lua``, ``due``)."""
         if timeout <= 0:
             return frozenset()
+        self.client.set(keys.WAKE_AT, repr(time.time() + timeout))
         got = self.client.blpop([keys.WAKE], timeout=max(0.01, timeout))
         return frozenset() if got is None else frozenset({got[1]})
 

@@ -116,6 +116,35 @@ def test_one_look_at_a_job_s_progress_puts_the_next_a_quarter_of_the_way_to_its_
     assert policy.after_progress(3.0, 25, None, 30.0) == pytest.approx(9.0 / 4)
 
 
+def test_a_poll_placed_from_one_look_and_the_learned_queue_share_comes_just_after_the_end() -> None:
+    """Jobs of 2.1-3.9 s, queued for a fifth of their time, reporting their progress cut down
+    to a whole percent (as the simulator and APIFrame do), each looked at once after 1.8 s
+    (our clock starting 5 ms before the job's). The queue share is learned from a dozen of
+    them as ``apply.lua`` averages it; read as the middle of its percent, progress places the
+    next poll after the end in nearly every job (read as its floor, 9 of 61 came early, each
+    then a second poll and an idle slot)."""
+
+    def progress(duration: float, age: float) -> int:
+        return max(0, min(99, int((age - 0.2 * duration) / (0.8 * duration) * 100)))
+
+    durations = [2.1 + 1.8 * k / 60 for k in range(61)]
+    t, late_clock = 1.8, 0.005
+    queue = 0.0
+    for n, duration in enumerate(durations[::7] + durations[3::7]):
+        share = policy.queue_share(t, progress(duration, t - late_clock), duration)
+        assert share is not None
+        queue = share if n == 0 else queue + max(0.05, 1 / (n + 1)) * (share - queue)
+    after_end = []
+    for duration in durations:
+        wait = policy.after_progress(t, progress(duration, t - late_clock), None, 30.0, queue)
+        assert wait is not None
+        after_end.append(t + wait - late_clock - duration)
+
+    assert queue == pytest.approx(0.2, abs=0.01)
+    assert sum(gap < 0 for gap in after_end) <= 1
+    assert max(after_end) <= policy.END_MARGIN_S + 0.03
+
+
 @pytest.mark.parametrize(
     ("t", "progress", "before"),
     [(3.0, 0, None), (5.0, 40, (4.0, 40)), (5.0, 30, (4.0, 40))],

@@ -568,6 +568,27 @@ def test_a_transition_within_flight_keeps_the_slot_and_wakes_no_one(state: State
     assert wakes(state) == []
 
 
+def test_a_poll_due_before_the_scheduler_means_to_look_wakes_it(state: State) -> None:
+    """The leader sleeps until its next known work; a poll re-planned for a job's end a
+    moment away must not wait for that (a second, in a quiet fleet)."""
+    seed_batch(state)
+    rec = record(status=LineStatus.SUBMITTED, seq=2, owner="2:me", job_id="j1")
+    put_line(state, rec)
+    # Given a scheduler asleep until a second from now
+    state.client.delete(keys.WAKE)
+    state.client.set(keys.WAKE_AT, repr(time.time() + 1.0))
+
+    # When a poll plans the next one in 2 s, then (the job nearly done) one in 0.1 s
+    assert apply(state, rec, Transition(LineStatus.SUBMITTED, {"polls": 1}, due_in=2.0))
+    assert wakes(state) == []
+    again = state.read(BATCH, 0)
+    assert again is not None
+    assert apply(state, again, Transition(LineStatus.SUBMITTED, {"polls": 2}, due_in=0.1))
+
+    # Then only the sooner one woke it
+    assert wakes(state) == ["due"]
+
+
 @pytest.mark.parametrize(
     ("status", "home"),
     [(LineStatus.READY, "ready"), (LineStatus.FETCHED, "store")],

@@ -11,6 +11,7 @@
 -- KEYS[9]  the learned latency                  ib:latency:P:M | "-"
 -- KEYS[10] where the line's READY queue is registered when it goes back to READY: its
 --          provider's ib:queues:P (member B), ib:pools for a pool's (member B@a,b) | "-"
+-- KEYS[11] when the scheduler means to look again      ib:wake:at
 -- ARGV[1]  the seq the step ran under (a stale copy's seq no longer matches: nothing happens)
 -- ARGV[2]  the line's member "B I";  ARGV[3] the new status;  ARGV[4] due time (epoch s)
 -- ARGV[5]  "1" when the new status is terminal;  ARGV[6] its row (JSON);  ARGV[7] the line index
@@ -36,6 +37,9 @@ if KEYS[10] ~= '-' then
   redis.call('SADD', KEYS[10], string.match(member, '^(.*) %d+$') .. pool)
 end
 local wake = KEYS[2] ~= KEYS[3] and string.find(KEYS[2], ':flight:', 1, true) ~= nil
+-- Due before the sleeping scheduler means to look again (a poll planned for a job's end a
+-- moment away): wake it, or the line waits for that look.
+local early = not wake and KEYS[3] ~= '-' and score < (tonumber(redis.call('GET', KEYS[11])) or 0)
 
 local i = 12
 local nfields = tonumber(ARGV[i]); i = i + 1
@@ -94,5 +98,6 @@ else
   redis.call('HSET', KEYS[1], unpack(hset))
 end
 if wake then redis.call('LPUSH', KEYS[6], 'line') end
+if early then redis.call('LPUSH', KEYS[6], 'due') end
 if ARGV[10] ~= '' then redis.call('LPUSH', KEYS[6], ARGV[10]) end
 return {1, done, total}
