@@ -129,7 +129,9 @@ def test_when_the_cheapest_is_full_the_next_one_takes_the_overflow(
     assert min(count[name] for name in pool) > 0, count
     assert outcome.summary["by_provider"]["apiframe"]["lines"] == count["apiframe"]
     # A dearer account started a job only while every cheaper one had its 3 in flight (a slot
-    # counts as ours until the job's images are stored: up to a second after the job ends)
+    # counts as ours until the job's images are stored: up to a second after the job ends; and
+    # from the moment it is handed out: a submit task on its way through a loaded broker can
+    # reach the provider a few tenths after a dearer one sent inline by a task that freed a slot)
     spans = {
         name: [
             (job["created_ms"] / 1000, job["created_ms"] / 1000 + job["duration_s"] + 1.0)
@@ -141,7 +143,7 @@ def test_when_the_cheapest_is_full_the_next_one_takes_the_overflow(
     for rank, dearer in enumerate(pool[1:], start=1):
         for start, _ in spans[dearer]:
             for cheaper in pool[:rank]:
-                busy = sum(1 for s, e in spans[cheaper] if s <= start + 0.05 and start < e)
+                busy = sum(1 for s, e in spans[cheaper] if s <= start + 0.3 and start < e)
                 assert busy >= 3, (dearer, start, cheaper, busy)
 
 
