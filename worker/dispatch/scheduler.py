@@ -83,7 +83,7 @@ class Scheduler:
         returns how long nothing needs doing.
 
         Events: ``line`` (a slot freed or a line ended), ``admit`` (new READY lines),
-        ``due`` (a line due before the leader meant to look again),
+        ``due`` (a poll due before the leader meant to look again),
         ``limit`` (a 429 changed a provider's limits), ``store`` (a store is due now),
         ``batch``/``stop`` (a batch started, stopped or was cancelled); ``quit`` (this worker
         stopping) asks for nothing."""

@@ -34,7 +34,7 @@ Shared by every batch:
     ib:jobs:P         hash    provider job id -> "B I" (webhooks find their line)
     ib:scheduler      string  the scheduler's leader lock (token lock)
     ib:wake           list    events that should wake the scheduler at once
-    ib:wake:at        string  when the sleeping scheduler means to look again (a line due
+    ib:wake:at        string  when the sleeping scheduler means to look again (a poll due
                               sooner wakes it: apply.lua's ``due``)
     ib:worker:HOST:PID string a worker's heartbeat (``imagebatch health --worker``)
     ib:inbox:SHA:NAME string  an inbox manifest's claim (``worker.services.inbox``): state,

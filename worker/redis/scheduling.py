@@ -148,7 +148,7 @@ class Scheduling(Scripted):
 
     def wait_for_wake(self, timeout: float) -> frozenset[str]:
         """Block up to ``timeout`` for the scheduler's next event; the events that came. Until
-        then, a line due sooner wakes it (``apply.lua``, ``due``)."""
+        then, a poll due sooner wakes it (``apply.lua``, ``due``)."""
         if timeout <= 0:
             return frozenset()
         self.client.set(keys.WAKE_AT, repr(time.time() + timeout))

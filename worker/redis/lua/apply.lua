@@ -37,9 +37,11 @@ if KEYS[10] ~= '-' then
   redis.call('SADD', KEYS[10], string.match(member, '^(.*) %d+$') .. pool)
 end
 local wake = KEYS[2] ~= KEYS[3] and string.find(KEYS[2], ':flight:', 1, true) ~= nil
--- Due before the sleeping scheduler means to look again (a poll planned for a job's end a
--- moment away): wake it, or the line waits for that look.
-local early = not wake and KEYS[3] ~= '-' and score < (tonumber(redis.call('GET', KEYS[11])) or 0)
+-- A poll due before the sleeping scheduler means to look again (planned for a job's end a
+-- moment away): wake it, or the line waits for that look. (Lines going back to READY do not:
+-- a group provider's come back one by one and are grouped on the scheduler's next look.)
+local early = not wake and string.find(KEYS[3], ':flight:', 1, true) ~= nil
+  and score < (tonumber(redis.call('GET', KEYS[11])) or 0)
 
 local i = 12
 local nfields = tonumber(ARGV[i]); i = i + 1
