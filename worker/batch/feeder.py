@@ -42,9 +42,15 @@ def checker(rt: Runtime, meta: Mapping[str, str]) -> Checker:
     return Checker(rt.provider, meta["provider"], rules)
 
 
+FEED_LOCK_S = 20
+"""How long a feed holds its batch's lock at most: a worker killed mid-feed stalls the batch's
+window this long. ``admit.lua`` moves the cursor only from where the feed read it, so a slow
+feed that outlives the lock still admits no line twice."""
+
+
 def feed(rt: Runtime, batch: str) -> int:
     """Admit as many lines as the window has room for; returns how many were handled."""
-    lock = rt.state.lock(keys.lock(batch, "feed"), timeout=120)
+    lock = rt.state.lock(keys.lock(batch, "feed"), timeout=FEED_LOCK_S)
     if not lock.acquire(blocking=False):
         return 0
     try:
