@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 UPDATE_EVERY_S = 1.0
 """How often a provider's controllers see an interval."""
+SPENT = 0.9
+"""An interval that sent this share of what its rate allowed found the rate binding."""
 
 
 @dataclass
@@ -46,7 +48,12 @@ def start(config: ProviderConfig, now: float) -> Limits:
         submits=adaptive.start_rate(
             config.submit_rate, configured="submits" in configured, now=now
         ),
-        polls=adaptive.start_rate(config.poll_rate, configured="polls" in configured, now=now),
+        polls=adaptive.start_rate(
+            config.poll_rate,
+            configured="polls" in configured,
+            now=now,
+            fraction=adaptive.POLL_START_FRACTION,
+        ),
         cap=adaptive.start_cap(config.max_in_flight, configured="cap" in configured, now=now),
     )
 
@@ -91,7 +98,7 @@ class Controllers:
         if now - watch.updated < UPDATE_EVERY_S:
             return False
         counts = {k: float(v) for k, v in self.state.take_counts(provider).items() if _number(v)}
-        limits = watch.limits
+        limits, elapsed = watch.limits, now - watch.updated
         kinds = (Kind.SUBMIT, Kind.POLL)
         sent_by_kind = {
             kind: counts.get(f"{kind}_sent", 0.0) - watch.seen.get(f"{kind}_sent", 0.0)
@@ -102,11 +109,12 @@ class Controllers:
             others = sum(n for other, n in sent_by_kind.items() if other is not kind)
             throttled = counts.get(f"{kind}_throttled", 0.0)
             throttled -= watch.seen.get(f"{kind}_throttled", 0.0)
+            bound = watch.binding.submits if kind is Kind.SUBMIT else watch.binding.polls
             interval = Interval(
                 now,
                 max(0, int(sent)),
                 max(0, int(throttled)),
-                binding=watch.binding.submits if kind is Kind.SUBMIT else watch.binding.polls,
+                binding=bound or _spent(sent, limits.rate(kind).rate, elapsed),
                 retry_after=counts.get(f"{kind}_retry_after"),
                 others=max(0, int(others)),
             )
@@ -153,6 +161,12 @@ class Controllers:
             poll_pause=limits.polls.pause_until,
             ctl=json.dumps(limits.to_dict(), separators=(",", ":")),
         )
+
+
+def _spent(sent: float, rate: float, elapsed: float) -> bool:
+    """Whether an interval used up its kind's budget: the rate held work back even where the
+    leader's own pumps did not see it (a worker's handoff pumps most of a busy fleet's work)."""
+    return sent >= SPENT * rate * elapsed
 
 
 def _number(value: str) -> bool:

@@ -462,16 +462,36 @@ def test_default_limits_are_guesses_approached_by_slow_start(make: Any) -> None:
 
     scheduler.tick()
 
-    # Then it starts at a quarter of them and grows while they hold work back
+    # Then it starts at a quarter of them (polls at half) and grows while they hold work back
     limits = state.limits(PROVIDER)
     assert int(limits["cap"]) == config.max_in_flight // 4
-    assert rates(state)[0] == pytest.approx(config.submit_rate / 4)
+    assert rates(state) == pytest.approx((config.submit_rate / 4, config.poll_rate / 2))
     controllers = Controllers(state, scheduler.rt.settings)
     now = time.time()
     controllers.observe(PROVIDER, Binding(submits=True), now)
     sent(state, "submit", int(config.submit_rate / 4))
     assert controllers.update_if_due(PROVIDER, now + UPDATE_EVERY_S)
     assert rates(state)[0] == pytest.approx(config.submit_rate / 2)  # doubled: no 429 came
+
+
+def test_a_budget_used_up_by_workers_handoffs_grows_in_slow_start_as_if_the_leader_saw_it(
+    make: Any,
+) -> None:
+    # Given default limits, and polls going out as fast as their rate allows, all sent by
+    # workers handing a freed slot on (the leader's own pumps never held one back)
+    scheduler, _, state = make(simulator_max_in_flight=None, simulator_requests_per_second=None)
+    config = scheduler.rt.settings.provider_config(PROVIDER)
+    ready(state, 1)
+    scheduler.tick()
+    controllers = Controllers(state, scheduler.rt.settings)
+    now = time.time()
+    controllers.watch(PROVIDER, now)
+    sent(state, "poll", int(config.poll_rate / 2))
+
+    assert controllers.update_if_due(PROVIDER, now + UPDATE_EVERY_S)
+
+    # Then the poll rate doubles, and submits, which went nowhere near theirs, do not
+    assert rates(state) == pytest.approx((config.submit_rate / 4, config.poll_rate))
 
 
 def test_sporadic_429s_do_not_slow_submits(make: Any) -> None:

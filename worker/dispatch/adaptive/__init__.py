@@ -25,11 +25,19 @@ from worker.dispatch.adaptive.cap import (
     update_cap,
 )
 from worker.dispatch.adaptive.rate import start_rate, update_rate
-from worker.dispatch.adaptive.states import CapState, Interval, Kind, Phase, RateState
+from worker.dispatch.adaptive.states import (
+    POLL_START_FRACTION,
+    CapState,
+    Interval,
+    Kind,
+    Phase,
+    RateState,
+)
 
 __all__ = [
     "CAP_REGROW_S",
     "CAP_SLOW_START_S",
+    "POLL_START_FRACTION",
     "CapState",
     "Interval",
     "Kind",
@@ -84,7 +92,9 @@ def start_limits(
 ) -> Limits:
     return Limits(
         submits=start_rate(submits_per_second, configured=configured, now=now),
-        polls=start_rate(polls_per_second, configured=configured, now=now),
+        polls=start_rate(
+            polls_per_second, configured=configured, now=now, fraction=POLL_START_FRACTION
+        ),
         cap=start_cap(max_in_flight, configured=configured, now=now),
     )
 

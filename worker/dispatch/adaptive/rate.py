@@ -27,9 +27,10 @@ discrimination* and a BBR-like model of the limit:
   by ``NEAR`` without trouble moves it up and doubles the probe step (BBR's probe-up): an
   upgraded account, or an estimate from a wrong verdict, is outgrown in a minute or two.
 * **Slow start** (limits not configured, the ceiling is only a default): start at
-  ``START_FRACTION`` of the ceiling and double per second while the rate binds and no 429
-  comes (TCP slow start). A configured limit starts at the ceiling. A rate the provider
-  announces (``X-RateLimit`` headers) replaces either guess and is a second ceiling from then on.
+  ``START_FRACTION`` of the ceiling (polls at ``POLL_START_FRACTION``) and double per second
+  while the rate binds and no 429 comes (TCP slow start). A configured limit starts at the
+  ceiling. A rate the provider announces (``X-RateLimit`` headers) replaces either guess and
+  is a second ceiling from then on.
 * **Blocked**: ``BLOCKED_RUN`` requests refused in a row, or nearly all of an interval's, is not
   a rate to fit but an account refusing everything. The kind pauses (``pause_until``) until the
   largest Retry-After, then slow-starts back towards the rate it had (TCP's retransmission
@@ -92,7 +93,9 @@ interval with ``BLOCKED_SHARE`` of them refused. The pause lasts the largest Ret
 (``BLOCKED_PAUSE_S`` without one)."""
 
 
-def start_rate(ceiling: float, *, configured: bool, now: float) -> RateState:
+def start_rate(
+    ceiling: float, *, configured: bool, now: float, fraction: float = START_FRACTION
+) -> RateState:
     """Configured limits are the account's: start at them. A default ceiling is only a guess:
     start below it and grow fast (slow start)."""
     if ceiling <= 0:
@@ -100,7 +103,7 @@ def start_rate(ceiling: float, *, configured: bool, now: float) -> RateState:
     state = RateState(ceiling=ceiling, rate=ceiling, phase=Phase.STEADY, updated_at=now, since=now)
     if configured:
         return state
-    rate = max(state.floor, START_FRACTION * ceiling)
+    rate = max(state.floor, fraction * ceiling)
     return replace(state, rate=rate, phase=Phase.SLOW_START, target=ceiling)
 
 

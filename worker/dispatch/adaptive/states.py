@@ -12,6 +12,10 @@ from typing import Any, Self, cast
 
 START_FRACTION = 0.25
 """Not configured: the first rate (and cap) as a share of the default ceiling."""
+POLL_START_FRACTION = 0.5
+"""The polls' first rate, not configured: higher, since the first polls come a few seconds
+after the first submits, all at once, and a poll held back holds a paid slot idle (a 429 on
+a poll costs nothing but the retry)."""
 FLOOR_FRACTION = 0.05
 FLOOR_RATE = 0.1
 """The rate never goes below ``max(FLOOR_FRACTION·ceiling, FLOOR_RATE)`` (nor above the
