@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from jobs import providers
+from jobs.providers import http
 from jobs.providers.base import Provider
 from jobs.settings import CoreSettings, Settings
 from jobs.storage import Store, open_store
@@ -50,6 +51,7 @@ class Runtime:
             timeout=httpx.Timeout(60.0, connect=10.0),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
             follow_redirects=False,
+            verify=http.tls(),
         )
         self.observers: list[Observer] = []
         self.heartbeat: Lease | None = None

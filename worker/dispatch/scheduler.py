@@ -39,6 +39,9 @@ IDLE_S = 1.0
 BATCH_PASS_S = 0.5
 MIN_TICK_S = 0.1
 """Events closer together than this are handled in one pass (a burst of lines ending)."""
+PROMPT = frozenset({"admit", "batch", "stop"})
+"""Events that come one at a time, acted on at once: a feed's new lines (a batch's first
+submits go out with them, not a tick later), a batch started, stopped or cancelled."""
 LEADER_TTL_S = 10.0
 GROUP = 8
 """At most this many lines per task; fewer when few are dispatched, so they run in parallel."""
@@ -62,6 +65,15 @@ def groups(lines: Sequence[tuple[int, int]], size: int = GROUP) -> Iterator[list
     """Split lines into tasks of at most ``size`` (one, for calls that take long)."""
     for start in range(0, len(lines), size):
         yield list(lines[start : start + size])
+
+
+def settle(events: frozenset[str], since_tick: float) -> float:
+    """How long the leader lets more events arrive before it acts on ``events``, woken
+    ``since_tick`` seconds after its last pass: a burst (many lines ending at once) is handled
+    in one pass, a prompt event at once."""
+    if events & PROMPT:
+        return 0.0
+    return max(0.005, MIN_TICK_S - since_tick)
 
 
 class Scheduler:
@@ -261,8 +273,7 @@ class SchedulerThread(threading.Thread):
                 wait = self.scheduler.tick(events)
                 events = state.wait_for_wake(min(wait, LEADER_TTL_S / 4))
                 if events:
-                    # Let a burst of events (many lines ending at once) arrive, then act once.
-                    self.stopped.wait(max(0.005, MIN_TICK_S - (time.monotonic() - ticked)))
+                    self.stopped.wait(settle(events, time.monotonic() - ticked))
                     events |= state.drain_wakes()
                 failures = 0
             except Unavailable as exc:

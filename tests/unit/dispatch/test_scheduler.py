@@ -20,7 +20,15 @@ from jobs.policy import POLL_LEAD_S
 from tests.runtime_support import BATCH, PROVIDER, put_line, record, runtime, seed_batch
 from worker.dispatch.adaptive import CAP_REGROW_S, Phase
 from worker.dispatch.limits import UPDATE_EVERY_S, Controllers
-from worker.dispatch.scheduler import GROUP, IDLE_S, Scheduler, SchedulerThread, groups
+from worker.dispatch.scheduler import (
+    GROUP,
+    IDLE_S,
+    MIN_TICK_S,
+    Scheduler,
+    SchedulerThread,
+    groups,
+    settle,
+)
 from worker.lines.records import LineRecord, LineStatus, Step
 from worker.redis import keys
 from worker.redis.scheduling import Binding
@@ -149,6 +157,7 @@ def test_a_freed_slot_is_filled_on_the_next_tick(make: Any) -> None:
     ready(state, 2)
     scheduler.tick()
     state.client.zrem(keys.flight(PROVIDER), f"{BATCH} 0")  # the first line left flight
+    time.sleep(1 / RATE)  # and the rate's next token came (a cap of 1 bursts one at a time)
 
     scheduler.tick(frozenset({"line"}))
 
@@ -574,6 +583,16 @@ def test_the_scheduler_hands_out_no_more_than_the_cap_a_task_just_cut(make: Any)
     scheduler.tick(frozenset({"limit"}))
 
     assert len(sent_.lines()) == 5 + 2
+
+
+def test_a_feed_s_new_lines_go_out_at_once_while_lines_ending_together_are_gathered() -> None:
+    # A batch's first lines, admitted by the feed a moment after the pass that sent it, go
+    # out now (not a pass later); lines ending together wait for each other, up to a pass
+    just_ticked = 0.01
+    assert settle(frozenset({"admit"}), just_ticked) == 0.0
+    assert settle(frozenset({"batch", "line"}), just_ticked) == 0.0
+    assert settle(frozenset({"line"}), just_ticked) == pytest.approx(MIN_TICK_S - just_ticked)
+    assert settle(frozenset({"line"}), 2 * MIN_TICK_S) == pytest.approx(0.005)
 
 
 def test_a_leading_scheduler_stops_at_once_not_when_its_wait_for_the_next_event_ends(

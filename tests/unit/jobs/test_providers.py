@@ -43,7 +43,7 @@ from jobs.errors import (
 )
 from jobs.fetch.download import fetch
 from jobs.manifest.request import ImageRequest
-from jobs.providers import build, create, names
+from jobs.providers import build, create, http, names
 from jobs.providers.base import Artifact, Finished, Pending, Provider, SubmitOutcome, Submitted
 from jobs.settings import PROVIDER_NAMES, Settings
 from jobs.simulator import Faults, Simulator, SimulatorConfig
@@ -528,3 +528,24 @@ def test_connection_dropped_after_accept_is_ambiguous_and_the_job_was_billed(
     [job] = ledger["jobs"]
     assert job["dropped"] is True
     assert ledger["credits_charged"][provider] == pytest.approx(adapter.estimate(line))
+
+
+def test_a_process_loads_the_ca_bundle_once_however_many_providers_it_builds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Loading the CA bundle costs ~45 ms; a run builds a client per provider before its first
+    # submit (and the workers one each, and one for downloads)
+    built: list[object] = []
+    real = httpx.create_ssl_context
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        built.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(httpx, "create_ssl_context", counted)
+    http.tls.cache_clear()
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    adapters = [build(name, settings) for name in ("apiframe", "openai", "omixa")]
+    for adapter in adapters:
+        adapter.close()
+    assert len(built) == 1
