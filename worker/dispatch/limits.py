@@ -41,20 +41,12 @@ class Watch:
 
 
 def start(config: ProviderConfig, now: float) -> Limits:
-    """A provider's first limits: the configured ones are the account's (start at them, no
-    429 provoked); the defaults are guesses, approached by slow start."""
-    configured = config.configured
-    return Limits(
-        submits=adaptive.start_rate(
-            config.submit_rate, configured="submits" in configured, now=now
-        ),
-        polls=adaptive.start_rate(
-            config.poll_rate,
-            configured="polls" in configured,
-            now=now,
-            fraction=adaptive.POLL_START_FRACTION,
-        ),
-        cap=adaptive.start_cap(config.max_in_flight, configured="cap" in configured, now=now),
+    return adaptive.start_limits(
+        submits_per_second=config.submit_rate,
+        polls_per_second=config.poll_rate,
+        max_in_flight=config.max_in_flight,
+        configured=config.configured,
+        now=now,
     )
 
 

@@ -23,6 +23,7 @@ from jobs.policy import FIRST_LOOK
 from worker.dispatch.adaptive import (
     CAP_REGROW_S,
     CAP_SLOW_START_S,
+    EVERY_LIMIT,
     CapState,
     Interval,
     Kind,
@@ -483,7 +484,7 @@ def test_named_limit_reads_the_limit_a_message_names(message: str, limit: int | 
 
 def test_a_poll_429_slows_polls_and_leaves_submits_unchanged() -> None:
     limits = start_limits(
-        submits_per_second=10, polls_per_second=20, max_in_flight=16, configured=True, now=0
+        submits_per_second=10, polls_per_second=20, max_in_flight=16, configured=EVERY_LIMIT, now=0
     )
     throttled = update_limits(limits, Kind.POLL, Interval(1, 20, 10, binding=True))
     assert throttled.polls.rate < limits.polls.rate
@@ -500,7 +501,7 @@ def test_a_poll_429_slows_polls_and_leaves_submits_unchanged() -> None:
 def test_while_one_kind_measures_after_a_cut_the_other_does_not_grow() -> None:
     # Given submits just cut for their 429s (measuring whether they were ours)
     limits = start_limits(
-        submits_per_second=10, polls_per_second=10, max_in_flight=16, configured=True, now=0
+        submits_per_second=10, polls_per_second=10, max_in_flight=16, configured=EVERY_LIMIT, now=0
     )
     limits = update_limits(limits, Kind.SUBMIT, Interval(1, 10, 5, binding=True))
     assert limits.submits.phase is Phase.VERIFY
@@ -519,7 +520,7 @@ def test_while_one_kind_measures_after_a_cut_the_other_does_not_grow() -> None:
 def test_a_measurement_that_began_second_waits_before_going_back_up() -> None:
     # Given submits cut at second 1 and polls at second 2, both measuring
     limits = start_limits(
-        submits_per_second=10, polls_per_second=10, max_in_flight=16, configured=True, now=0
+        submits_per_second=10, polls_per_second=10, max_in_flight=16, configured=EVERY_LIMIT, now=0
     )
     limits = update_limits(limits, Kind.SUBMIT, Interval(1, 20, 3, binding=True))
     limits = update_limits(limits, Kind.POLL, Interval(2, 20, 3, binding=True))
@@ -594,7 +595,7 @@ def simulate_shared(
         submits_per_second=ceiling,
         polls_per_second=ceiling,
         max_in_flight=cap,
-        configured=True,
+        configured=EVERY_LIMIT,
         now=0.0,
     )
     kinds = (Kind.SUBMIT, Kind.POLL)
@@ -708,7 +709,11 @@ def test_noise_on_both_kinds_is_learnt_by_each_and_keeps_both_rates_up(seed: int
     # Given a provider far above our ceilings that refuses 8 % of every kind at random
     rng = random.Random(seed)
     limits = start_limits(
-        submits_per_second=20, polls_per_second=40, max_in_flight=64, configured=True, now=0.0
+        submits_per_second=20,
+        polls_per_second=40,
+        max_in_flight=64,
+        configured=EVERY_LIMIT,
+        now=0.0,
     )
     below_half = dict.fromkeys(Kind, 0)
     # When both kinds send as fast as their rates allow for half an hour

@@ -14,9 +14,11 @@ set by a concurrency 429, regrown a step at a time), over the frozen states of `
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
+from typing import get_args
 
+from jobs.settings import Limit
 from worker.dispatch.adaptive.cap import (
     CAP_REGROW_S,
     CAP_SLOW_START_S,
@@ -37,6 +39,7 @@ from worker.dispatch.adaptive.states import (
 __all__ = [
     "CAP_REGROW_S",
     "CAP_SLOW_START_S",
+    "EVERY_LIMIT",
     "POLL_START_FRACTION",
     "CapState",
     "Interval",
@@ -87,16 +90,26 @@ def start_limits(
     submits_per_second: float,
     polls_per_second: float,
     max_in_flight: int,
-    configured: bool,
+    configured: Collection[Limit],
     now: float,
 ) -> Limits:
+    """A provider's first limits: the ``configured`` ones are the account's (start at them, no
+    429 provoked); the others are defaults, guesses approached by slow start (polls from
+    higher up, ``POLL_START_FRACTION``)."""
     return Limits(
-        submits=start_rate(submits_per_second, configured=configured, now=now),
+        submits=start_rate(submits_per_second, configured="submits" in configured, now=now),
         polls=start_rate(
-            polls_per_second, configured=configured, now=now, fraction=POLL_START_FRACTION
+            polls_per_second,
+            configured="polls" in configured,
+            now=now,
+            fraction=POLL_START_FRACTION,
         ),
-        cap=start_cap(max_in_flight, configured=configured, now=now),
+        cap=start_cap(max_in_flight, configured="cap" in configured, now=now),
     )
+
+
+EVERY_LIMIT: frozenset[Limit] = frozenset(get_args(Limit))
+"""All three told: the account's own limits."""
 
 
 MEASURING = frozenset({Phase.VERIFY, Phase.CONFIRM})
