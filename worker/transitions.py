@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping
 from dataclasses import replace
 
 from jobs.pricing import in_usd
@@ -23,10 +23,6 @@ from worker.runtime import Runtime
 
 log = logging.getLogger("imagebatch.lines")
 
-IMMEDIATE_COUNTS = frozenset({"reserved"})
-"""Counts applied with the transition itself (the budget reads them); a caller that passes
-``stats`` adds the other counts up and writes them once (the runner, at the end of a task)."""
-
 
 def apply(
     rt: Runtime,
@@ -35,12 +31,11 @@ def apply(
     *,
     meta: Mapping[str, str],
     seconds: float | None = None,
-    stats: MutableMapping[str, float] | None = None,
     index_jobs: bool | None = None,
 ) -> Applied:
-    """Apply ``t`` to ``rec`` if the line is still where the step found it, then log, observe
-    and act on it. ``seconds`` is how long the step took; ``stats`` collects the statistics
-    counts for the caller to write once (else they are written now)."""
+    """Apply ``t`` to ``rec`` if the line is still where the step found it, with its counts
+    (in one script: a finalize never reads a batch's counters without them), then log, observe
+    and act on it. ``seconds`` is how long the step took."""
     state = rt.state
     t = _priced(rt, rec, t)
     drop: list[str] = []
@@ -52,7 +47,6 @@ def apply(
         model=rec.request.model,
         index_jobs=rt.webhooks_on if index_jobs is None else index_jobs,
         drop_keys=drop,
-        immediate=IMMEDIATE_COUNTS if stats is not None else None,
         total=int(meta.get("total", -1)),
     )
     if not applied.applied:
@@ -62,10 +56,6 @@ def apply(
         # A hold decided on a record read before a resume landed after the resume released
         # the window (it sets the status first, then releases): release this line too.
         state.release(rec, time.time())
-    if stats is not None:
-        for name, amount in t.counts.items():
-            if name not in IMMEDIATE_COUNTS:
-                stats[name] = stats.get(name, 0.0) + amount
     _log(rec, t)
     rt.observe(rec, t, seconds)
     _act(rt, rec, t, meta)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -47,12 +47,8 @@ class Report:
 
     outcomes: Counter[str] = field(default_factory=Counter)
     failed: list[str] = field(default_factory=list)
-    stats: defaultdict[str, defaultdict[str, float]] = field(
-        default_factory=lambda: defaultdict(lambda: defaultdict(float))
-    )
-    """Statistics counts by batch, written once at the task's end."""
     last: set[str] = field(default_factory=set)
-    """Batches whose last line ended in this task: finalize them (after the stats are written)."""
+    """Batches whose last line ended in this task: finalize them."""
     handoffs: int = 0
 
     def as_result(self) -> dict[str, object]:
@@ -93,9 +89,6 @@ class Runner:
             with_bytes = replace(line_ctx, payload=fetched.payload)
             work = partial(self._step, with_bytes, stored, Step.STORE, report, [])
             self._guarded(rec.batch, rec.idx, report, work)
-        for name, stats in report.stats.items():
-            self.rt.state.add_counts(name, **stats)
-        report.stats.clear()
         return report
 
     def _guarded(self, batch: str, idx: int, report: Report, work: Callable[[], None]) -> None:
@@ -204,9 +197,9 @@ class Runner:
         report: Report,
         seconds: float | None = None,
     ) -> bool:
-        applied = transitions.apply(
-            self.rt, rec, t, meta=ctx.batch, seconds=seconds, stats=report.stats[rec.batch]
-        )
+        # A line's counts land with its transition (not at the task's end): a batch whose last
+        # line ends in another task meanwhile is finalized with every count in its summary.
+        applied = transitions.apply(self.rt, rec, t, meta=ctx.batch, seconds=seconds)
         if not applied.applied:
             report.outcomes["stale"] += 1
             return False

@@ -119,7 +119,7 @@ class GroupWork:
         moved = t.changes.get("provider")
         if isinstance(moved, str) and moved != line.provider:
             self.rt.state.note_provider(moved)
-        applied = transitions.apply(self.rt, line, t, meta=self.meta, stats=self.stats)
+        applied = transitions.apply(self.rt, line, t, meta=self.meta)
         if applied.last:
             self.done.last.add(line.batch)
         return applied.applied

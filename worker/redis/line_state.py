@@ -57,10 +57,10 @@ def _latency_sample(rec: LineRecord, t: Transition) -> tuple[float | None, str]:
     return latency, sample
 
 
-def _counts(rec: LineRecord, t: Transition, immediate: frozenset[str]) -> dict[str, float]:
-    """The counts added with the transition: those in ``immediate``, and the row's credits
-    under its currency."""
-    counts = {k: v for k, v in t.counts.items() if v and k in immediate}
+def _counts(rec: LineRecord, t: Transition) -> dict[str, float]:
+    """The counts added with the transition: its own, and the row's credits under its
+    currency."""
+    counts = {k: v for k, v in t.counts.items() if v}
     if t.row is not None and t.row.credits:
         unit = REGISTRY[rec.provider].credit_unit
         name = f"credits:{currency(rec.provider, unit)}"
@@ -87,18 +87,16 @@ class LineState(Scripted):
         model: str,
         index_jobs: bool,
         drop_keys: Iterable[str] = (),
-        immediate: frozenset[str] | None = None,
         total: int = -1,
     ) -> Applied:
-        """Apply ``t`` to ``rec`` if ``rec.seq`` and ``rec.status`` are still current. Of
-        ``t.counts``, only the names in ``immediate`` are added here (all, when None); the
-        caller adds the rest."""
+        """Apply ``t`` to ``rec`` if ``rec.seq`` and ``rec.status`` are still current, and add
+        its counts to the batch's counters in the same script."""
         now = time.time()
         old, new = rec.info.home, TABLE[t.status].home
         job_op = _job_op(rec, t, old, new) if index_jobs else ""
         latency, sample = _latency_sample(rec, t)
         fields = encode_changes(t.changes)
-        counts = _counts(rec, t, frozenset(t.counts) if immediate is None else immediate)
+        counts = _counts(rec, t)
         drop = list(drop_keys)
         args: list[Any] = [
             rec.seq,
