@@ -37,7 +37,7 @@ def api_requests(ledger: dict[str, Any]) -> int:
 def test_an_account_with_lower_limits_than_ours_throttles_us_but_fails_no_line(
     tmp_path: Path, redis_url: str, redis_client: redis.Redis[Any]
 ) -> None:
-    # Given an account that allows 6 jobs at once and 8 requests a second, while imagebatch
+    # Given an account that allows 3 jobs at once and 8 requests a second, while imagebatch
     # is configured for its defaults (64 jobs, 20 requests a second), on two workers
     first = learn_the_account(tmp_path / "first", redis_url, redis_client)
     # Then, once the limiter had learned, 429s were rare: at most 2 % of the second half's
@@ -81,7 +81,7 @@ def learn_the_account(
     source = manifest(tmp_path / "vases.jsonl", lines)
     out = tmp_path / "out"
     account = SimulatorConfig(
-        latency_s=0.6, max_in_flight=6, rate_limit_rps=8, rate_limit_burst=8, image_mode="tiny"
+        latency_s=0.6, max_in_flight=3, rate_limit_rps=8, rate_limit_burst=8, image_mode="tiny"
     )
     with Simulator(account) as sim:
         env = {
@@ -120,9 +120,9 @@ def learn_the_account(
     assert throttled(ledger) > 0, "the account's limits were never reached"
     assert outcome.summary["throttled"] == throttled(ledger)
     # ...the limiter learned limits below ours, shared through Redis (the cap is what *we*
-    # had in flight at a concurrency 429: at least the account's 6, more while finished jobs
+    # had in flight at a concurrency 429: at least the account's 3, more while finished jobs
     # wait for their poll under the request budget)...
-    assert 6 <= int(float(learned[b"cap"])) < 64, learned
+    assert 3 <= int(float(learned[b"cap"])) < 64, learned
     # (submits and polls share the account's 8 requests a second: together below our 40)
     assert float(learned[b"submit_rate"]) + float(learned[b"poll_rate"]) < 20, learned
     return Learned(halfway, ledger, learned)
