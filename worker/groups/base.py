@@ -61,7 +61,6 @@ class GroupWork:
         self.adapter = adapter
         self.ctx = rt.context(meta)
         self.store = self.ctx.store
-        self.stats: dict[str, float] = {}
         self.done = Outcome()
 
     @property
@@ -69,7 +68,9 @@ class GroupWork:
         return BatchStatus(self.meta.get("status", BatchStatus.RUNNING))
 
     def count(self, name: str, amount: float = 1) -> None:
-        self.stats[name] = self.stats.get(name, 0.0) + amount
+        """Add to the batch's counters now (a step counts a few times at most): a finalize
+        never reads them without it."""
+        self.rt.state.add_counts(self.rec.batch, **{name: amount})
 
     def save(self, due: Due, **changes: Any) -> None:
         """Save the group if it is still this task's (else stop: ``StaleGroup``)."""

@@ -67,20 +67,15 @@ class GroupJob(Collector):
 
     @contextmanager
     def leased(self) -> Iterator[None]:
-        """The group stays this task's while it runs (uploads and downloads take minutes);
-        what the step counted is written once at its end."""
+        """The group stays this task's while it runs (uploads and downloads take minutes)."""
         heartbeat = self.rt.heartbeat
         holding = (
             heartbeat.holding(keys.groups(self.rec.provider), self.rec.member)
             if heartbeat is not None
             else nullcontext()
         )
-        try:
-            with holding:
-                yield
-        finally:
-            if self.stats:
-                self.rt.state.add_counts(self.rec.batch, **self.stats)
+        with holding:
+            yield
 
     def step(self) -> None:
         try:
